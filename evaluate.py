@@ -1,0 +1,144 @@
+"""Honest image-quality metrics on [0, 1] images, and the evaluation of a trained attack."""
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from pytorch_msssim import ms_ssim, ssim
+from pytorch_msssim.ssim import _fspecial_gauss_1d, _ssim
+from tqdm import tqdm
+
+from utils import UsageError, save_csv, save_json
+
+MSSSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. 2003, as in pytorch-msssim
+WIN_SIZE = 11
+MIN_MSE = 1e-10  # PSNR of identical images is capped at 100 dB instead of being infinite
+METRICS = ('mse', 'psnr', 'ssim', 'ms_ssim')
+
+
+def psnr(x, y):
+    """Per-image PSNR in dB for [0, 1] images: 10 log10(1 / MSE), MSE over each image's own pixels."""
+    mse = (x.float() - y.float()).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(1 / mse.clamp_min(MIN_MSE))
+
+
+def msssim_scales(size):
+    """MS-SSIM scales usable at this image size: each of the 4 halvings needs the side > 10 * 2^k."""
+    return max(1, min(len(MSSSIM_WEIGHTS), int(math.floor(math.log2((size - 1) / (WIN_SIZE - 1)))) + 1))
+
+
+def ms_ssim_per_image(x, y, scales=None):
+    """Per-image MS-SSIM (data_range 1). Below 161 px the coarsest scales do not fit; the scales that do are
+    used with their weights renormalised to sum to 1 (see `msssim_scales`)."""
+    if scales is None:
+        scales = msssim_scales(min(x.shape[-2:]))
+        if scales == len(MSSSIM_WEIGHTS):
+            return ms_ssim(x, y, data_range=1.0, size_average=False, win_size=WIN_SIZE)
+    weights = x.new_tensor(MSSSIM_WEIGHTS[:scales])
+    weights = weights / weights.sum()
+    win = _fspecial_gauss_1d(WIN_SIZE, 1.5).repeat(x.shape[1], 1, 1, 1).to(x)
+    factors = []
+    for level in range(scales):  # the same recursion as pytorch_msssim.ms_ssim, stopped early
+        ssim_map, cs = _ssim(x, y, data_range=1.0, win=win, size_average=False)
+        if level < scales - 1:
+            factors.append(torch.relu(cs))
+            padding = [s % 2 for s in x.shape[2:]]
+            x, y = F.avg_pool2d(x, 2, padding=padding), F.avg_pool2d(y, 2, padding=padding)
+    factors.append(torch.relu(ssim_map))
+    return torch.prod(torch.stack(factors) ** weights.view(-1, 1, 1), dim=0).mean(1)
+
+
+def score(recon, target):
+    """Per-image metrics of a batch of [0, 1] images."""
+    recon, target = recon.float().clamp(0, 1), target.float()
+    return {'mse': (recon - target).pow(2).flatten(1).mean(1), 'psnr': psnr(recon, target),
+            'ssim': ssim(recon, target, data_range=1.0, size_average=False, win_size=WIN_SIZE),
+            'ms_ssim': ms_ssim_per_image(recon, target)}
+
+
+def msssim_note(image_size):
+    scales = msssim_scales(image_size)
+    if scales == len(MSSSIM_WEIGHTS):
+        return 'MS-SSIM: standard 5 scales'
+    return f'MS-SSIM: {scales} of 5 scales at {image_size}px (the coarser ones need >160 px), weights renormalised'
+
+
+@torch.no_grad()
+def evaluate(attack, images, indices, batch_size, noise=None, desc='evaluating'):
+    """Per-image metrics (CPU tensors) of the attack's reconstructions of images[indices]."""
+    attack.decoder.eval()
+    generator = attack.noise_generator(seed=0)  # the same test noise every evaluation
+    results = {m: [] for m in METRICS}
+    for start in tqdm(range(0, len(indices), batch_size), desc=desc, leave=False, unit='batch'):
+        target = attack.to_images(images[indices[start:start + batch_size]])
+        recon = attack.reconstruct(target, noise, generator)
+        for name, values in score(recon, target).items():
+            results[name].append(values.cpu())
+    return {m: torch.cat(v) for m, v in results.items()}
+
+
+def summarise(per_image):
+    return {m: {'mean': v.mean().item(), 'std': v.std().item() if len(v) > 1 else 0.0} for m, v in per_image.items()}
+
+
+def format_summary(summary):
+    return '  '.join(f'{m.upper() if m != "ms_ssim" else "MS-SSIM"} {s["mean"]:.4f}±{s["std"]:.4f}'
+                     if m != 'psnr' else f'PSNR {s["mean"]:.2f}±{s["std"]:.2f} dB' for m, s in summary.items())
+
+
+def write_evaluation(per_image, names, extra, save_dir, prefix='eval'):
+    """`{prefix}.json` (means, stds, settings) and `{prefix}_per_image.csv`; returns the summary."""
+    summary = summarise(per_image)
+    save_json({**extra, 'n_images': len(names), 'metrics': summary}, os.path.join(save_dir, f'{prefix}.json'))
+    rows = [{'image': n, **{m: f'{per_image[m][i].item():.6g}' for m in per_image}} for i, n in enumerate(names)]
+    save_csv(rows, os.path.join(save_dir, f'{prefix}_per_image.csv'))
+    return summary
+
+
+def mean_image_baseline(splits, batch_size=256):
+    """Per-image metrics of the trivial attack that always answers the mean training image."""
+    mean = torch.zeros(splits.images.shape[1:], dtype=torch.float64)
+    for start in range(0, len(splits.train_idx), batch_size):
+        mean += splits.images[splits.train_idx[start:start + batch_size]].double().sum(0)
+    mean = (mean / len(splits.train_idx) / 255).float()
+    results = {m: [] for m in METRICS}
+    for start in range(0, len(splits.val_idx), batch_size):
+        target = splits.images[splits.val_idx[start:start + batch_size]].float() / 255
+        for name, values in score(mean.expand_as(target), target).items():
+            results[name].append(values)
+    return {m: torch.cat(v) for m, v in results.items()}
+
+
+def evaluation_images(cfg, trained_cfg):
+    """The trained run's validation split when the data is the same; all images of a new --data_dir."""
+    from data import load_images, load_splits
+    if cfg['data_dir'] == trained_cfg['data_dir']:
+        splits = load_splits({**trained_cfg, 'cache_dir': cfg['cache_dir'], 'num_workers': cfg['num_workers']})
+        return splits.images, splits.val_idx, splits.val_names, f'validation split of {splits.description}'
+    images, names = load_images(cfg['data_dir'], cfg['image_size'], cfg['cache_dir'], cfg['num_workers'])
+    return images, torch.arange(len(images)), names, f'all {len(images)} images of {cfg["data_dir"]}'
+
+
+def load_trained_attack(cfg, state, device):
+    from models import build_attack
+    attack = build_attack(cfg, device)
+    try:
+        attack.decoder.load_state_dict(state['decoder'])
+    except RuntimeError as e:
+        raise UsageError(f'--model_path {cfg["model_path"]}: decoder weights do not fit its configuration '
+                         f'({str(e).splitlines()[0]})') from None
+    return attack
+
+
+def run_evaluation(cfg, state, device):
+    from models import test_noise
+    attack = load_trained_attack(cfg, state, device)
+    images, indices, names, description = evaluation_images(cfg, state['config'])
+    print(f'evaluating {cfg["model_path"]} (epoch {state["epoch"]}) on {description}')
+    per_image = evaluate(attack, images, indices, cfg['batch_size'], test_noise(cfg))
+    settings = {'model_path': os.path.abspath(cfg['model_path']), 'epoch': state['epoch'], 'data': description,
+                'msssim': msssim_note(cfg['image_size']), 'config': cfg}
+    summary = write_evaluation(per_image, names, settings, cfg['save_dir'])
+    print(f'{len(names)} images: {format_summary(summary)}')
+    print(msssim_note(cfg['image_size']))
+    return summary

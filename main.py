@@ -1,0 +1,183 @@
+"""recon-attack: how much of a private image leaks from the features a split-inference device sends.
+
+main.py only parses flags, resolves them against a checkpoint, and dispatches."""
+import argparse
+import copy
+import os
+import sys
+
+from models import ARCHS, DECODER_DEPTHS, DEFAULT_SPLIT, INTERPOLATIONS, SPLITS
+from utils import RunError, UsageError, fresh_run_dir, load_checkpoint, pick_device
+
+# Flags that define the attack's model: they must agree with a checkpoint that is being loaded.
+MODEL_KEYS = ('arch', 'split', 'pretrained', 'interpolation', 'decoder_depth', 'image_size')
+BUILTIN_IMAGE_SIZE, USER_IMAGE_SIZE = 64, 320
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    mode = p.add_argument_group('what to do (one of)')
+    mode.add_argument('--train', action='store_true', help='train a decoder (then evaluate and draw figures)')
+    mode.add_argument('--resume', action='store_true', help='continue training from --model_path X.ckpt')
+    mode.add_argument('--eval_pth', action='store_true', help='evaluate the .pth at --model_path')
+    mode.add_argument('--eval_ckpt', action='store_true', help='evaluate the .ckpt at --model_path')
+    mode.add_argument('--visualize', action='store_true', help='draw the figures for --model_path (.pth or .ckpt)')
+    mode.add_argument('--model_path', help='a model.pth or ckpt_N.ckpt written by --train')
+
+    victim = p.add_argument_group('victim (frozen, cut at --split)')
+    victim.add_argument('--arch', choices=ARCHS, default='resnet18')
+    victim.add_argument('--split', help='cut point; default: ' + ', '.join(f'{a} {s}' for a, s in DEFAULT_SPLIT.items()))
+    victim.add_argument('--use_pretrained', dest='pretrained', action='store_true',
+                        help="ImageNet weights (IMAGENET1K_V1) through torchvision's hub cache")
+    victim.add_argument('--weights', help='a local state-dict file for the victim instead')
+
+    attacker = p.add_argument_group('attacker (decoder)')
+    attacker.add_argument('--interpolation', choices=INTERPOLATIONS, default='transpose')
+    attacker.add_argument('--decoder_depth', choices=tuple(DECODER_DEPTHS), default='medium')
+
+    data = p.add_argument_group('data')
+    data.add_argument('--data_dir', help='folder of images, .zip of images, or CelebA root; none: built-in sample photos')
+    data.add_argument('--image_size', type=int,
+                      help=f'square side in pixels (default {USER_IMAGE_SIZE} with --data_dir, else {BUILTIN_IMAGE_SIZE})')
+    data.add_argument('--num_batches', type=int, help='use num_batches x batch_size images, split 10:1 (default all)')
+    data.add_argument('--batch_size', type=int, default=32)
+    data.add_argument('--num_workers', type=int, default=2, help='processes decoding images into the cache')
+    data.add_argument('--cache_dir', default=os.environ.get('RECON_CACHE_DIR', os.path.expanduser('~/.cache/recon-attack')),
+                      help='where decoded images are cached (env RECON_CACHE_DIR)')
+    data.add_argument('--feature_cache_gb', type=float, default=4.0,
+                      help="cache the victim's clean features up to this size (0: off)")
+
+    noise = p.add_argument_group('noise (variance, not std)')
+    noise.add_argument('--aug', action='store_true', help='add Gaussian noise during training')
+    noise.add_argument('--noise_mean', type=float, default=0.0)
+    noise.add_argument('--noise_var', type=float, default=0.01)
+    noise.add_argument('--test_noise', action='store_true', help='add Gaussian noise at evaluation / visualisation')
+    noise.add_argument('--test_noise_mean', type=float, default=0.0)
+    noise.add_argument('--test_noise_var', type=float, default=0.01)
+    noise.add_argument('--noise_at', choices=('input', 'features'), default='input',
+                       help='on the image before the victim, or on the intercepted tensor (a defence)')
+
+    train = p.add_argument_group('training')
+    train.add_argument('--optim', choices=('adam', 'adamw', 'sgd'), default='adam')
+    train.add_argument('--lr', type=float, default=1e-3)
+    train.add_argument('--weight_decay', type=float, default=0.0)
+    train.add_argument('--scheduler', choices=('none', 'step'), default='none')
+    train.add_argument('--step_size', type=int, default=10, help='epochs between learning-rate drops (step)')
+    train.add_argument('--gamma', type=float, default=0.1, help='learning-rate factor at each drop (step)')
+    train.add_argument('--num_epochs', type=int, default=10)
+    train.add_argument('--sparse', action='store_true', help="L1 penalty on the decoder's activations")
+    train.add_argument('--sparse_reg', type=float, default=1e-4)
+    train.add_argument('--log_interval', type=int, default=5, help='epochs between ckpt_{epoch}.ckpt files')
+    train.add_argument('--seed', type=int, default=0)
+    train.add_argument('--device', choices=('auto', 'cuda', 'cpu'), default='auto')
+    train.add_argument('--precision', choices=('bf16', 'fp32'), default='bf16',
+                       help='bf16 autocast and channels_last on CUDA (the CPU always runs fp32)')
+    train.add_argument('--save_dir', default='results', help='outputs; a folder holding a run gets a fresh _N sibling')
+    train.add_argument('--overwrite', action='store_true', help='write into --save_dir even if it holds a run')
+
+    p.add_argument('--num_samples', type=int, default=8, help='images in the sample grid')
+    return p
+
+
+def explicit_flags(parser, argv):
+    """The destinations the user actually typed (to tell them from defaults)."""
+    shadow = copy.deepcopy(parser)
+    for action in shadow._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(shadow.parse_args(argv)))
+
+
+def check_flags(parser, cfg):
+    splits = SPLITS[cfg['arch']]
+    if cfg['split'] not in splits:
+        parser.error(f"argument --split: invalid choice for {cfg['arch']}: '{cfg['split']}' "
+                     f"(choose from {', '.join(splits)})")
+    positive = ('batch_size', 'num_epochs', 'image_size', 'log_interval', 'step_size', 'num_samples')
+    for key in positive + ('num_batches',):
+        if cfg[key] is not None and cfg[key] < 1:
+            parser.error(f'argument --{key}: must be at least 1, got {cfg[key]}')
+    for key in ('noise_var', 'test_noise_var', 'lr', 'weight_decay', 'sparse_reg', 'feature_cache_gb', 'num_workers'):
+        if cfg[key] < 0:
+            parser.error(f'argument --{key}: must not be negative, got {cfg[key]}')
+    if cfg['image_size'] < 16:
+        parser.error(f'argument --image_size: at least 16 pixels are needed (SSIM uses an 11-pixel window)')
+    if cfg['num_batches'] is not None and cfg['num_batches'] < 2:
+        parser.error('argument --num_batches: at least 2 (one batch is kept for validation)')
+
+
+def resolve_config(parser, args, argv):
+    """The run's configuration: the checkpoint's where one is loaded (flags may not contradict it), else flags."""
+    given = explicit_flags(parser, argv)
+    cfg = vars(args).copy()
+    modes = [m for m in ('train', 'resume', 'eval_pth', 'eval_ckpt', 'visualize') if cfg[m]]
+    if len(modes) != 1:
+        parser.error('choose exactly one of --train, --resume, --eval_pth, --eval_ckpt, --visualize '
+                     f'(got {", ".join("--" + m for m in modes) or "none"})')
+    cfg['mode'] = modes[0]
+    state = None
+    if cfg['mode'] != 'train':
+        if not cfg['model_path']:
+            parser.error(f'--{cfg["mode"]} needs --model_path FILE')
+        if cfg['mode'] == 'resume' and not cfg['model_path'].endswith('.ckpt'):
+            parser.error(f'--resume needs a training checkpoint (ckpt_N.ckpt), not {cfg["model_path"]}')
+        state = load_checkpoint(cfg['model_path'], need_optimizer=cfg['mode'] == 'resume')
+        saved = state['config']
+        for key in MODEL_KEYS:
+            if key in given and cfg[key] != saved[key]:
+                raise UsageError(f'--{key} {cfg[key]} contradicts the checkpoint {cfg["model_path"]}, trained with '
+                                 f'{key}={saved[key]}; drop the flag or pick another --model_path')
+        run_keys = {'mode', 'model_path', 'device', 'save_dir', 'overwrite', 'num_samples', 'num_workers', 'cache_dir'}
+        run_keys |= given if cfg['mode'] != 'resume' else {'num_epochs'} & given
+        cfg = {**saved, **{k: cfg[k] for k in run_keys}}
+        if 'save_dir' not in given:
+            cfg['save_dir'] = os.path.dirname(os.path.abspath(cfg['model_path']))
+    else:
+        cfg['split'] = cfg['split'] or DEFAULT_SPLIT[cfg['arch']]
+        cfg['image_size'] = cfg['image_size'] or (USER_IMAGE_SIZE if cfg['data_dir'] else BUILTIN_IMAGE_SIZE)
+    check_flags(parser, cfg)
+    return cfg, state
+
+
+def run(argv):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    cfg, state = resolve_config(parser, args, argv)
+    device = pick_device(cfg['device'])
+    if cfg['mode'] == 'train' and not cfg['overwrite']:
+        chosen = fresh_run_dir(cfg['save_dir'])
+        if chosen != cfg['save_dir']:
+            print(f'{cfg["save_dir"]} already holds a run: writing to {chosen} (--overwrite to reuse it)')
+        cfg['save_dir'] = chosen
+    if cfg['data_dir'] is None:
+        print('data: built-in sample photos (no --data_dir); for CelebA pass --data_dir /path/to/celeba')
+    if not cfg['pretrained'] and not cfg['weights']:
+        print(f'victim: {cfg["arch"]} random-initialised from --seed {cfg["seed"]} (--use_pretrained for ImageNet weights)')
+    if cfg['mode'] in ('train', 'resume'):
+        from train import train
+        from visualize import draw_all
+        attack, splits, history, _ = train(cfg, device, state if cfg['mode'] == 'resume' else None)
+        draw_all(attack, splits.images, splits.val_idx, splits.val_names, cfg, history, cfg['save_dir'])
+    elif cfg['mode'] in ('eval_pth', 'eval_ckpt'):
+        from evaluate import run_evaluation
+        run_evaluation(cfg, state, device)
+    else:
+        from visualize import run_visualize
+        run_visualize(cfg, state, device)
+    print(f'outputs written to {os.path.abspath(cfg["save_dir"])}')
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        run(argv)
+    except UsageError as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
+    except RunError as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == '__main__':
+    main()

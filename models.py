@@ -1,0 +1,257 @@
+"""The victim (a frozen torchvision classifier cut at a block boundary) and the attacker's decoder."""
+import math
+import os
+import urllib.error
+from typing import NamedTuple
+
+import torch
+import torchvision
+from torch import nn
+
+from utils import UsageError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+PRETRAINED_TAG = 'IMAGENET1K_V1'  # torchvision's original ImageNet weights for every arch here
+
+RESNET_SPLITS = {f'layer{i}': i for i in range(1, 5)}
+# MobileNet cuts: name -> (features[0..N-1] kept, keep also the 1x1 expansion conv of features[N]).
+MOBILENET_V2_SPLITS = {'block3': (4, False), 'block6': (7, False), 'block10': (11, False),
+                       'block13': (14, False), 'block16': (17, False)}
+MOBILENET_V3_SPLITS = {'block3': (4, False), 'block6': (7, False), 'block12': (13, False),
+                       'block13_expand': (13, True), 'block15': (16, False)}
+SPLITS = {'resnet18': RESNET_SPLITS, 'resnet34': RESNET_SPLITS, 'resnet50': RESNET_SPLITS,
+          'mobilenet_v2': MOBILENET_V2_SPLITS, 'mobilenet_v3_large': MOBILENET_V3_SPLITS}
+ARCHS = tuple(SPLITS)
+# block13_expand is the original work's cut: 672 channels at stride 16.
+DEFAULT_SPLIT = {'resnet18': 'layer2', 'resnet34': 'layer2', 'resnet50': 'layer2',
+                 'mobilenet_v2': 'block6', 'mobilenet_v3_large': 'block13_expand'}
+
+DECODER_DEPTHS = {'light': (16, 0), 'medium': (32, 1), 'deep': (64, 2)}  # (base width, extra convs a stage)
+INTERPOLATIONS = ('transpose', 'upsample')
+
+
+class SplitVictim(nn.Module):
+    """The victim cut in two: `encoder` runs on the device, `tail` (the rest and the head) on the server.
+
+    It is frozen whatever the caller does: no gradients to its weights and always in eval mode, so its
+    BatchNorm statistics never move."""
+
+    def __init__(self, encoder, tail):
+        super().__init__()
+        self.encoder, self.tail = encoder, tail
+        self.register_buffer('mean', torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer('std', torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.requires_grad_(False)
+        self.train(False)
+
+    def train(self, mode=True):
+        return super().train(False)
+
+    def encode(self, images):
+        """[0, 1] images -> the intercepted tensor (the victim itself sees ImageNet-normalised input)."""
+        return self.encoder((images - self.mean) / self.std)
+
+    def classify(self, features):
+        """Intercepted tensor -> the victim's logits."""
+        return self.tail(features)
+
+    def fingerprint(self):
+        """A cheap checksum of the encoder's weights, stored with a decoder to catch a different victim."""
+        return float(sum(p.double().abs().sum() for p in self.encoder.state_dict().values()
+                         if p.is_floating_point()))
+
+
+def load_torchvision(arch, pretrained):
+    if not pretrained:
+        return torchvision.models.get_model(arch, weights=None)
+    weights = torchvision.models.get_model_weights(arch)[PRETRAINED_TAG]
+    filename = os.path.basename(weights.url)
+    try:
+        return torchvision.models.get_model(arch, weights=weights)
+    except (urllib.error.URLError, OSError) as e:
+        cache = os.path.join(torch.hub.get_dir(), 'checkpoints')
+        raise UsageError(f'cannot download the ImageNet weights {filename} for {arch} ({e}); put the file in '
+                         f'{cache}/ (torch hub cache, moved with TORCH_HOME) or pass --weights PATH') from None
+
+
+def load_victim_weights(net, path):
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True)
+    except FileNotFoundError:
+        raise UsageError(f'--weights {path}: no such file') from None
+    except Exception as e:
+        raise UsageError(f'--weights {path}: not a loadable state dict ({type(e).__name__})') from None
+    state = state.get('state_dict', state) if isinstance(state, dict) else state
+    try:
+        net.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise UsageError(f'--weights {path} does not fit {type(net).__name__}: '
+                         f'{str(e).splitlines()[0]}') from None
+
+
+def cut(net, arch, split):
+    """Split a torchvision classifier into (encoder, tail) at a named block boundary."""
+    if arch.startswith('resnet'):
+        k = RESNET_SPLITS[split]
+        stem = [net.conv1, net.bn1, net.relu, net.maxpool]
+        layers = [net.layer1, net.layer2, net.layer3, net.layer4]
+        return (nn.Sequential(*stem, *layers[:k]),
+                nn.Sequential(*layers[k:], net.avgpool, nn.Flatten(1), net.fc))
+    n_blocks, with_expansion = SPLITS[arch][split]
+    blocks = list(net.features)
+    encoder, rest = blocks[:n_blocks], blocks[n_blocks:]
+    if with_expansion:  # cut inside the next inverted residual, after its 1x1 expansion
+        inner = list(rest[0].block)
+        encoder.append(inner[0])
+        rest = [nn.Sequential(*inner[1:])] + rest[1:]
+    return nn.Sequential(*encoder), nn.Sequential(*rest, nn.AdaptiveAvgPool2d(1), nn.Flatten(1), net.classifier)
+
+
+def build_victim(arch, split, pretrained=False, weights_path=None, seed=0):
+    with torch.random.fork_rng(devices=[]):  # a random-initialised victim is a pure function of the seed
+        torch.manual_seed(seed)
+        net = load_torchvision(arch, pretrained)
+    if weights_path:
+        load_victim_weights(net, weights_path)
+    return SplitVictim(*cut(net, arch, split))
+
+
+@torch.no_grad()
+def feature_shape(victim, image_size):
+    """(C, H, W) of the intercepted tensor for square images of `image_size` pixels."""
+    device = next(victim.parameters()).device
+    return tuple(victim.encode(torch.zeros(1, 3, image_size, image_size, device=device)).shape[1:])
+
+
+def conv_bn_relu(c_in, c_out):
+    return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+
+
+def upsampling_stage(c_in, c_out, interpolation, extra_convs):
+    """x2 in resolution: a stride-2 transposed conv, or bicubic upsampling followed by a conv."""
+    if interpolation == 'transpose':
+        layers = [nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1, bias=False),
+                  nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+    else:
+        layers = [nn.Upsample(scale_factor=2, mode='bicubic', align_corners=False), *conv_bn_relu(c_in, c_out)]
+    for _ in range(extra_convs):
+        layers += conv_bn_relu(c_out, c_out)
+    return nn.Sequential(*layers)
+
+
+class Decoder(nn.Module):
+    """The attacker: intercepted tensor (C, H, W) -> image in [0, 1], log2(stride) x2 stages.
+
+    Built from the shape of the intercepted tensor alone: the attack is black-box."""
+
+    def __init__(self, in_channels, stride, interpolation='transpose', depth='medium'):
+        super().__init__()
+        n_stages = int(round(math.log2(stride)))
+        if stride < 2 or 2 ** n_stages != stride:
+            raise UsageError(f'the decoder needs a power-of-two stride >= 2 between image and features, got {stride}')
+        base, extra_convs = DECODER_DEPTHS[depth]
+        widths = [in_channels] + [min(512, base * 2 ** (n_stages - 1 - i)) for i in range(n_stages)]
+        self.stages = nn.ModuleList(upsampling_stage(widths[i], widths[i + 1], interpolation, extra_convs)
+                                    for i in range(n_stages))
+        self.to_image = nn.Sequential(nn.Conv2d(widths[-1], 3, 3, padding=1), nn.Sigmoid())
+
+    def forward(self, features, activations=None):
+        """`activations`, a list, collects each stage's output (for the sparsity penalty)."""
+        x = features
+        for stage in self.stages:
+            x = stage(x)
+            if activations is not None:
+                activations.append(x)
+        return self.to_image(x)
+
+
+def build_decoder(shape, image_size, interpolation, depth):
+    channels, height, width = shape
+    if height != width or image_size % height:
+        raise UsageError(f'--image_size {image_size} gives {height}x{width} features, not an exact fraction; '
+                         f'use a multiple of {image_size // max(height, 1)}')
+    return Decoder(channels, image_size // height, interpolation, depth)
+
+
+class Noise(NamedTuple):
+    """Gaussian noise the device adds, on the input image or on the intercepted tensor."""
+    at: str  # 'input' | 'features'
+    mean: float
+    var: float  # variance, as the flags say, not the standard deviation
+
+
+def add_noise(x, noise, generator):
+    std = math.sqrt(noise.var)
+    return x + noise.mean + std * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+class SplitAttack:
+    """What crosses the cut (the device's encoder output after any defence) and the attacker's decoder.
+
+    The victim runs without autograd; only the decoder is trained. On CUDA, `fast` turns on channels_last and
+    bf16 autocast."""
+
+    def __init__(self, victim, decoder, device, fast=False):
+        self.device, self.fast = device, fast and device.type == 'cuda'
+        memory_format = torch.channels_last if self.fast else torch.contiguous_format
+        self.victim = victim.to(device, memory_format=memory_format)
+        self.decoder = decoder.to(device, memory_format=memory_format)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.fast)
+
+    def noise_generator(self, seed):
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def to_images(self, uint8_images):
+        """uint8 batch (on the CPU) -> float [0, 1] on the device."""
+        if self.device.type == 'cuda':
+            uint8_images = uint8_images.pin_memory()
+        images = uint8_images.to(self.device, non_blocking=True).float().div_(255)
+        return images.contiguous(memory_format=torch.channels_last) if self.fast else images
+
+    @torch.no_grad()
+    def encode(self, images, noise=None, generator=None):
+        """The victim's intercepted tensor, with the device's input noise if any."""
+        if noise is not None and noise.at == 'input':
+            images = add_noise(images, noise, generator)
+        with self.autocast():
+            return self.victim.encode(images).float()
+
+    def defend(self, features, noise=None, generator=None):
+        """What the device sends: the intercepted tensor after its feature-side defences."""
+        if noise is not None and noise.at == 'features':
+            features = add_noise(features, noise, generator)
+        return features
+
+    def send(self, images, noise=None, generator=None):
+        return self.defend(self.encode(images, noise, generator), noise, generator)
+
+    def decode(self, features, activations=None):
+        with self.autocast():
+            return self.decoder(features, activations).float()
+
+    def reconstruct(self, images, noise=None, generator=None):
+        return self.decode(self.send(images, noise, generator))
+
+
+def train_noise(cfg):
+    return Noise(cfg['noise_at'], cfg['noise_mean'], cfg['noise_var']) if cfg['aug'] else None
+
+
+def test_noise(cfg):
+    return Noise(cfg['noise_at'], cfg['test_noise_mean'], cfg['test_noise_var']) if cfg['test_noise'] else None
+
+
+def build_attack(cfg, device):
+    """Victim and decoder as the configuration describes them; decoder initialised from cfg['seed']."""
+    victim = build_victim(cfg['arch'], cfg['split'], cfg['pretrained'], cfg['weights'], cfg['seed'])
+    expected = cfg.get('victim_fingerprint')
+    if expected is not None and not math.isclose(victim.fingerprint(), expected, rel_tol=1e-6):
+        raise UsageError('the victim rebuilt from the checkpoint\'s settings (arch, --use_pretrained/--weights, seed) '
+                         'is not the one this decoder was trained against; pass the same victim weights')
+    torch.manual_seed(cfg['seed'])
+    decoder = build_decoder(feature_shape(victim, cfg['image_size']), cfg['image_size'],
+                            cfg['interpolation'], cfg['decoder_depth'])
+    return SplitAttack(victim, decoder, device, fast=cfg['precision'] == 'bf16')

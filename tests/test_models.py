@@ -1,0 +1,70 @@
+import pytest
+import torch
+
+from models import SPLITS, Decoder, SplitAttack, build_decoder, build_victim, feature_shape
+from utils import UsageError
+
+ARCH_SPLITS = [(arch, split) for arch, splits in SPLITS.items() for split in splits]
+
+
+@pytest.mark.parametrize('arch,split', ARCH_SPLITS)
+def test_every_arch_and_split_builds_and_decodes_to_the_input_shape(arch, split):
+    torch.manual_seed(0)
+    victim = build_victim(arch, split)
+    images = torch.rand(2, 3, 64, 64)
+    for interpolation in ('transpose', 'upsample'):
+        decoder = build_decoder(feature_shape(victim, 64), 64, interpolation, 'light').eval()
+        with torch.no_grad():
+            out = decoder(victim.encode(images))
+        assert out.shape == images.shape
+        assert out.min() >= 0 and out.max() <= 1
+
+
+@pytest.mark.parametrize('arch,split', [('resnet18', 'layer2'), ('resnet50', 'layer3'), ('mobilenet_v2', 'block6'),
+                                        ('mobilenet_v3_large', 'block13_expand')])
+def test_encoder_then_tail_is_the_whole_victim(arch, split):
+    import torchvision
+    images = torch.rand(2, 3, 64, 64)
+    victim = build_victim(arch, split, seed=3)
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        whole = torchvision.models.get_model(arch, weights=None).eval()
+    with torch.no_grad():
+        expected = whole((images - victim.mean) / victim.std)
+        assert torch.allclose(victim.classify(victim.encode(images)), expected, atol=1e-5)
+
+
+def test_original_works_cut_is_672_channels_at_stride_16():
+    victim = build_victim('mobilenet_v3_large', 'block13_expand')
+    assert feature_shape(victim, 320) == (672, 20, 20)
+
+
+def test_random_victim_is_a_function_of_the_seed():
+    a, b, c = build_victim('resnet18', 'layer1', seed=1), build_victim('resnet18', 'layer1', seed=1), \
+        build_victim('resnet18', 'layer1', seed=2)
+    assert a.fingerprint() == b.fingerprint() != c.fingerprint()
+
+
+def test_encoder_stays_frozen_through_training_steps():
+    victim = build_victim('resnet18', 'layer2')
+    before = {k: v.clone() for k, v in victim.state_dict().items()}
+    attack = SplitAttack(victim, Decoder(128, 8, 'transpose', 'light'), torch.device('cpu'))
+    victim.train()  # whatever the caller asks, the victim stays in eval mode
+    attack.decoder.train()
+    assert not victim.training and not any(m.training for m in victim.modules())
+    assert not any(p.requires_grad for p in victim.parameters())
+    optimizer = torch.optim.SGD(attack.decoder.parameters(), lr=0.1)
+    for _ in range(3):
+        images = torch.rand(4, 3, 64, 64)
+        loss = torch.nn.functional.mse_loss(attack.reconstruct(images), images)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = victim.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BatchNorm running stats
+    assert any('running_mean' in k for k in before)
+
+
+def test_decoder_rejects_a_stride_that_is_not_a_power_of_two():
+    with pytest.raises(UsageError):
+        build_decoder((64, 5, 5), 64, 'transpose', 'medium')

@@ -1,0 +1,148 @@
+"""Training the attacker's decoder on what crosses the cut; checkpoints carry all that rebuilds the attack."""
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from data import load_splits
+from evaluate import evaluate, format_summary, mean_image_baseline, msssim_note, summarise
+from models import build_attack, test_noise, train_noise
+from utils import RunError, save_json, save_torch
+
+CHECKPOINT_FORMAT = 'recon-attack/1'
+
+
+def make_optimizer(cfg, params, device):
+    fused = {'fused': True} if device.type == 'cuda' else {}
+    if cfg['optim'] == 'sgd':
+        return torch.optim.SGD(params, lr=cfg['lr'], momentum=0.9, weight_decay=cfg['weight_decay'])
+    optimizer = {'adam': torch.optim.Adam, 'adamw': torch.optim.AdamW}[cfg['optim']]
+    return optimizer(params, lr=cfg['lr'], weight_decay=cfg['weight_decay'], **fused)
+
+
+def make_scheduler(cfg, optimizer):
+    if cfg['scheduler'] == 'step':
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg['step_size'], gamma=cfg['gamma'])
+    return None
+
+
+@torch.no_grad()
+def cache_features(attack, images, indices, batch_size, max_bytes):
+    """The victim's clean features for images[indices], computed once; None when they would not fit."""
+    shape = attack.victim.encode(attack.to_images(images[indices[:1]])).shape[1:]
+    size = len(indices) * shape.numel() * 4
+    if size > max_bytes:
+        print(f'feature cache skipped: {size / 2**30:.1f} GiB > --feature_cache_gb')
+        return None
+    on_device = attack.device.type == 'cpu' or size < torch.cuda.mem_get_info(attack.device)[0] // 4
+    cache = torch.empty(len(indices), *shape, device=attack.device if on_device else 'cpu',
+                        pin_memory=not on_device)
+    for start in tqdm(range(0, len(indices), batch_size), desc='caching victim features', leave=False, unit='batch'):
+        cache[start:start + batch_size] = attack.encode(attack.to_images(images[indices[start:start + batch_size]]))
+    return cache
+
+
+def train_one_epoch(attack, splits, cache, cfg, optimizer, epoch):
+    """One pass over the training split; returns the mean training loss."""
+    attack.decoder.train()
+    noise = train_noise(cfg)
+    data_order = torch.Generator().manual_seed(cfg['seed'] * 1000 + epoch)  # seeded per epoch: resumes exactly
+    noise_rng = attack.noise_generator(cfg['seed'] * 1000 + epoch)
+    batch_size, n = cfg['batch_size'], len(splits.train_idx)
+    order = torch.randperm(n, generator=data_order)
+    starts = range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size)  # full batches for BatchNorm
+    total, count = torch.zeros((), device=attack.device), 0
+    bar = tqdm(starts, desc=f'epoch {epoch + 1}/{cfg["num_epochs"]}', unit='batch', leave=False)
+    for step, start in enumerate(bar):
+        positions = order[start:start + batch_size]
+        images = attack.to_images(splits.images[splits.train_idx[positions]])
+        if cache is None:
+            features = attack.encode(images, noise, noise_rng)
+        else:
+            features = cache[positions.to(cache.device)].to(attack.device, non_blocking=True)
+        features = attack.defend(features, noise, noise_rng)
+        activations = [] if cfg['sparse'] else None
+        recon = attack.decode(features, activations)
+        loss = F.mse_loss(recon, images)
+        if cfg['sparse']:  # sparse-autoencoder option: L1 on the decoder's activations
+            loss = loss + cfg['sparse_reg'] * sum(a.abs().mean() for a in activations)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.detach()
+        count += 1
+        if step % 10 == 0 or step == len(starts) - 1:  # a host sync only now and then
+            mean_loss = (total / count).item()
+            if not torch.isfinite(torch.tensor(mean_loss)):
+                raise RunError(f'the training loss became {mean_loss} in epoch {epoch + 1}; lower --lr '
+                               f'(now {cfg["lr"]}) — checkpoints written so far are intact')
+            bar.set_postfix(loss=f'{mean_loss:.4f}')
+    return (total / count).item()
+
+
+def checkpoint(attack, cfg, history, epoch, optimizer=None, scheduler=None):
+    state = {'format': CHECKPOINT_FORMAT, 'config': cfg, 'epoch': epoch, 'history': history,
+             'decoder': attack.decoder.state_dict()}
+    if optimizer is not None:
+        state['optimizer'] = optimizer.state_dict()
+        state['scheduler'] = scheduler.state_dict() if scheduler is not None else None
+    return state
+
+
+def validate(attack, splits, cfg):
+    per_image = evaluate(attack, splits.images, splits.val_idx, cfg['batch_size'], test_noise(cfg),
+                         desc='validating')
+    return summarise(per_image)
+
+
+def history_row(epoch, train_loss, summary, optimizer, seconds):
+    return {'epoch': epoch, 'train_loss': train_loss, 'val_loss': summary['mse']['mean'],
+            'psnr': summary['psnr']['mean'], 'ssim': summary['ssim']['mean'],
+            'ms_ssim': summary['ms_ssim']['mean'], 'lr': optimizer.param_groups[0]['lr'], 'seconds': seconds}
+
+
+def train(cfg, device, resume_state=None):
+    """Train (or resume) the decoder; writes metrics.json, ckpt_{epoch}.ckpt and model.pth into cfg['save_dir']."""
+    save_dir = cfg['save_dir']
+    os.makedirs(save_dir, exist_ok=True)
+    splits = load_splits(cfg)
+    print(f'data: {splits.description}')
+    attack = build_attack(cfg, device)
+    cfg['victim_fingerprint'] = attack.victim.fingerprint()
+    optimizer = make_optimizer(cfg, attack.decoder.parameters(), device)
+    scheduler = make_scheduler(cfg, optimizer)
+    baselines = {'mean_image': summarise(mean_image_baseline(splits)), 'untrained_decoder': validate(attack, splits, cfg)}
+    history, start_epoch = [], 0
+    if resume_state is not None:
+        attack.decoder.load_state_dict(resume_state['decoder'])
+        optimizer.load_state_dict(resume_state['optimizer'])
+        if scheduler is not None and resume_state.get('scheduler'):
+            scheduler.load_state_dict(resume_state['scheduler'])
+        history, start_epoch = list(resume_state['history']), resume_state['epoch']
+        print(f'resuming after epoch {start_epoch} of {cfg["num_epochs"]}')
+    print(f'baselines on validation: mean image: {format_summary(baselines["mean_image"])}')
+    print(f'                         untrained decoder: {format_summary(baselines["untrained_decoder"])}')
+    print(msssim_note(cfg['image_size']))
+
+    no_input_noise = train_noise(cfg) is None or train_noise(cfg).at != 'input'
+    cache = None
+    if no_input_noise and cfg['feature_cache_gb'] > 0 and start_epoch < cfg['num_epochs']:
+        cache = cache_features(attack, splits.images, splits.train_idx, cfg['batch_size'],
+                               cfg['feature_cache_gb'] * 2**30)
+    for epoch in range(start_epoch, cfg['num_epochs']):
+        started = time.time()
+        train_loss = train_one_epoch(attack, splits, cache, cfg, optimizer, epoch)
+        if scheduler is not None:
+            scheduler.step()
+        summary = validate(attack, splits, cfg)
+        history.append(history_row(epoch + 1, train_loss, summary, optimizer, time.time() - started))
+        print(f'epoch {epoch + 1}/{cfg["num_epochs"]}: train loss {train_loss:.5f}  val loss '
+              f'{summary["mse"]["mean"]:.5f}  {format_summary(summary)}  ({time.time() - started:.1f}s)')
+        save_json({'config': cfg, 'baselines': baselines, 'history': history}, os.path.join(save_dir, 'metrics.json'))
+        if (epoch + 1) % cfg['log_interval'] == 0 or epoch + 1 == cfg['num_epochs']:
+            save_torch(checkpoint(attack, cfg, history, epoch + 1, optimizer, scheduler),
+                       os.path.join(save_dir, f'ckpt_{epoch + 1}.ckpt'))
+    save_torch(checkpoint(attack, cfg, history, cfg['num_epochs']), os.path.join(save_dir, 'model.pth'))
+    return attack, splits, history, baselines

@@ -1,0 +1,91 @@
+"""Small shared helpers: errors the CLI reports in one line, atomic file writes, devices, run folders."""
+import csv
+import io
+import json
+import os
+import tempfile
+
+import torch
+
+
+class UsageError(Exception):
+    """Bad input the user can fix: main prints it on one line and exits with status 2."""
+
+
+class RunError(Exception):
+    """A run that cannot go on (non-finite loss, out of memory): one line, exit status 1."""
+
+
+def atomic_write_bytes(path, data):
+    """Write to a temporary file beside `path`, then rename: a crash never leaves a truncated file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_torch(obj, path):
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def save_json(obj, path):
+    atomic_write_bytes(path, (json.dumps(obj, indent=2) + '\n').encode())
+
+
+def save_csv(rows, path):
+    """rows: a list of dicts sharing the same keys."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(path, text.getvalue().encode())
+
+
+def pick_device(name):
+    if name == 'cpu' or (name == 'auto' and not torch.cuda.is_available()):
+        return torch.device('cpu')
+    if not torch.cuda.is_available():
+        print('warning: --device cuda asked for, but CUDA is not available: running on the CPU')
+        return torch.device('cpu')
+    return torch.device('cuda')
+
+
+def fresh_run_dir(save_dir):
+    """`save_dir` if it holds no earlier run, else the first free `save_dir_N` beside it."""
+    if not os.path.exists(save_dir) or not os.listdir(save_dir):
+        return save_dir
+    n = 1
+    while os.path.exists(f'{save_dir.rstrip(os.sep)}_{n}'):
+        n += 1
+    return f'{save_dir.rstrip(os.sep)}_{n}'
+
+
+def load_checkpoint(path, need_optimizer=False):
+    """A recon-attack checkpoint, loaded with weights_only=True: files from others are untrusted."""
+    if not os.path.isfile(path):
+        raise UsageError(f'--model_path {path}: no such file')
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        message = str(e)
+        if 'Weights only load failed' in message:
+            reason = next((line.strip() for line in message.splitlines() if 'Unsupported' in line), 'arbitrary code')
+            raise UsageError(f'--model_path {path}: refused as unsafe: loading it would run Python code from the file '
+                             f'({reason}); weights_only=True only accepts tensors and plain data') from None
+        raise UsageError(f'--model_path {path}: not a checkpoint ({type(e).__name__}: {message.splitlines()[0][:120]})') from None
+    if not isinstance(state, dict) or not {'config', 'decoder'} <= set(state):
+        raise UsageError(f'--model_path {path}: not a recon-attack checkpoint (no config and decoder inside)')
+    if need_optimizer and 'optimizer' not in state:
+        raise UsageError(f'--model_path {path}: holds no optimizer state (a model.pth); resume from a ckpt_N.ckpt')
+    return state

@@ -1,0 +1,195 @@
+"""Figures a researcher looks at before trusting a number; headless (Agg), every figure closed after saving."""
+import os
+
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from torchvision.utils import save_image  # noqa: E402
+
+from evaluate import evaluate, evaluation_images, load_trained_attack, score  # noqa: E402
+from models import test_noise  # noqa: E402
+
+FEATURE_CHANNELS = 16  # highest-variance channels shown in feature_maps.png
+CHANNELS_PER_STAGE = 4  # decoder activations shown per stage
+
+
+def describe(cfg):
+    """One line that makes a figure explain itself: victim, cut, decoder, noise."""
+    victim = 'ImageNet' if cfg['pretrained'] else ('weights file' if cfg['weights'] else f'random seed {cfg["seed"]}')
+    noise = test_noise(cfg)
+    noise_text = f'test noise on {noise.at} (mean {noise.mean:g}, var {noise.var:g})' if noise else 'no test noise'
+    return (f'{cfg["arch"]} ({victim}) cut at {cfg["split"]} | {cfg["interpolation"]} decoder, '
+            f'{cfg["decoder_depth"]} | {cfg["image_size"]}px | {noise_text}')
+
+
+def save_figure(fig, path):
+    fig.savefig(path, dpi=120, bbox_inches='tight')
+    plt.close(fig)
+    return path
+
+
+def to_numpy_image(image):
+    return image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
+
+
+def plot_history(history, cfg, path):
+    """Train / validation loss, and validation PSNR and SSIM, per epoch."""
+    epochs = [h['epoch'] for h in history]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.plot(epochs, [h['train_loss'] for h in history], 'o-', label='train loss')
+    left.plot(epochs, [h['val_loss'] for h in history], 's-', label='validation loss (MSE)')
+    left.set(xlabel='epoch', ylabel='loss', yscale='log', title='loss')
+    left.legend()
+    right.plot(epochs, [h['psnr'] for h in history], 'o-', color='tab:green', label='PSNR')
+    right.set(xlabel='epoch', ylabel='validation PSNR (dB)', title='validation quality')
+    ssim_axis = right.twinx()
+    ssim_axis.plot(epochs, [h['ssim'] for h in history], 's-', color='tab:purple', label='SSIM')
+    ssim_axis.set_ylabel('validation SSIM')
+    right.legend(handles=right.lines + ssim_axis.lines, loc='lower right')
+    fig.suptitle(describe(cfg), fontsize=9)
+    return save_figure(fig, path)
+
+
+def sample_indices(n_available, n_samples):
+    """The same validation images every run."""
+    order = torch.randperm(n_available, generator=torch.Generator().manual_seed(0))
+    return order[:min(n_samples, n_available)].sort().values
+
+
+@torch.no_grad()
+def plot_samples(attack, images, names, cfg, save_dir):
+    """Columns of original | reconstruction | (with --test_noise) reconstruction from the noisy device."""
+    target = attack.to_images(images)
+    attack.decoder.eval()
+    rows = [('original', target, None), ('reconstruction', attack.reconstruct(target), None)]
+    noise = test_noise(cfg)
+    if noise is not None:
+        rows.append((f'noisy {noise.at} (var {noise.var:g})',
+                     attack.reconstruct(target, noise, attack.noise_generator(0)), None))
+    rows = [(label, batch, score(batch, target) if label != 'original' else None) for label, batch, _ in rows]
+    n = len(names)
+    fig, axes = plt.subplots(len(rows), n, figsize=(1.9 * n, 2.2 * len(rows)), squeeze=False)
+    for r, (label, batch, metrics) in enumerate(rows):
+        for c in range(n):
+            ax = axes[r, c]
+            ax.imshow(to_numpy_image(batch[c]))
+            ax.set_xticks([]), ax.set_yticks([])
+            if metrics is not None:
+                ax.set_xlabel(f'{metrics["psnr"][c]:.2f} dB / SSIM {metrics["ssim"][c]:.3f}', fontsize=7)
+            if c == 0:
+                ax.set_ylabel(label, fontsize=9)
+            if r == 0:
+                ax.set_title(names[c], fontsize=7)
+    fig.suptitle(describe(cfg), fontsize=9)
+    samples_dir = os.path.join(save_dir, 'samples')
+    os.makedirs(samples_dir, exist_ok=True)
+    for c, name in enumerate(names):
+        stem = os.path.splitext(name.replace(os.sep, '_'))[0]
+        save_image(rows[0][1][c], os.path.join(samples_dir, f'{stem}_original.png'))
+        save_image(rows[1][1][c].clamp(0, 1), os.path.join(samples_dir, f'{stem}_reconstruction.png'))
+        if noise is not None:
+            save_image(rows[2][1][c].clamp(0, 1), os.path.join(samples_dir, f'{stem}_noisy_reconstruction.png'))
+    return save_figure(fig, os.path.join(save_dir, 'samples.png'))
+
+
+@torch.no_grad()
+def plot_feature_maps(attack, image, cfg, path):
+    """The intercepted tensor of one image: its highest-variance channels on a shared scale, and the channel mean."""
+    features = attack.send(attack.to_images(image[None]))[0].float().cpu()
+    top = features.flatten(1).var(1).argsort(descending=True)[:FEATURE_CHANNELS]
+    vmin, vmax = features[top].min().item(), features[top].max().item()
+    fig = plt.figure(figsize=(11, 6.5))
+    grid = fig.add_gridspec(4, 6)  # input and channel mean on the left, a 4x4 grid of channels on the right
+    ax = fig.add_subplot(grid[0:2, 0:2])
+    ax.imshow(to_numpy_image(attack.to_images(image[None])[0]))
+    ax.set_title('input image', fontsize=9), ax.axis('off')
+    ax = fig.add_subplot(grid[2:4, 0:2])
+    mean_map = ax.imshow(features.mean(0), cmap='viridis')
+    ax.set_title(f'mean over all {features.shape[0]} channels', fontsize=9), ax.axis('off')
+    fig.colorbar(mean_map, ax=ax, fraction=0.046)
+    for k, channel in enumerate(top.tolist()):
+        ax = fig.add_subplot(grid[k // 4, 2 + k % 4])
+        shown = ax.imshow(features[channel], cmap='viridis', vmin=vmin, vmax=vmax)
+        ax.set_title(f'ch {channel}', fontsize=8), ax.axis('off')
+    fig.colorbar(shown, ax=fig.axes[2:], fraction=0.02, label='activation (shared scale)')
+    c, h, w = features.shape
+    fig.suptitle(f'intercepted tensor {c}x{h}x{w}: {len(top)} highest-variance channels\n{describe(cfg)}', fontsize=9)
+    return save_figure(fig, path)
+
+
+@torch.no_grad()
+def capture_decoder_activations(attack, image):
+    """Each decoder stage's output for one image, captured with forward hooks that are removed afterwards."""
+    captured = []
+    modules = list(attack.decoder.stages) + [attack.decoder.to_image]
+    handles = [m.register_forward_hook(lambda _m, _in, out: captured.append(out[0].float().cpu())) for m in modules]
+    try:
+        attack.decoder.eval()
+        attack.reconstruct(attack.to_images(image[None]))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+def plot_decoder_layers(attack, image, cfg, path):
+    activations = capture_decoder_activations(attack, image)
+    fig, axes = plt.subplots(len(activations), CHANNELS_PER_STAGE, figsize=(2.2 * CHANNELS_PER_STAGE,
+                                                                          2.2 * len(activations)), squeeze=False)
+    for row, activation in enumerate(activations):
+        last = row == len(activations) - 1
+        channels = list(range(3)) if last else activation.flatten(1).var(1).argsort(descending=True).tolist()
+        for col in range(CHANNELS_PER_STAGE):
+            ax = axes[row, col]
+            ax.axis('off')
+            if last and col == CHANNELS_PER_STAGE - 1:
+                ax.imshow(to_numpy_image(activation)), ax.set_title('output image', fontsize=8)
+            elif col < len(channels):
+                channel = channels[col]
+                ax.imshow(activation[channel], cmap='magma')
+                ax.set_title(f'ch {channel}' if not last else 'RGB'[channel], fontsize=8)
+        name = 'output' if last else f'stage {row + 1}'
+        axes[row, 0].text(-0.15, 0.5, f'{name}\n{"x".join(map(str, activation.shape))}', transform=axes[row, 0].transAxes,
+                          ha='right', va='center', fontsize=9)
+    fig.suptitle(f'decoder activations (highest-variance channels)\n{describe(cfg)}', fontsize=9)
+    return save_figure(fig, path)
+
+
+def plot_psnr_histogram(psnr_values, cfg, path):
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.hist(psnr_values.numpy(), bins=min(40, max(5, len(psnr_values) // 4)), color='tab:blue', alpha=0.8)
+    mean, median = psnr_values.mean().item(), psnr_values.median().item()
+    ax.axvline(mean, color='tab:red', label=f'mean {mean:.2f} dB')
+    ax.axvline(median, color='black', linestyle='--', label=f'median {median:.2f} dB')
+    ax.set(xlabel='per-image PSNR (dB)', ylabel='images', title=f'{len(psnr_values)} validation images')
+    ax.legend()
+    fig.suptitle(describe(cfg), fontsize=9)
+    return save_figure(fig, path)
+
+
+def draw_all(attack, images, indices, names, cfg, history, save_dir):
+    """Every figure into save_dir; returns their paths."""
+    os.makedirs(save_dir, exist_ok=True)
+    paths = []
+    if history:
+        paths.append(plot_history(history, cfg, os.path.join(save_dir, 'loss.png')))
+    else:
+        print('loss.png skipped: this file holds no training history')
+    chosen = sample_indices(len(indices), cfg['num_samples'])
+    sample_images = images[indices[chosen]]
+    paths.append(plot_samples(attack, sample_images, [names[i] for i in chosen], cfg, save_dir))
+    paths.append(plot_feature_maps(attack, sample_images[0], cfg, os.path.join(save_dir, 'feature_maps.png')))
+    paths.append(plot_decoder_layers(attack, sample_images[0], cfg, os.path.join(save_dir, 'decoder_layers.png')))
+    per_image = evaluate(attack, images, indices, cfg['batch_size'], test_noise(cfg))
+    paths.append(plot_psnr_histogram(per_image['psnr'], cfg, os.path.join(save_dir, 'psnr_hist.png')))
+    print(f'figures: {", ".join(os.path.basename(p) for p in paths)} and samples/ in {save_dir}')
+    return paths
+
+
+def run_visualize(cfg, state, device):
+    attack = load_trained_attack(cfg, state, device)
+    images, indices, names, description = evaluation_images(cfg, state['config'])
+    print(f'drawing {cfg["model_path"]} (epoch {state["epoch"]}) on {description}')
+    return draw_all(attack, images, indices, names, cfg, state.get('history'), cfg['save_dir'])
