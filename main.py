@@ -26,22 +26,24 @@ def build_parser():
     mode.add_argument('--model_path', help='a model.pth or ckpt_N.ckpt written by --train')
 
     victim = p.add_argument_group('victim (frozen, cut at --split)')
-    victim.add_argument('--arch', choices=ARCHS, default='resnet18')
+    victim.add_argument('--arch', choices=ARCHS, default='resnet18', help='torchvision classifier the device runs')
     victim.add_argument('--split', help='cut point; default: ' + ', '.join(f'{a} {s}' for a, s in DEFAULT_SPLIT.items()))
     victim.add_argument('--use_pretrained', dest='pretrained', action='store_true',
                         help="ImageNet weights (IMAGENET1K_V1) through torchvision's hub cache")
     victim.add_argument('--weights', help='a local state-dict file for the victim instead')
 
     attacker = p.add_argument_group('attacker (decoder)')
-    attacker.add_argument('--interpolation', choices=INTERPOLATIONS, default='transpose')
-    attacker.add_argument('--decoder_depth', choices=tuple(DECODER_DEPTHS), default='medium')
+    attacker.add_argument('--interpolation', choices=INTERPOLATIONS, default='transpose',
+                          help='x2 stages: stride-2 transposed convs, or bicubic upsampling + convs')
+    attacker.add_argument('--decoder_depth', choices=tuple(DECODER_DEPTHS), default='medium',
+                          help='decoder capacity: widths and extra convs per stage')
 
     data = p.add_argument_group('data')
     data.add_argument('--data_dir', help='folder of images, .zip of images, or CelebA root; none: built-in sample photos')
     data.add_argument('--image_size', type=int,
                       help=f'square side in pixels (default {USER_IMAGE_SIZE} with --data_dir, else {BUILTIN_IMAGE_SIZE})')
     data.add_argument('--num_batches', type=int, help='use num_batches x batch_size images, split 10:1 (default all)')
-    data.add_argument('--batch_size', type=int, default=32)
+    data.add_argument('--batch_size', type=int, default=32, help='images per step')
     data.add_argument('--num_workers', type=int, default=2, help='processes decoding images into the cache')
     data.add_argument('--cache_dir', default=os.environ.get('RECON_CACHE_DIR', os.path.expanduser('~/.cache/recon-attack')),
                       help='where decoded images are cached (env RECON_CACHE_DIR)')
@@ -50,27 +52,27 @@ def build_parser():
 
     noise = p.add_argument_group('noise (variance, not std)')
     noise.add_argument('--aug', action='store_true', help='add Gaussian noise during training')
-    noise.add_argument('--noise_mean', type=float, default=0.0)
-    noise.add_argument('--noise_var', type=float, default=0.01)
+    noise.add_argument('--noise_mean', type=float, default=0.0, help='mean of the training noise')
+    noise.add_argument('--noise_var', type=float, default=0.01, help='variance of the training noise')
     noise.add_argument('--test_noise', action='store_true', help='add Gaussian noise at evaluation / visualisation')
-    noise.add_argument('--test_noise_mean', type=float, default=0.0)
-    noise.add_argument('--test_noise_var', type=float, default=0.01)
+    noise.add_argument('--test_noise_mean', type=float, default=0.0, help='mean of the test noise')
+    noise.add_argument('--test_noise_var', type=float, default=0.01, help='variance of the test noise')
     noise.add_argument('--noise_at', choices=('input', 'features'), default='input',
                        help='on the image before the victim, or on the intercepted tensor (a defence)')
 
     train = p.add_argument_group('training')
-    train.add_argument('--optim', choices=('adam', 'adamw', 'sgd'), default='adam')
-    train.add_argument('--lr', type=float, default=1e-3)
-    train.add_argument('--weight_decay', type=float, default=0.0)
-    train.add_argument('--scheduler', choices=('none', 'step'), default='none')
+    train.add_argument('--optim', choices=('adam', 'adamw', 'sgd'), default='adam', help='optimizer (sgd: momentum 0.9)')
+    train.add_argument('--lr', type=float, default=1e-3, help='learning rate')
+    train.add_argument('--weight_decay', type=float, default=0.0, help='weight decay')
+    train.add_argument('--scheduler', choices=('none', 'step'), default='none', help='learning-rate schedule')
     train.add_argument('--step_size', type=int, default=10, help='epochs between learning-rate drops (step)')
     train.add_argument('--gamma', type=float, default=0.1, help='learning-rate factor at each drop (step)')
-    train.add_argument('--num_epochs', type=int, default=10)
+    train.add_argument('--num_epochs', type=int, default=10, help='training epochs')
     train.add_argument('--sparse', action='store_true', help="L1 penalty on the decoder's activations")
-    train.add_argument('--sparse_reg', type=float, default=1e-4)
+    train.add_argument('--sparse_reg', type=float, default=1e-4, help='weight of the --sparse penalty')
     train.add_argument('--log_interval', type=int, default=5, help='epochs between ckpt_{epoch}.ckpt files')
-    train.add_argument('--seed', type=int, default=0)
-    train.add_argument('--device', choices=('auto', 'cuda', 'cpu'), default='auto')
+    train.add_argument('--seed', type=int, default=0, help='seeds the split, the random victim, the decoder and the noise')
+    train.add_argument('--device', choices=('auto', 'cuda', 'cpu'), default='auto', help='auto: CUDA when available')
     train.add_argument('--precision', choices=('bf16', 'fp32'), default='bf16',
                        help='bf16 autocast and channels_last on CUDA (the CPU always runs fp32)')
     train.add_argument('--save_dir', default='results', help='outputs; a folder holding a run gets a fresh _N sibling')

@@ -23,14 +23,16 @@ def tiny_config(tmp_path, **overrides):
     return cfg
 
 
+def run_cli(cwd, *args, check=True):
+    """Runs main.py in a subprocess in `cwd` (decode cache under it); returns the CompletedProcess."""
+    env = {**os.environ, 'RECON_CACHE_DIR': os.path.join(cwd, 'cache'), 'OMP_NUM_THREADS': '2'}
+    result = subprocess.run([sys.executable, os.path.join(ROOT, 'main.py'), *map(str, args)], cwd=cwd,
+                            capture_output=True, text=True, env=env, timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(f'exit {result.returncode}\n{result.stdout}\n{result.stderr}')
+    return result
+
+
 @pytest.fixture
 def cli(tmp_path):
-    """Runs main.py in a subprocess; returns the CompletedProcess."""
-    def run(*args, check=True):
-        env = {**os.environ, 'RECON_CACHE_DIR': str(tmp_path / 'cache'), 'OMP_NUM_THREADS': '2'}
-        result = subprocess.run([sys.executable, os.path.join(ROOT, 'main.py'), *map(str, args)], cwd=tmp_path,
-                                capture_output=True, text=True, env=env, timeout=300)
-        if check and result.returncode != 0:
-            raise AssertionError(f'exit {result.returncode}\n{result.stdout}\n{result.stderr}')
-        return result
-    return run
+    return lambda *args, check=True: run_cli(tmp_path, *args, check=check)

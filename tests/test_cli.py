@@ -1,0 +1,119 @@
+"""The command-line flows, run as a user runs them: main.py in a subprocess."""
+import csv
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import run_cli, tiny_config
+from models import build_attack
+from visualize import capture_decoder_activations
+
+TINY = ('--image_size', '32', '--batch_size', '16', '--num_batches', '22', '--decoder_depth', 'light',
+        '--num_samples', '3', '--num_workers', '0')
+FIGURES = ('loss.png', 'samples.png', 'feature_maps.png', 'decoder_layers.png', 'psnr_hist.png')
+
+
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory):
+    """A folder holding one 2-epoch training run in run/ (a checkpoint after every epoch)."""
+    cwd = tmp_path_factory.mktemp('cli')
+    result = run_cli(cwd, '--train', *TINY, '--num_epochs', '2', '--log_interval', '1', '--save_dir', 'run')
+    assert f'outputs written to {cwd / "run"}' in result.stdout
+    return cwd
+
+
+def history(path):
+    with open(path) as f:
+        return json.load(f)['history']
+
+
+def assert_valid_png(path, min_side=100):
+    with Image.open(path) as image:
+        assert image.format == 'PNG'
+        image.verify()
+    with Image.open(path) as image:
+        assert min(image.size) >= min_side, (path, image.size)
+
+
+def test_train_writes_checkpoints_metrics_and_figures(workdir):
+    run = workdir / 'run'
+    for name in ('metrics.json', 'ckpt_1.ckpt', 'ckpt_2.ckpt', 'model.pth'):
+        assert (run / name).is_file(), name
+    assert [h['epoch'] for h in history(run / 'metrics.json')] == [1, 2]
+    for name in FIGURES:
+        assert_valid_png(run / name)
+    samples = sorted(os.listdir(run / 'samples'))
+    assert len(samples) == 6 and all(n.endswith(('_original.png', '_reconstruction.png')) for n in samples)
+    for name in samples:
+        assert_valid_png(run / 'samples' / name, min_side=32)
+
+
+@pytest.mark.parametrize('mode, filename', [('--eval_pth', 'model.pth'), ('--eval_ckpt', 'ckpt_2.ckpt')])
+def test_evaluation_reproduces_the_final_validation_metrics(workdir, mode, filename):
+    out = f'eval_{filename}'
+    result = run_cli(workdir, mode, '--model_path', f'run/{filename}', '--save_dir', out)
+    assert 'PSNR' in result.stdout and 'MS-SSIM: 2 of 5 scales at 32px' in result.stdout
+    with open(workdir / out / 'eval.json') as f:
+        evaluation = json.load(f)
+    final = history(workdir / 'run' / 'metrics.json')[-1]
+    assert evaluation['metrics']['psnr']['mean'] == pytest.approx(final['psnr'], abs=1e-4)
+    assert evaluation['metrics']['ssim']['mean'] == pytest.approx(final['ssim'], abs=1e-5)
+    assert evaluation['metrics']['mse']['mean'] == pytest.approx(final['val_loss'], rel=1e-5)
+    with open(workdir / out / 'eval_per_image.csv') as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == evaluation['n_images'] == 32
+    assert sum(float(r['psnr']) for r in rows) / 32 == pytest.approx(final['psnr'], abs=1e-3)
+
+
+def test_resume_from_epoch_one_matches_the_uninterrupted_run(workdir):
+    run_cli(workdir, '--resume', '--model_path', 'run/ckpt_1.ckpt', '--save_dir', 'resumed')
+    uninterrupted, resumed = history(workdir / 'run' / 'metrics.json'), history(workdir / 'resumed' / 'metrics.json')
+    assert [h['epoch'] for h in resumed] == [1, 2]
+    for key in ('train_loss', 'val_loss', 'psnr', 'ssim'):
+        assert resumed[1][key] == pytest.approx(uninterrupted[1][key], rel=1e-5), key
+
+
+@pytest.mark.parametrize('filename', ['model.pth', 'ckpt_1.ckpt'])
+def test_visualize_from_pth_and_ckpt(workdir, filename):
+    out = workdir / f'figures_{filename}'
+    result = run_cli(workdir, '--visualize', '--model_path', f'run/{filename}', '--save_dir', out, '--test_noise')
+    for name in FIGURES:
+        assert_valid_png(out / name)
+    assert any(n.endswith('_noisy_reconstruction.png') for n in os.listdir(out / 'samples'))
+    assert str(out) in result.stdout
+
+
+def test_decoder_hooks_are_removed_after_capturing(tmp_path):
+    attack = build_attack(tiny_config(tmp_path), torch.device('cpu'))
+    image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
+    activations = capture_decoder_activations(attack, image)
+    assert len(activations) == len(attack.decoder.stages) + 1
+    assert activations[-1].shape == (3, 32, 32)
+    assert all(not m._forward_hooks for m in attack.decoder.modules())
+
+
+def test_running_the_main_command_twice_keeps_the_first_run(workdir):
+    before = (workdir / 'run' / 'model.pth').read_bytes()
+    result = run_cli(workdir, '--train', *TINY, '--num_epochs', '1', '--save_dir', 'run')
+    assert 'run already holds a run: writing to run_1' in result.stdout
+    assert (workdir / 'run_1' / 'model.pth').is_file()
+    assert (workdir / 'run' / 'model.pth').read_bytes() == before
+
+
+@pytest.mark.parametrize('args, message', [
+    (('--train', '--split', 'layer9'), "invalid choice for resnet18: 'layer9' (choose from layer1, layer2"),
+    (('--train', '--eval_pth'), 'choose exactly one of'),
+    (('--eval_pth', '--model_path', 'missing.pth'), 'missing.pth: no such file'),
+    (('--eval_pth', '--model_path', 'run/model.pth', '--arch', 'resnet50'),
+     '--arch resnet50 contradicts the checkpoint run/model.pth, trained with arch=resnet18'),
+    (('--resume', '--model_path', 'run/model.pth'), '--resume needs a training checkpoint'),
+    (('--train', '--batch_size', '0'), '--batch_size: must be at least 1'),
+])
+def test_bad_flags_exit_2_with_one_line(workdir, args, message):
+    result = run_cli(workdir, *args, check=False)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert 'Traceback' not in result.stderr
