@@ -101,7 +101,7 @@ def plot_feature_maps(attack, image, cfg, path):
     top = features.flatten(1).var(1).argsort(descending=True)[:FEATURE_CHANNELS]
     vmin, vmax = features[top].min().item(), features[top].max().item()
     fig = plt.figure(figsize=(11, 6.5))
-    grid = fig.add_gridspec(4, 6)  # input and channel mean on the left, a 4x4 grid of channels on the right
+    grid = fig.add_gridspec(4, 6, wspace=0.4)  # input and channel mean on the left, a 4x4 grid of channels on the right
     ax = fig.add_subplot(grid[0:2, 0:2])
     ax.imshow(to_numpy_image(attack.to_images(image[None])[0]))
     ax.set_title('input image', fontsize=9), ax.axis('off')
