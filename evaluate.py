@@ -14,6 +14,7 @@ MSSSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. 2003, a
 WIN_SIZE = 11
 MIN_MSE = 1e-10  # PSNR of identical images is capped at 100 dB instead of being infinite
 METRICS = ('mse', 'psnr', 'ssim', 'ms_ssim')
+UTILITY = ('top1_agreement', 'top5_agreement', 'kl')  # the victim's predictions with vs without the defence
 
 
 def psnr(x, y):
@@ -56,6 +57,16 @@ def score(recon, target):
             'ms_ssim': ms_ssim_per_image(recon, target)}
 
 
+def victim_agreement(clean_logits, defended_logits):
+    """Per image: does the defended victim still predict the undefended top-1 class (at top-1, within its top-5),
+    and KL(undefended || defended) between the two output distributions, in nats."""
+    reference = clean_logits.argmax(1, keepdim=True)
+    top5 = defended_logits.topk(min(5, defended_logits.shape[1]), dim=1).indices
+    kl = F.kl_div(defended_logits.log_softmax(1), clean_logits.log_softmax(1), log_target=True, reduction='none')
+    return {'top1_agreement': (defended_logits.argmax(1, keepdim=True) == reference).float().squeeze(1),
+            'top5_agreement': (top5 == reference).any(1).float(), 'kl': kl.sum(1)}
+
+
 def msssim_note(image_size):
     scales = msssim_scales(image_size)
     if scales == len(MSSSIM_WEIGHTS):
@@ -64,15 +75,19 @@ def msssim_note(image_size):
 
 
 @torch.no_grad()
-def evaluate(attack, images, indices, batch_size, noise=None, desc='evaluating'):
-    """Per-image metrics (CPU tensors) of the attack's reconstructions of images[indices]."""
+def evaluate(attack, images, indices, batch_size, noise=None, desc='evaluating', utility=False):
+    """Per-image metrics (CPU tensors) of the attack's reconstructions of images[indices]; with `utility`, also
+    the victim's agreement between what the device sends and the undefended tensor."""
     attack.decoder.eval()
     generator = attack.noise_generator(seed=0)  # the same test noise every evaluation
-    results = {m: [] for m in METRICS}
+    results = {m: [] for m in METRICS + (UTILITY if utility else ())}
     for start in tqdm(range(0, len(indices), batch_size), desc=desc, leave=False, unit='batch'):
         target = attack.to_images(images[indices[start:start + batch_size]])
-        recon = attack.reconstruct(target, noise, generator)
-        for name, values in score(recon, target).items():
+        sent = attack.send(target, noise, generator)
+        measured = score(attack.decode(sent), target)
+        if utility:
+            measured.update(victim_agreement(attack.classify(attack.encode(target)), attack.classify(sent)))
+        for name, values in measured.items():
             results[name].append(values.cpu())
     return {m: torch.cat(v) for m, v in results.items()}
 
@@ -83,7 +98,19 @@ def summarise(per_image):
 
 def format_summary(summary):
     return '  '.join(f'{m.upper() if m != "ms_ssim" else "MS-SSIM"} {s["mean"]:.4f}±{s["std"]:.4f}'
-                     if m != 'psnr' else f'PSNR {s["mean"]:.2f}±{s["std"]:.2f} dB' for m, s in summary.items())
+                     if m != 'psnr' else f'PSNR {s["mean"]:.2f}±{s["std"]:.2f} dB'
+                     for m, s in summary.items() if m in METRICS)
+
+
+def format_utility(summary):
+    return (f'victim top-1 agreement {summary["top1_agreement"]["mean"]:.3f}  top-5 agreement '
+            f'{summary["top5_agreement"]["mean"]:.3f}  KL {summary["kl"]["mean"]:.4f} nats')
+
+
+def utility_note(cfg):
+    if cfg['pretrained'] or cfg['weights']:
+        return 'victim utility: agreement of its predictions with vs without the defence (no labels needed)'
+    return 'victim utility: the victim is random-initialised, so its agreement figures are not meaningful'
 
 
 def write_evaluation(per_image, names, extra, save_dir, prefix='eval'):
@@ -130,15 +157,21 @@ def load_trained_attack(cfg, state, device):
     return attack
 
 
-def run_evaluation(cfg, state, device):
+def evaluate_and_report(attack, images, indices, names, cfg, description, extra=None):
+    """The full evaluation (quality and victim utility) printed and written as eval.json + eval_per_image.csv."""
     from models import test_noise
+    per_image = evaluate(attack, images, indices, cfg['batch_size'], test_noise(cfg), utility=True)
+    settings = {**(extra or {}), 'data': description, 'msssim': msssim_note(cfg['image_size']),
+                'utility': utility_note(cfg), 'config': cfg}
+    summary = write_evaluation(per_image, names, settings, cfg['save_dir'])
+    print(f'{len(names)} images: {format_summary(summary)}')
+    print(f'{format_utility(summary)}\n{utility_note(cfg)}\n{msssim_note(cfg["image_size"])}')
+    return per_image, summary
+
+
+def run_evaluation(cfg, state, device):
     attack = load_trained_attack(cfg, state, device)
     images, indices, names, description = evaluation_images(cfg, state['config'])
     print(f'evaluating {cfg["model_path"]} (epoch {state["epoch"]}) on {description}')
-    per_image = evaluate(attack, images, indices, cfg['batch_size'], test_noise(cfg))
-    settings = {'model_path': os.path.abspath(cfg['model_path']), 'epoch': state['epoch'], 'data': description,
-                'msssim': msssim_note(cfg['image_size']), 'config': cfg}
-    summary = write_evaluation(per_image, names, settings, cfg['save_dir'])
-    print(f'{len(names)} images: {format_summary(summary)}')
-    print(msssim_note(cfg['image_size']))
-    return summary
+    return evaluate_and_report(attack, images, indices, names, cfg, description,
+                               {'model_path': os.path.abspath(cfg['model_path']), 'epoch': state['epoch']})

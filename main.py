@@ -6,11 +6,14 @@ import copy
 import os
 import sys
 
-from models import ARCHS, DECODER_DEPTHS, DEFAULT_SPLIT, INTERPOLATIONS, SPLITS
+from models import ARCHS, DECODER_DEPTHS, DEFAULT_SPLIT, INTERPOLATIONS, SPLITS, check_cut
+from sweep import SWEEPS
 from utils import RunError, UsageError, fresh_run_dir, load_checkpoint, pick_device
 
 # Flags that define the attack's model: they must agree with a checkpoint that is being loaded.
-MODEL_KEYS = ('arch', 'split', 'pretrained', 'interpolation', 'decoder_depth', 'image_size')
+MODEL_KEYS = ('arch', 'split', 'pretrained', 'interpolation', 'decoder_depth', 'image_size', 'keep_channels',
+              'channel_select')
+MODES = ('train', 'resume', 'eval_pth', 'eval_ckpt', 'visualize', 'sweep')
 BUILTIN_IMAGE_SIZE, USER_IMAGE_SIZE = 64, 320
 
 
@@ -23,6 +26,7 @@ def build_parser():
     mode.add_argument('--eval_pth', action='store_true', help='evaluate the .pth at --model_path')
     mode.add_argument('--eval_ckpt', action='store_true', help='evaluate the .ckpt at --model_path')
     mode.add_argument('--visualize', action='store_true', help='draw the figures for --model_path (.pth or .ckpt)')
+    mode.add_argument('--sweep', choices=SWEEPS, help='train and evaluate one decoder per --sweep_values value')
     mode.add_argument('--model_path', help='a model.pth or ckpt_N.ckpt written by --train')
 
     victim = p.add_argument_group('victim (frozen, cut at --split)')
@@ -59,6 +63,18 @@ def build_parser():
     noise.add_argument('--test_noise_var', type=float, default=0.01, help='variance of the test noise')
     noise.add_argument('--noise_at', choices=('input', 'features'), default='input',
                        help='on the image before the victim, or on the intercepted tensor (a defence)')
+
+    defence = p.add_argument_group('defences (on the device, before the tensor is sent)')
+    defence.add_argument('--keep_channels', type=float,
+                         help='send only K channels (a fraction in (0, 1] or a count above 1), the rest as zeros')
+    defence.add_argument('--channel_select', choices=('first', 'random', 'topvar'), default='topvar',
+                         help='which channels: the first K, K at random (seeded), or the K of highest variance '
+                              'over a calibration batch of training images')
+
+    sweep = p.add_argument_group('sweeps')
+    sweep.add_argument('--sweep_values', nargs='+', metavar='VALUE',
+                       help='values for --sweep (default: every split of the arch; keep_channels 1 0.5 0.25 0.125 '
+                            '0.0625; noise_var 0 0.01 0.05 0.1 0.5)')
 
     train = p.add_argument_group('training')
     train.add_argument('--optim', choices=('adam', 'adamw', 'sgd'), default='adam', help='optimizer (sgd: momentum 0.9)')
@@ -106,19 +122,27 @@ def check_flags(parser, cfg):
         parser.error(f'argument --image_size: at least 16 pixels are needed (SSIM uses an 11-pixel window)')
     if cfg['num_batches'] is not None and cfg['num_batches'] < 2:
         parser.error('argument --num_batches: at least 2 (one batch is kept for validation)')
+    if cfg['keep_channels'] is not None and cfg['keep_channels'] <= 0:
+        parser.error(f'argument --keep_channels: must be positive, got {cfg["keep_channels"]}')
+    try:
+        check_cut(cfg['arch'], cfg['split'], cfg['image_size'], cfg['keep_channels'])
+    except UsageError as e:
+        parser.error(str(e))
 
 
 def resolve_config(parser, args, argv):
     """The run's configuration: the checkpoint's where one is loaded (flags may not contradict it), else flags."""
     given = explicit_flags(parser, argv)
     cfg = vars(args).copy()
-    modes = [m for m in ('train', 'resume', 'eval_pth', 'eval_ckpt', 'visualize') if cfg[m]]
+    modes = [m for m in MODES if cfg[m]]
     if len(modes) != 1:
-        parser.error('choose exactly one of --train, --resume, --eval_pth, --eval_ckpt, --visualize '
+        parser.error(f'choose exactly one of {", ".join("--" + m for m in MODES)} '
                      f'(got {", ".join("--" + m for m in modes) or "none"})')
     cfg['mode'] = modes[0]
+    if cfg['sweep_values'] and cfg['mode'] != 'sweep':
+        parser.error('--sweep_values needs --sweep')
     state = None
-    if cfg['mode'] != 'train':
+    if cfg['mode'] not in ('train', 'sweep'):
         if not cfg['model_path']:
             parser.error(f'--{cfg["mode"]} needs --model_path FILE')
         if cfg['mode'] == 'resume' and not cfg['model_path'].endswith('.ckpt'):
@@ -156,10 +180,17 @@ def run(argv):
     if not cfg['pretrained'] and not cfg['weights']:
         print(f'victim: {cfg["arch"]} random-initialised from --seed {cfg["seed"]} (--use_pretrained for ImageNet weights)')
     if cfg['mode'] in ('train', 'resume'):
+        from evaluate import evaluate_and_report
         from train import train
         from visualize import draw_all
         attack, splits, history, _ = train(cfg, device, state if cfg['mode'] == 'resume' else None)
-        draw_all(attack, splits.images, splits.val_idx, splits.val_names, cfg, history, cfg['save_dir'])
+        per_image, _ = evaluate_and_report(attack, splits.images, splits.val_idx, splits.val_names, cfg,
+                                           f'validation split of {splits.description}', {'epoch': cfg['num_epochs']})
+        draw_all(attack, splits.images, splits.val_idx, splits.val_names, cfg, history, cfg['save_dir'],
+                 per_image['psnr'])
+    elif cfg['mode'] == 'sweep':
+        from sweep import run_sweep
+        run_sweep(cfg, device)
     elif cfg['mode'] in ('eval_pth', 'eval_ckpt'):
         from evaluate import run_evaluation
         run_evaluation(cfg, state, device)

@@ -117,6 +117,32 @@ def build_victim(arch, split, pretrained=False, weights_path=None, seed=0):
     return SplitVictim(*cut(net, arch, split))
 
 
+def probe_feature_shape(arch, split, image_size):
+    """(C, H, W) at the cut, found on the meta device: no weights, no compute, milliseconds (for flag checks)."""
+    with torch.device('meta'):
+        encoder, _ = cut(torchvision.models.get_model(arch, weights=None), arch, split)
+        return tuple(encoder(torch.zeros(1, 3, image_size, image_size)).shape[1:])
+
+
+def nominal_stride(arch, split):
+    """Image side / feature side at the cut, measured where every stride divides the image exactly."""
+    return 256 // probe_feature_shape(arch, split, 256)[1]
+
+
+def check_cut(arch, split, image_size, keep_channels=None):
+    """Flags that cannot work with this cut, caught before anything is built."""
+    stride = nominal_stride(arch, split)
+    if image_size % stride:
+        raise UsageError(f'--image_size {image_size}: {arch} cut at {split} has stride {stride}, so the image side must '
+                         f'be a multiple of {stride} (e.g. {max(stride, image_size // stride * stride)})')
+    channels = probe_feature_shape(arch, split, image_size)[0]
+    if keep_channels is not None:
+        if keep_channels > 1 and keep_channels != int(keep_channels):
+            raise UsageError(f'--keep_channels {keep_channels}: a fraction in (0, 1] or a whole number of channels')
+        if keep_count(keep_channels, channels) > channels:
+            raise UsageError(f'--keep_channels {keep_channels:g}: {arch} cut at {split} sends only {channels} channels')
+
+
 @torch.no_grad()
 def feature_shape(victim, image_size):
     """(C, H, W) of the intercepted tensor for square images of `image_size` pixels."""
@@ -186,6 +212,26 @@ def add_noise(x, noise, generator):
     return x + noise.mean + std * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
+def keep_count(keep_channels, channels):
+    """--keep_channels as a channel count: a fraction in (0, 1] of the channels, or a count above 1."""
+    count = round(keep_channels * channels) if keep_channels <= 1 else int(keep_channels)
+    return max(1, count)
+
+
+def select_channels(how, count, calibration_features=None, seed=0):
+    """The `count` channels the device keeps (sorted indices): the first ones, a seeded random subset, or the
+    highest-variance ones over a calibration batch (N, C, H, W) of training images."""
+    channels = calibration_features.shape[1]
+    if how == 'first':
+        chosen = torch.arange(count)
+    elif how == 'random':
+        chosen = torch.randperm(channels, generator=torch.Generator().manual_seed(seed))[:count]
+    else:
+        variance = calibration_features.float().transpose(0, 1).flatten(1).var(1)
+        chosen = variance.topk(count).indices
+    return sorted(chosen.tolist())
+
+
 class SplitAttack:
     """What crosses the cut (the device's encoder output after any defence) and the attacker's decoder.
 
@@ -197,6 +243,11 @@ class SplitAttack:
         memory_format = torch.channels_last if self.fast else torch.contiguous_format
         self.victim = victim.to(device, memory_format=memory_format)
         self.decoder = decoder.to(device, memory_format=memory_format)
+        self.channel_mask = None  # (1, C, 1, 1) of 0 / 1 when the device sends a subset of the channels
+
+    def keep_only(self, channel_indices, channels):
+        self.channel_mask = torch.zeros(1, channels, 1, 1, device=self.device)
+        self.channel_mask[:, channel_indices] = 1
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.fast)
@@ -223,6 +274,8 @@ class SplitAttack:
         """What the device sends: the intercepted tensor after its feature-side defences."""
         if noise is not None and noise.at == 'features':
             features = add_noise(features, noise, generator)
+        if self.channel_mask is not None:  # after the noise: dropped channels reach the server as exact zeros
+            features = features * self.channel_mask
         return features
 
     def send(self, images, noise=None, generator=None):
@@ -234,6 +287,12 @@ class SplitAttack:
 
     def reconstruct(self, images, noise=None, generator=None):
         return self.decode(self.send(images, noise, generator))
+
+    @torch.no_grad()
+    def classify(self, features):
+        """The victim's logits from a tensor that crossed the cut (the server's half of the inference)."""
+        with self.autocast():
+            return self.victim.classify(features).float()
 
 
 def train_noise(cfg):
@@ -252,6 +311,9 @@ def build_attack(cfg, device):
         raise UsageError('the victim rebuilt from the checkpoint\'s settings (arch, --use_pretrained/--weights, seed) '
                          'is not the one this decoder was trained against; pass the same victim weights')
     torch.manual_seed(cfg['seed'])
-    decoder = build_decoder(feature_shape(victim, cfg['image_size']), cfg['image_size'],
-                            cfg['interpolation'], cfg['decoder_depth'])
-    return SplitAttack(victim, decoder, device, fast=cfg['precision'] == 'bf16')
+    shape = feature_shape(victim, cfg['image_size'])
+    decoder = build_decoder(shape, cfg['image_size'], cfg['interpolation'], cfg['decoder_depth'])
+    attack = SplitAttack(victim, decoder, device, fast=cfg['precision'] == 'bf16')
+    if cfg.get('channel_indices') is not None:
+        attack.keep_only(cfg['channel_indices'], shape[0])
+    return attack

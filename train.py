@@ -8,7 +8,7 @@ from tqdm import tqdm
 
 from data import load_splits
 from evaluate import evaluate, format_summary, mean_image_baseline, msssim_note, summarise
-from models import build_attack, test_noise, train_noise
+from models import build_attack, feature_shape, keep_count, select_channels, test_noise, train_noise
 from utils import RunError, save_json, save_torch
 
 CHECKPOINT_FORMAT = 'recon-attack/1'
@@ -42,6 +42,14 @@ def cache_features(attack, images, indices, batch_size, max_bytes):
     for start in tqdm(range(0, len(indices), batch_size), desc='caching victim features', leave=False, unit='batch'):
         cache[start:start + batch_size] = attack.encode(attack.to_images(images[indices[start:start + batch_size]]))
     return cache
+
+
+@torch.no_grad()
+def choose_channels(attack, splits, cfg):
+    """--keep_channels: the channels the device sends, fixed for the run (stored in the checkpoint's config)."""
+    calibration = attack.encode(attack.to_images(splits.images[splits.train_idx[:cfg['batch_size']]])).cpu()
+    count = keep_count(cfg['keep_channels'], calibration.shape[1])
+    return select_channels(cfg['channel_select'], count, calibration, cfg['seed'])
 
 
 def train_one_epoch(attack, splits, cache, cfg, optimizer, epoch):
@@ -111,6 +119,12 @@ def train(cfg, device, resume_state=None):
     print(f'data: {splits.description}')
     attack = build_attack(cfg, device)
     cfg['victim_fingerprint'] = attack.victim.fingerprint()
+    if cfg['keep_channels'] is not None and cfg.get('channel_indices') is None:
+        cfg['channel_indices'] = choose_channels(attack, splits, cfg)
+        channels = feature_shape(attack.victim, cfg['image_size'])[0]
+        attack.keep_only(cfg['channel_indices'], channels)
+        print(f'defence: the device sends {len(cfg["channel_indices"])} of {channels} channels '
+              f'({cfg["channel_select"]}), the rest as zeros')
     optimizer = make_optimizer(cfg, attack.decoder.parameters(), device)
     scheduler = make_scheduler(cfg, optimizer)
     baselines = {'mean_image': summarise(mean_image_baseline(splits)), 'untrained_decoder': validate(attack, splits, cfg)}

@@ -169,8 +169,8 @@ def plot_psnr_histogram(psnr_values, cfg, path):
     return save_figure(fig, path)
 
 
-def draw_all(attack, images, indices, names, cfg, history, save_dir):
-    """Every figure into save_dir; returns their paths."""
+def draw_all(attack, images, indices, names, cfg, history, save_dir, psnr_values=None):
+    """Every figure into save_dir; returns their paths. `psnr_values`: per-image validation PSNR if known."""
     os.makedirs(save_dir, exist_ok=True)
     paths = []
     if history:
@@ -182,8 +182,9 @@ def draw_all(attack, images, indices, names, cfg, history, save_dir):
     paths.append(plot_samples(attack, sample_images, [names[i] for i in chosen], cfg, save_dir))
     paths.append(plot_feature_maps(attack, sample_images[0], cfg, os.path.join(save_dir, 'feature_maps.png')))
     paths.append(plot_decoder_layers(attack, sample_images[0], cfg, os.path.join(save_dir, 'decoder_layers.png')))
-    per_image = evaluate(attack, images, indices, cfg['batch_size'], test_noise(cfg))
-    paths.append(plot_psnr_histogram(per_image['psnr'], cfg, os.path.join(save_dir, 'psnr_hist.png')))
+    if psnr_values is None:
+        psnr_values = evaluate(attack, images, indices, cfg['batch_size'], test_noise(cfg))['psnr']
+    paths.append(plot_psnr_histogram(psnr_values, cfg, os.path.join(save_dir, 'psnr_hist.png')))
     print(f'figures: {", ".join(os.path.basename(p) for p in paths)} and samples/ in {save_dir}')
     return paths
 
@@ -193,3 +194,58 @@ def run_visualize(cfg, state, device):
     images, indices, names, description = evaluation_images(cfg, state['config'])
     print(f'drawing {cfg["model_path"]} (epoch {state["epoch"]}) on {description}')
     return draw_all(attack, images, indices, names, cfg, state.get('history'), cfg['save_dir'])
+
+
+def describe_sweep(cfg):
+    victim = 'ImageNet' if cfg['pretrained'] else ('weights file' if cfg['weights'] else f'random seed {cfg["seed"]}')
+    cut_at = '' if cfg['sweep'] == 'split' else f' cut at {cfg["split"]}'
+    return (f'sweep of {cfg["sweep"]}: {cfg["arch"]} ({victim}){cut_at} | {cfg["interpolation"]} decoder, '
+            f'{cfg["decoder_depth"]} | {cfg["image_size"]}px | {cfg["num_epochs"]} epochs')
+
+
+def plot_sweep(rows, cfg, path):
+    """Reconstruction quality against the swept value; the victim's agreement on a second axis for defences."""
+    labels = [r[cfg['sweep']] for r in rows]
+    x = range(len(rows))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2), layout='constrained')
+    psnr_line = left.errorbar(x, [r['psnr'] for r in rows], yerr=[r['psnr_std'] for r in rows], fmt='o-', capsize=3,
+                              label='attack PSNR (dB, ± std)')
+    left.set(xlabel=cfg['sweep'], ylabel='validation PSNR (dB)', title='reconstruction vs victim utility')
+    handles = [psnr_line]
+    if cfg['sweep'] != 'split':  # a defence: what it costs the victim
+        agreement = left.twinx()
+        agreement.plot(x, [r['top1_agreement'] for r in rows], 's--', color='tab:red', label='victim top-1 agreement')
+        agreement.plot(x, [r['top5_agreement'] for r in rows], '^:', color='tab:orange', label='victim top-5 agreement')
+        agreement.set(ylabel='agreement with the undefended victim', ylim=(-0.05, 1.05))
+        handles += agreement.lines
+    left.legend(handles=handles, loc='best', fontsize=8)
+    right.plot(x, [r['ssim'] for r in rows], 'o-', label='SSIM')
+    right.plot(x, [r['ms_ssim'] for r in rows], 's-', label='MS-SSIM')
+    right.set(xlabel=cfg['sweep'], ylabel='validation similarity', ylim=(0, 1), title='structural similarity')
+    right.legend(fontsize=8)
+    for ax in (left, right):
+        ax.set_xticks(list(x), labels)
+    fig.suptitle(describe_sweep(cfg), fontsize=9)
+    return save_figure(fig, path)
+
+
+def plot_sweep_samples(images, reconstructions, labels, names, cfg, path):
+    """One row of reconstructions of the same validation images per swept value, originals on top."""
+    rows = [('original', images.float() / 255)] + [(f'{cfg["sweep"]}={label}', recon)
+                                                   for label, recon in zip(labels, reconstructions)]
+    n = len(images)
+    fig, axes = plt.subplots(len(rows), n, figsize=(1.7 * n, 1.8 * len(rows)), squeeze=False)
+    for r, (label, batch) in enumerate(rows):
+        metrics = score(batch, rows[0][1]) if r else None
+        for c in range(n):
+            ax = axes[r, c]
+            ax.imshow(to_numpy_image(batch[c]))
+            ax.set_xticks([]), ax.set_yticks([])
+            if metrics is not None:
+                ax.set_xlabel(f'{metrics["psnr"][c]:.1f} dB', fontsize=7)
+            if c == 0:
+                ax.set_ylabel(label, fontsize=8)
+            if r == 0:
+                ax.set_title(names[c], fontsize=7)
+    fig.suptitle(describe_sweep(cfg), fontsize=9)
+    return save_figure(fig, path)

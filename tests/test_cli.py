@@ -111,6 +111,10 @@ def test_running_the_main_command_twice_keeps_the_first_run(workdir):
      '--arch resnet50 contradicts the checkpoint run/model.pth, trained with arch=resnet18'),
     (('--resume', '--model_path', 'run/model.pth'), '--resume needs a training checkpoint'),
     (('--train', '--batch_size', '0'), '--batch_size: must be at least 1'),
+    (('--train', '--split', 'layer3', '--image_size', '40'), 'has stride 16, so the image side must be a multiple of 16'),
+    (('--train', '--keep_channels', '500'), '--keep_channels 500: resnet18 cut at layer2 sends only 128 channels'),
+    (('--sweep', 'split', '--sweep_values', 'layer1', 'block3'), 'block3 not a split of resnet18'),
+    (('--train', '--sweep_values', '1'), '--sweep_values needs --sweep'),
 ])
 def test_bad_flags_exit_2_with_one_line(workdir, args, message):
     result = run_cli(workdir, *args, check=False)

