@@ -58,20 +58,12 @@ def sample_indices(n_available, n_samples):
     return order[:min(n_samples, n_available)].sort().values
 
 
-@torch.no_grad()
-def plot_samples(attack, images, names, cfg, save_dir):
-    """Columns of original | reconstruction | (with --test_noise) reconstruction from the noisy device."""
-    target = attack.to_images(images)
-    attack.decoder.eval()
-    rows = [('original', target, None), ('reconstruction', attack.reconstruct(target), None)]
-    noise = test_noise(cfg)
-    if noise is not None:
-        rows.append((f'noisy {noise.at} (var {noise.var:g})',
-                     attack.reconstruct(target, noise, attack.noise_generator(0)), None))
-    rows = [(label, batch, score(batch, target) if label != 'original' else None) for label, batch, _ in rows]
-    n = len(names)
+def plot_image_grid(rows, names, title, path):
+    """rows: (label, [0, 1] batch) pairs, the originals first; every other image is scored against its original."""
+    target, n = rows[0][1], len(names)
     fig, axes = plt.subplots(len(rows), n, figsize=(1.9 * n, 2.2 * len(rows)), squeeze=False)
-    for r, (label, batch, metrics) in enumerate(rows):
+    for r, (label, batch) in enumerate(rows):
+        metrics = score(batch, target) if r else None
         for c in range(n):
             ax = axes[r, c]
             ax.imshow(to_numpy_image(batch[c]))
@@ -79,19 +71,32 @@ def plot_samples(attack, images, names, cfg, save_dir):
             if metrics is not None:
                 ax.set_xlabel(f'{metrics["psnr"][c]:.2f} dB / SSIM {metrics["ssim"][c]:.3f}', fontsize=7)
             if c == 0:
-                ax.set_ylabel(label, fontsize=9)
+                ax.set_ylabel(label, fontsize=8)
             if r == 0:
                 ax.set_title(names[c], fontsize=7)
-    fig.suptitle(describe(cfg), fontsize=9)
+    fig.suptitle(title, fontsize=9)
+    return save_figure(fig, path)
+
+
+@torch.no_grad()
+def plot_samples(attack, images, names, cfg, save_dir):
+    """Columns of original | reconstruction | (with --test_noise) reconstruction from the noisy device; each
+    image also as its own PNG under save_dir/samples/."""
+    target = attack.to_images(images)
+    attack.decoder.eval()
+    rows = [('original', target), ('reconstruction', attack.reconstruct(target))]
+    noise = test_noise(cfg)
+    if noise is not None:
+        rows.append((f'noisy {noise.at} (var {noise.var:g})',
+                     attack.reconstruct(target, noise, attack.noise_generator(0))))
     samples_dir = os.path.join(save_dir, 'samples')
     os.makedirs(samples_dir, exist_ok=True)
+    suffixes = ('original', 'reconstruction', 'noisy_reconstruction')
     for c, name in enumerate(names):
         stem = os.path.splitext(name.replace(os.sep, '_'))[0]
-        save_image(rows[0][1][c], os.path.join(samples_dir, f'{stem}_original.png'))
-        save_image(rows[1][1][c].clamp(0, 1), os.path.join(samples_dir, f'{stem}_reconstruction.png'))
-        if noise is not None:
-            save_image(rows[2][1][c].clamp(0, 1), os.path.join(samples_dir, f'{stem}_noisy_reconstruction.png'))
-    return save_figure(fig, os.path.join(save_dir, 'samples.png'))
+        for (_, batch), suffix in zip(rows, suffixes):
+            save_image(batch[c].clamp(0, 1), os.path.join(samples_dir, f'{stem}_{suffix}.png'))
+    return plot_image_grid(rows, names, describe(cfg), os.path.join(save_dir, 'samples.png'))
 
 
 @torch.no_grad()
@@ -233,19 +238,4 @@ def plot_sweep_samples(images, reconstructions, labels, names, cfg, path):
     """One row of reconstructions of the same validation images per swept value, originals on top."""
     rows = [('original', images.float() / 255)] + [(f'{cfg["sweep"]}={label}', recon)
                                                    for label, recon in zip(labels, reconstructions)]
-    n = len(images)
-    fig, axes = plt.subplots(len(rows), n, figsize=(1.7 * n, 1.8 * len(rows)), squeeze=False)
-    for r, (label, batch) in enumerate(rows):
-        metrics = score(batch, rows[0][1]) if r else None
-        for c in range(n):
-            ax = axes[r, c]
-            ax.imshow(to_numpy_image(batch[c]))
-            ax.set_xticks([]), ax.set_yticks([])
-            if metrics is not None:
-                ax.set_xlabel(f'{metrics["psnr"][c]:.1f} dB', fontsize=7)
-            if c == 0:
-                ax.set_ylabel(label, fontsize=8)
-            if r == 0:
-                ax.set_title(names[c], fontsize=7)
-    fig.suptitle(describe_sweep(cfg), fontsize=9)
-    return save_figure(fig, path)
+    return plot_image_grid(rows, names, describe_sweep(cfg), path)
