@@ -10,9 +10,8 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
-from utils import UsageError, atomic_write_bytes
+from utils import UsageError, atomic_write_bytes, progress
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
 MIN_SOURCE_SIDE = 8  # smaller images (1-pixel thumbnails and the like) hold nothing to reconstruct
@@ -130,7 +129,16 @@ def decode_into_cache(root, names, size, cache_dir, num_workers):
         kept = json.load(f)['names']
     images = np.memmap(array_path, dtype=np.uint8, mode='c',  # copy-on-write: never changes the file
                         shape=(len(kept), 3, size, size))
+    if images.nbytes < available_memory() // 4:  # in memory when it fits, else paged in from the file
+        images = np.array(images)
     return torch.from_numpy(images), kept
+
+
+def available_memory():
+    try:
+        return os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+    except (ValueError, OSError, AttributeError):  # not Linux: let the page cache decide
+        return 0
 
 
 def write_cache(root, names, size, array_path, index_path, num_workers):
@@ -139,7 +147,7 @@ def write_cache(root, names, size, array_path, index_path, num_workers):
     images = np.memmap(tmp_path, dtype=np.uint8, mode='w+', shape=(len(names), 3, size, size))
     loader = DataLoader(DecodeOnce(root, names, size), batch_size=64, num_workers=num_workers, collate_fn=as_list)
     kept, bad = [], []
-    for batch in tqdm(loader, desc=f'decoding {len(names)} images at {size}px (once, cached)', unit='batch'):
+    for batch in progress(loader, desc=f'decoding {len(names)} images at {size}px (once, cached)'):
         for i, image in batch:  # in file order: usable images are packed to the front
             if image is None:
                 bad.append(names[i])

@@ -6,9 +6,8 @@ import torch
 import torch.nn.functional as F
 from pytorch_msssim import ms_ssim, ssim
 from pytorch_msssim.ssim import _fspecial_gauss_1d, _ssim
-from tqdm import tqdm
 
-from utils import UsageError, save_csv, save_json
+from utils import UsageError, progress, save_csv, save_json
 
 MSSSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. 2003, as in pytorch-msssim
 WIN_SIZE = 11
@@ -81,7 +80,7 @@ def evaluate(attack, images, indices, batch_size, noise=None, desc='evaluating',
     attack.decoder.eval()
     generator = attack.noise_generator(seed=0)  # the same test noise every evaluation
     results = {m: [] for m in METRICS + (UTILITY if utility else ())}
-    for start in tqdm(range(0, len(indices), batch_size), desc=desc, leave=False, unit='batch'):
+    for start in progress(range(0, len(indices), batch_size), desc=desc):
         target = attack.to_images(images[indices[start:start + batch_size]])
         sent = attack.send(target, noise, generator)
         measured = score(attack.decode(sent), target)

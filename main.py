@@ -8,7 +8,8 @@ import sys
 
 from models import ARCHS, DECODER_DEPTHS, DEFAULT_SPLIT, INTERPOLATIONS, SPLITS, check_cut
 from sweep import SWEEPS
-from utils import RunError, UsageError, fresh_run_dir, load_checkpoint, pick_device
+from utils import (RunError, UsageError, fresh_run_dir, init_distributed, is_main_process, load_checkpoint,
+                   pick_device, rank_and_world, same_on_all_processes)
 
 # Flags that define the attack's model: they must agree with a checkpoint that is being loaded.
 MODEL_KEYS = ('arch', 'split', 'pretrained', 'interpolation', 'decoder_depth', 'image_size', 'keep_channels',
@@ -90,7 +91,10 @@ def build_parser():
     train.add_argument('--seed', type=int, default=0, help='seeds the split, the random victim, the decoder and the noise')
     train.add_argument('--device', choices=('auto', 'cuda', 'cpu'), default='auto', help='auto: CUDA when available')
     train.add_argument('--precision', choices=('bf16', 'fp32'), default='bf16',
-                       help='bf16 autocast and channels_last on CUDA (the CPU always runs fp32)')
+                       help='bf16: bf16 autocast where the hardware has bf16 arithmetic (CUDA; CPUs with '
+                            'AVX512-BF16 or AMX), else fp32; metrics are always computed in fp32')
+    train.add_argument('--compile', action='store_true',
+                       help="torch.compile the victim's encoder and the decoder's training step")
     train.add_argument('--save_dir', default='results', help='outputs; a folder holding a run gets a fresh _N sibling')
     train.add_argument('--overwrite', action='store_true', help='write into --save_dir even if it holds a run')
 
@@ -170,8 +174,17 @@ def run(argv):
     args = parser.parse_args(argv)
     cfg, state = resolve_config(parser, args, argv)
     device = pick_device(cfg['device'])
+    if init_distributed(device):
+        world = rank_and_world()[1]
+        if cfg['mode'] not in ('train', 'resume'):
+            raise UsageError(f'torchrun runs --train and --resume; run --{cfg["mode"]} as a single process')
+        if cfg['batch_size'] % world:
+            raise UsageError(f'--batch_size {cfg["batch_size"]} is the global batch: it must split evenly over '
+                             f'the {world} processes')
+        if not is_main_process():
+            sys.stdout = open(os.devnull, 'w')  # rank 0 speaks for all
     if cfg['mode'] == 'train' and not cfg['overwrite']:
-        chosen = fresh_run_dir(cfg['save_dir'])
+        chosen = same_on_all_processes(fresh_run_dir(cfg['save_dir']))
         if chosen != cfg['save_dir']:
             print(f'{cfg["save_dir"]} already holds a run: writing to {chosen} (--overwrite to reuse it)')
         cfg['save_dir'] = chosen
@@ -184,6 +197,8 @@ def run(argv):
         from train import train
         from visualize import draw_all
         attack, splits, history, _ = train(cfg, device, state if cfg['mode'] == 'resume' else None)
+        if not is_main_process():
+            return
         per_image, _ = evaluate_and_report(attack, splits.images, splits.val_idx, splits.val_names, cfg,
                                            f'validation split of {splits.description}', {'epoch': cfg['num_epochs']})
         draw_all(attack, splits.images, splits.val_idx, splits.val_names, cfg, history, cfg['save_dir'],

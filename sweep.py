@@ -16,7 +16,7 @@ DEFAULT_VALUES = {'keep_channels': ('1', '0.5', '0.25', '0.125', '0.0625'),
                   'noise_var': ('0', '0.01', '0.05', '0.1', '0.5')}
 # Settings of how a run is carried out, not of what it computes: they may differ between a sweep and its resume.
 RUN_KEYS = {'mode', 'save_dir', 'overwrite', 'device', 'num_workers', 'cache_dir', 'model_path', 'num_samples',
-            'channel_indices', 'victim_fingerprint', 'sweep_values'}
+            'channel_indices', 'victim_fingerprint', 'sweep_values', 'compile'}
 
 
 def parse_values(cfg):

@@ -1,15 +1,18 @@
 """Training the attacker's decoder on what crosses the cut; checkpoints carry all that rebuilds the attack."""
+import math
 import os
 import time
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
-from tqdm import tqdm
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from data import load_splits
 from evaluate import evaluate, format_summary, mean_image_baseline, msssim_note, summarise
 from models import build_attack, feature_shape, keep_count, select_channels, test_noise, train_noise
-from utils import RunError, save_json, save_torch
+from utils import RunError, is_main_process, progress, rank_and_world, save_json, save_torch
 
 CHECKPOINT_FORMAT = 'recon-attack/1'
 
@@ -31,15 +34,15 @@ def make_scheduler(cfg, optimizer):
 @torch.no_grad()
 def cache_features(attack, images, indices, batch_size, max_bytes):
     """The victim's clean features for images[indices], computed once; None when they would not fit."""
-    shape = attack.victim.encode(attack.to_images(images[indices[:1]])).shape[1:]
+    shape = attack.encode(attack.to_images(images[indices[:1]])).shape[1:]
     size = len(indices) * shape.numel() * 4
     if size > max_bytes:
         print(f'feature cache skipped: {size / 2**30:.1f} GiB > --feature_cache_gb')
         return None
     on_device = attack.device.type == 'cpu' or size < torch.cuda.mem_get_info(attack.device)[0] // 4
     cache = torch.empty(len(indices), *shape, device=attack.device if on_device else 'cpu',
-                        pin_memory=not on_device)
-    for start in tqdm(range(0, len(indices), batch_size), desc='caching victim features', leave=False, unit='batch'):
+                        pin_memory=not on_device).contiguous(memory_format=torch.channels_last)
+    for start in progress(range(0, len(indices), batch_size), desc='caching victim features'):
         cache[start:start + batch_size] = attack.encode(attack.to_images(images[indices[start:start + batch_size]]))
     return cache
 
@@ -52,19 +55,33 @@ def choose_channels(attack, splits, cfg):
     return select_channels(cfg['channel_select'], count, calibration, cfg['seed'])
 
 
+def mean_over_processes(value):
+    """A tensor's mean over the torchrun processes (itself in a single process)."""
+    if rank_and_world()[1] > 1:
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= rank_and_world()[1]
+    return value
+
+
 def train_one_epoch(attack, splits, cache, cfg, optimizer, epoch):
-    """One pass over the training split; returns the mean training loss."""
+    """One pass over the training split; returns the mean training loss.
+
+    The data order is a permutation seeded by (seed, epoch), so a resumed run sees the same batches. Under torchrun
+    every process draws the same permutation and takes every world-th image of each global batch (as
+    DistributedSampler does); DDP averages the gradients, so the step is the one of the whole --batch_size."""
     attack.decoder.train()
+    rank, world = rank_and_world()
     noise = train_noise(cfg)
-    data_order = torch.Generator().manual_seed(cfg['seed'] * 1000 + epoch)  # seeded per epoch: resumes exactly
-    noise_rng = attack.noise_generator(cfg['seed'] * 1000 + epoch)
+    data_order = torch.Generator().manual_seed(cfg['seed'] * 1000 + epoch)
+    noise_rng = attack.noise_generator(cfg['seed'] * 1000 + epoch + 100_003 * rank)
     batch_size, n = cfg['batch_size'], len(splits.train_idx)
     order = torch.randperm(n, generator=data_order)
     starts = range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size)  # full batches for BatchNorm
     total, count = torch.zeros((), device=attack.device), 0
-    bar = tqdm(starts, desc=f'epoch {epoch + 1}/{cfg["num_epochs"]}', unit='batch', leave=False)
+    bar = progress(starts, desc=f'epoch {epoch + 1}/{cfg["num_epochs"]}')
     for step, start in enumerate(bar):
-        positions = order[start:start + batch_size]
+        positions = order[start:start + batch_size][rank::world]
         images = attack.to_images(splits.images[splits.train_idx[positions]])
         if cache is None:
             features = attack.encode(images, noise, noise_rng)
@@ -72,7 +89,7 @@ def train_one_epoch(attack, splits, cache, cfg, optimizer, epoch):
             features = cache[positions.to(cache.device)].to(attack.device, non_blocking=True)
         features = attack.defend(features, noise, noise_rng)
         activations = [] if cfg['sparse'] else None
-        recon = attack.decode(features, activations)
+        recon = attack.decode(features, activations, training=True)
         loss = F.mse_loss(recon, images)
         if cfg['sparse']:  # sparse-autoencoder option: L1 on the decoder's activations
             loss = loss + cfg['sparse_reg'] * sum(a.abs().mean() for a in activations)
@@ -82,12 +99,12 @@ def train_one_epoch(attack, splits, cache, cfg, optimizer, epoch):
         total += loss.detach()
         count += 1
         if step % 10 == 0 or step == len(starts) - 1:  # a host sync only now and then
-            mean_loss = (total / count).item()
-            if not torch.isfinite(torch.tensor(mean_loss)):
+            mean_loss = (mean_over_processes(total) / count).item()
+            if not math.isfinite(mean_loss):
                 raise RunError(f'the training loss became {mean_loss} in epoch {epoch + 1}; lower --lr '
                                f'(now {cfg["lr"]}) — checkpoints written so far are intact')
             bar.set_postfix(loss=f'{mean_loss:.4f}')
-    return (total / count).item()
+    return mean_loss
 
 
 def checkpoint(attack, cfg, history, epoch, optimizer=None, scheduler=None):
@@ -100,9 +117,18 @@ def checkpoint(attack, cfg, history, epoch, optimizer=None, scheduler=None):
 
 
 def validate(attack, splits, cfg):
-    per_image = evaluate(attack, splits.images, splits.val_idx, cfg['batch_size'], test_noise(cfg),
-                         desc='validating')
-    return summarise(per_image)
+    """Validation metrics; under torchrun each process scores a slice and rank 0's summary covers them all."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return summarise(evaluate(attack, splits.images, splits.val_idx, cfg['batch_size'], test_noise(cfg),
+                                  desc='validating'))
+    for buffer in attack.decoder.buffers():  # BatchNorm running statistics as rank 0 has them
+        dist.broadcast(buffer, 0)
+    mine = evaluate(attack, splits.images, splits.val_idx.tensor_split(world)[rank], cfg['batch_size'],
+                    test_noise(cfg), desc='validating')
+    slices = [None] * world
+    dist.all_gather_object(slices, mine)
+    return summarise({m: torch.cat([s[m] for s in slices]) for m in mine})
 
 
 def history_row(epoch, train_loss, summary, optimizer, seconds):
@@ -111,11 +137,38 @@ def history_row(epoch, train_loss, summary, optimizer, seconds):
             'ms_ssim': summary['ms_ssim']['mean'], 'lr': optimizer.param_groups[0]['lr'], 'seconds': seconds}
 
 
+def load_splits_once(cfg):
+    """Under torchrun rank 0 decodes the images into the cache first; the other processes then read it."""
+    distributed, main = rank_and_world()[1] > 1, is_main_process()
+    if distributed and not main:
+        dist.barrier()
+    splits = load_splits(cfg)
+    if distributed and main:
+        dist.barrier()
+    return splits
+
+
+def distribute(attack, cfg):
+    """Under torchrun: the training step runs through DistributedDataParallel (SyncBatchNorm on CUDA; the CPU has
+    none, so there each process normalises its own share of the batch)."""
+    if rank_and_world()[1] == 1:
+        return
+    if attack.device.type == 'cuda':
+        attack.decoder = nn.SyncBatchNorm.convert_sync_batchnorm(attack.decoder)
+    ddp = DistributedDataParallel(attack.decoder, device_ids=[attack.device] if attack.device.type == 'cuda' else None)
+    attack.decoder_step = torch.compile(ddp) if cfg.get('compile') else ddp
+
+
+def save_if_main(save, obj, path):
+    if is_main_process():
+        save(obj, path)
+
+
 def train(cfg, device, resume_state=None):
     """Train (or resume) the decoder; writes metrics.json, ckpt_{epoch}.ckpt and model.pth into cfg['save_dir']."""
     save_dir = cfg['save_dir']
     os.makedirs(save_dir, exist_ok=True)
-    splits = load_splits(cfg)
+    splits = load_splits_once(cfg)
     print(f'data: {splits.description}')
     attack = build_attack(cfg, device)
     cfg['victim_fingerprint'] = attack.victim.fingerprint()
@@ -125,6 +178,7 @@ def train(cfg, device, resume_state=None):
         attack.keep_only(cfg['channel_indices'], channels)
         print(f'defence: the device sends {len(cfg["channel_indices"])} of {channels} channels '
               f'({cfg["channel_select"]}), the rest as zeros')
+    distribute(attack, cfg)
     optimizer = make_optimizer(cfg, attack.decoder.parameters(), device)
     scheduler = make_scheduler(cfg, optimizer)
     baselines = {'mean_image': summarise(mean_image_baseline(splits)), 'untrained_decoder': validate(attack, splits, cfg)}
@@ -154,9 +208,10 @@ def train(cfg, device, resume_state=None):
         history.append(history_row(epoch + 1, train_loss, summary, optimizer, time.time() - started))
         print(f'epoch {epoch + 1}/{cfg["num_epochs"]}: train loss {train_loss:.5f}  val loss '
               f'{summary["mse"]["mean"]:.5f}  {format_summary(summary)}  ({time.time() - started:.1f}s)')
-        save_json({'config': cfg, 'baselines': baselines, 'history': history}, os.path.join(save_dir, 'metrics.json'))
+        save_if_main(save_json, {'config': cfg, 'baselines': baselines, 'history': history},
+                     os.path.join(save_dir, 'metrics.json'))
         if (epoch + 1) % cfg['log_interval'] == 0 or epoch + 1 == cfg['num_epochs']:
-            save_torch(checkpoint(attack, cfg, history, epoch + 1, optimizer, scheduler),
-                       os.path.join(save_dir, f'ckpt_{epoch + 1}.ckpt'))
-    save_torch(checkpoint(attack, cfg, history, cfg['num_epochs']), os.path.join(save_dir, 'model.pth'))
+            save_if_main(save_torch, checkpoint(attack, cfg, history, epoch + 1, optimizer, scheduler),
+                         os.path.join(save_dir, f'ckpt_{epoch + 1}.ckpt'))
+    save_if_main(save_torch, checkpoint(attack, cfg, history, cfg['num_epochs']), os.path.join(save_dir, 'model.pth'))
     return attack, splits, history, baselines

@@ -6,6 +6,8 @@ import os
 import tempfile
 
 import torch
+import torch.distributed as dist
+from tqdm import tqdm
 
 
 class UsageError(Exception):
@@ -53,12 +55,49 @@ def save_csv(rows, path):
 
 
 def pick_device(name):
+    """The device to run on; under torchrun, this process's GPU (LOCAL_RANK)."""
     if name == 'cpu' or (name == 'auto' and not torch.cuda.is_available()):
         return torch.device('cpu')
     if not torch.cuda.is_available():
         print('warning: --device cuda asked for, but CUDA is not available: running on the CPU')
         return torch.device('cpu')
-    return torch.device('cuda')
+    device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
+    torch.cuda.set_device(device)
+    return device
+
+
+def init_distributed(device):
+    """One process per GPU under torchrun (gloo on the CPU); returns False when not launched by torchrun."""
+    if int(os.environ.get('WORLD_SIZE', 1)) == 1:
+        return False
+    dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo',
+                            device_id=device if device.type == 'cuda' else None)
+    return True
+
+
+def rank_and_world():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def same_on_all_processes(value):
+    """Rank 0's `value` in every torchrun process (e.g. a run folder chosen by looking at the disk)."""
+    if rank_and_world()[1] == 1:
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def is_main_process():
+    """Only rank 0 prints, writes checkpoints and draws."""
+    return rank_and_world()[0] == 0
+
+
+def progress(iterable, desc, unit='batch'):
+    """The progress bar of every long loop (rank 0's only)."""
+    return tqdm(iterable, desc=desc, unit=unit, leave=False, disable=not is_main_process())
 
 
 def fresh_run_dir(save_dir):
