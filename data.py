@@ -51,6 +51,8 @@ def list_images(data_dir):
             root = data_dir
             names = sorted(n for n in z.namelist() if n.lower().endswith(IMAGE_EXTENSIONS)
                            and not os.path.basename(n).startswith('.'))
+    elif data_dir.lower().endswith('.zip'):
+        raise UsageError(f'--data_dir {data_dir}: not a valid zip archive (truncated or corrupt?); re-create it')
     else:
         raise UsageError(f'--data_dir {data_dir}: neither a folder nor a .zip archive of images')
     if not names:
@@ -123,10 +125,10 @@ def decode_into_cache(root, names, size, cache_dir, num_workers):
     Unusable files are found here, once, and reported; the training loop never sees them."""
     key = cache_key(root, names, size)
     array_path, index_path = os.path.join(cache_dir, f'{key}.u8'), os.path.join(cache_dir, f'{key}.json')
-    if not (os.path.exists(index_path) and os.path.exists(array_path)):
+    kept = read_cache_index(index_path, array_path, size)
+    if kept is None:
         write_cache(root, names, size, array_path, index_path, num_workers)
-    with open(index_path) as f:
-        kept = json.load(f)['names']
+        kept = read_cache_index(index_path, array_path, size)
     images = np.memmap(array_path, dtype=np.uint8, mode='c',  # copy-on-write: never changes the file
                         shape=(len(kept), 3, size, size))
     if images.nbytes < available_memory() // 4:  # in memory when it fits, else paged in from the file
@@ -139,6 +141,17 @@ def available_memory():
         return os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
     except (ValueError, OSError, AttributeError):  # not Linux: let the page cache decide
         return 0
+
+
+def read_cache_index(index_path, array_path, size):
+    """The names held by a complete cache; None when it is missing or does not match its file (then rebuilt)."""
+    try:
+        with open(index_path) as f:
+            kept = json.load(f)['names']
+        complete = os.path.getsize(array_path) == len(kept) * 3 * size * size
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return kept if complete else None
 
 
 def write_cache(root, names, size, array_path, index_path, num_workers):

@@ -6,6 +6,8 @@ import copy
 import os
 import sys
 
+import torch
+
 from models import ARCHS, DECODER_DEPTHS, DEFAULT_SPLIT, INTERPOLATIONS, SPLITS, check_cut
 from sweep import SWEEPS
 from utils import (RunError, UsageError, fresh_run_dir, init_distributed, is_main_process, load_checkpoint,
@@ -192,6 +194,16 @@ def run(argv):
         print('data: built-in sample photos (no --data_dir); for CelebA pass --data_dir /path/to/celeba')
     if not cfg['pretrained'] and not cfg['weights']:
         print(f'victim: {cfg["arch"]} random-initialised from --seed {cfg["seed"]} (--use_pretrained for ImageNet weights)')
+    try:
+        dispatch(cfg, state, device)
+    except torch.cuda.OutOfMemoryError:
+        raise RunError(f'the {device.type.upper()} ran out of memory at --batch_size {cfg["batch_size"]}: try '
+                       f'--batch_size {max(1, cfg["batch_size"] // 2)} (or a smaller --feature_cache_gb / '
+                       f'--image_size); checkpoints already written are intact') from None
+    print(f'outputs written to {os.path.abspath(cfg["save_dir"])}')
+
+
+def dispatch(cfg, state, device):
     if cfg['mode'] in ('train', 'resume'):
         from evaluate import evaluate_and_report
         from train import train
@@ -212,7 +224,6 @@ def run(argv):
     else:
         from visualize import run_visualize
         run_visualize(cfg, state, device)
-    print(f'outputs written to {os.path.abspath(cfg["save_dir"])}')
 
 
 def main(argv=None):
@@ -224,7 +235,10 @@ def main(argv=None):
         sys.exit(2)
     except RunError as e:
         print(f'error: {e}', file=sys.stderr)
-        sys.exit(1)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        print('\ninterrupted', file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == '__main__':

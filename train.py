@@ -1,6 +1,8 @@
 """Training the attacker's decoder on what crosses the cut; checkpoints carry all that rebuilds the attack."""
 import math
 import os
+import signal
+import threading
 import time
 
 import torch
@@ -12,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 from data import load_splits
 from evaluate import evaluate, format_summary, mean_image_baseline, msssim_note, summarise
 from models import build_attack, feature_shape, keep_count, select_channels, test_noise, train_noise
-from utils import RunError, is_main_process, progress, rank_and_world, save_json, save_torch
+from utils import Interrupted, RunError, is_main_process, progress, rank_and_world, save_json, save_torch
 
 CHECKPOINT_FORMAT = 'recon-attack/1'
 
@@ -64,12 +66,53 @@ def mean_over_processes(value):
     return value
 
 
-def train_one_epoch(attack, splits, cache, cfg, optimizer, epoch):
+class StopRequest:
+    """Ctrl-C / SIGTERM while training: finish the current step, then stop and save. A second Ctrl-C aborts at once."""
+
+    def __init__(self):
+        self.signal, self.previous = None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print(f'\n{self.signal}: stopping after this step and saving (Ctrl-C again to abort at once)', flush=True)
+
+    def requested(self, step=0):
+        """Under torchrun every process must stop at the same step: they agree every 10 steps."""
+        if rank_and_world()[1] == 1:
+            return self.signal is not None
+        if step % 10:
+            return False
+        flag = torch.tensor(float(self.signal is not None), device='cuda' if dist.get_backend() == 'nccl' else 'cpu')
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() > 0
+
+
+class StoppedInEpoch(Exception):
+    """Raised out of an epoch stopped on request; `progress` resumes it exactly."""
+
+    def __init__(self, progress):
+        super().__init__('stopped')
+        self.progress = progress
+
+
+def train_one_epoch(attack, splits, cache, cfg, optimizer, epoch, stop=None, resume=None):
     """One pass over the training split; returns the mean training loss.
 
-    The data order is a permutation seeded by (seed, epoch), so a resumed run sees the same batches. Under torchrun
-    every process draws the same permutation and takes every world-th image of each global batch (as
-    DistributedSampler does); DDP averages the gradients, so the step is the one of the whole --batch_size."""
+    The data order is a permutation seeded by (seed, epoch) and the noise comes from a generator whose state is
+    saved, so a run stopped mid-epoch (`stop`) continues (`resume`) with exactly the batches and noise it would
+    have seen. Under torchrun every process draws the same permutation and takes every world-th image of each
+    global batch (as DistributedSampler does); DDP averages the gradients, so the step is the one of the whole
+    --batch_size."""
     attack.decoder.train()
     rank, world = rank_and_world()
     noise = train_noise(cfg)
@@ -78,32 +121,40 @@ def train_one_epoch(attack, splits, cache, cfg, optimizer, epoch):
     batch_size, n = cfg['batch_size'], len(splits.train_idx)
     order = torch.randperm(n, generator=data_order)
     starts = range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size)  # full batches for BatchNorm
-    total, count = torch.zeros((), device=attack.device), 0
-    bar = progress(starts, desc=f'epoch {epoch + 1}/{cfg["num_epochs"]}')
-    for step, start in enumerate(bar):
-        positions = order[start:start + batch_size][rank::world]
-        images = attack.to_images(splits.images[splits.train_idx[positions]])
-        if cache is None:
-            features = attack.encode(images, noise, noise_rng)
-        else:
-            features = cache[positions.to(cache.device)].to(attack.device, non_blocking=True)
-        features = attack.defend(features, noise, noise_rng)
-        activations = [] if cfg['sparse'] else None
-        recon = attack.decode(features, activations, training=True)
-        loss = F.mse_loss(recon, images)
-        if cfg['sparse']:  # sparse-autoencoder option: L1 on the decoder's activations
-            loss = loss + cfg['sparse_reg'] * sum(a.abs().mean() for a in activations)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total += loss.detach()
-        count += 1
-        if step % 10 == 0 or step == len(starts) - 1:  # a host sync only now and then
-            mean_loss = (mean_over_processes(total) / count).item()
-            if not math.isfinite(mean_loss):
-                raise RunError(f'the training loss became {mean_loss} in epoch {epoch + 1}; lower --lr '
-                               f'(now {cfg["lr"]}) — checkpoints written so far are intact')
-            bar.set_postfix(loss=f'{mean_loss:.4f}')
+    total, count, first = torch.zeros((), device=attack.device), 0, 0
+    if resume is not None:
+        total += resume['loss_sum']
+        count, first = resume['count'], resume['step']
+        noise_rng.set_state(resume['noise_rng'])
+    with progress(starts[first:], desc=f'epoch {epoch + 1}/{cfg["num_epochs"]}') as bar:
+        for step, start in enumerate(bar, start=first):
+            positions = order[start:start + batch_size][rank::world]
+            images = attack.to_images(splits.images[splits.train_idx[positions]])
+            if cache is None:
+                features = attack.encode(images, noise, noise_rng)
+            else:
+                features = cache[positions.to(cache.device)].to(attack.device, non_blocking=True)
+            features = attack.defend(features, noise, noise_rng)
+            activations = [] if cfg['sparse'] else None
+            recon = attack.decode(features, activations, training=True)
+            loss = F.mse_loss(recon, images)
+            if cfg['sparse']:  # sparse-autoencoder option: L1 on the decoder's activations
+                loss = loss + cfg['sparse_reg'] * sum(a.abs().mean() for a in activations)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.detach()
+            count += 1
+            if step % 10 == 0 or step == len(starts) - 1:  # a host sync only now and then
+                mean_loss = (mean_over_processes(total) / count).item()
+                if not math.isfinite(mean_loss):
+                    raise RunError(f'the training loss became {mean_loss} in epoch {epoch + 1} at a learning rate '
+                                   f'of {optimizer.param_groups[0]["lr"]:g}; lower --lr (or --gamma) — checkpoints '
+                                   f'written so far are intact')
+                bar.set_postfix(loss=f'{mean_loss:.4f}')
+            if stop is not None and step < len(starts) - 1 and stop.requested(step):
+                raise StoppedInEpoch({'step': step + 1, 'of': len(starts), 'loss_sum': total.item(), 'count': count,
+                                      'noise_rng': noise_rng.get_state().cpu()})
     return mean_loss
 
 
@@ -114,6 +165,17 @@ def checkpoint(attack, cfg, history, epoch, optimizer=None, scheduler=None):
         state['optimizer'] = optimizer.state_dict()
         state['scheduler'] = scheduler.state_dict() if scheduler is not None else None
     return state
+
+
+def save_and_stop(attack, cfg, history, epoch, optimizer, scheduler, progress, reason):
+    """interrupted.ckpt holds everything to go on exactly where training stopped; then exit with the command."""
+    path = os.path.join(cfg['save_dir'], 'interrupted.ckpt')
+    state = checkpoint(attack, cfg, history, epoch, optimizer, scheduler)
+    state['partial_epoch'] = progress
+    save_if_main(save_torch, state, path)
+    where = f'in epoch {epoch + 1} after step {progress["step"]} of {progress["of"]}' if progress else f'after epoch {epoch}'
+    raise Interrupted(f'{reason}: training stopped {where} and saved {path}; to go on: '
+                      f'python main.py --resume --model_path {path}')
 
 
 def validate(attack, splits, cfg):
@@ -189,7 +251,9 @@ def train(cfg, device, resume_state=None):
         if scheduler is not None and resume_state.get('scheduler'):
             scheduler.load_state_dict(resume_state['scheduler'])
         history, start_epoch = list(resume_state['history']), resume_state['epoch']
-        print(f'resuming after epoch {start_epoch} of {cfg["num_epochs"]}')
+        partial = resume_state.get('partial_epoch')
+        print(f'resuming epoch {start_epoch + 1} of {cfg["num_epochs"]}'
+              + (f' at step {partial["step"] + 1} of {partial["of"]}' if partial else ''))
     print(f'baselines on validation: mean image: {format_summary(baselines["mean_image"])}')
     print(f'                         untrained decoder: {format_summary(baselines["untrained_decoder"])}')
     print(msssim_note(cfg['image_size']))
@@ -199,19 +263,27 @@ def train(cfg, device, resume_state=None):
     if no_input_noise and cfg['feature_cache_gb'] > 0 and start_epoch < cfg['num_epochs']:
         cache = cache_features(attack, splits.images, splits.train_idx, cfg['batch_size'],
                                cfg['feature_cache_gb'] * 2**30)
-    for epoch in range(start_epoch, cfg['num_epochs']):
-        started = time.time()
-        train_loss = train_one_epoch(attack, splits, cache, cfg, optimizer, epoch)
-        if scheduler is not None:
-            scheduler.step()
-        summary = validate(attack, splits, cfg)
-        history.append(history_row(epoch + 1, train_loss, summary, optimizer, time.time() - started))
-        print(f'epoch {epoch + 1}/{cfg["num_epochs"]}: train loss {train_loss:.5f}  val loss '
-              f'{summary["mse"]["mean"]:.5f}  {format_summary(summary)}  ({time.time() - started:.1f}s)')
-        save_if_main(save_json, {'config': cfg, 'baselines': baselines, 'history': history},
-                     os.path.join(save_dir, 'metrics.json'))
-        if (epoch + 1) % cfg['log_interval'] == 0 or epoch + 1 == cfg['num_epochs']:
-            save_if_main(save_torch, checkpoint(attack, cfg, history, epoch + 1, optimizer, scheduler),
-                         os.path.join(save_dir, f'ckpt_{epoch + 1}.ckpt'))
+    partial = resume_state.get('partial_epoch') if resume_state is not None else None
+    with StopRequest() as stop:
+        for epoch in range(start_epoch, cfg['num_epochs']):
+            started = time.time()
+            try:
+                train_loss = train_one_epoch(attack, splits, cache, cfg, optimizer, epoch, stop, partial)
+            except StoppedInEpoch as stopped:
+                save_and_stop(attack, cfg, history, epoch, optimizer, scheduler, stopped.progress, stop.signal)
+            partial = None
+            if scheduler is not None:
+                scheduler.step()
+            summary = validate(attack, splits, cfg)
+            history.append(history_row(epoch + 1, train_loss, summary, optimizer, time.time() - started))
+            print(f'epoch {epoch + 1}/{cfg["num_epochs"]}: train loss {train_loss:.5f}  val loss '
+                  f'{summary["mse"]["mean"]:.5f}  {format_summary(summary)}  ({time.time() - started:.1f}s)')
+            save_if_main(save_json, {'config': cfg, 'baselines': baselines, 'history': history},
+                         os.path.join(save_dir, 'metrics.json'))
+            if (epoch + 1) % cfg['log_interval'] == 0 or epoch + 1 == cfg['num_epochs']:
+                save_if_main(save_torch, checkpoint(attack, cfg, history, epoch + 1, optimizer, scheduler),
+                             os.path.join(save_dir, f'ckpt_{epoch + 1}.ckpt'))
+            if epoch + 1 < cfg['num_epochs'] and stop.requested():
+                save_and_stop(attack, cfg, history, epoch + 1, optimizer, scheduler, None, stop.signal)
     save_if_main(save_torch, checkpoint(attack, cfg, history, cfg['num_epochs']), os.path.join(save_dir, 'model.pth'))
     return attack, splits, history, baselines

@@ -3,6 +3,7 @@ import csv
 import io
 import json
 import os
+import re
 import tempfile
 
 import torch
@@ -16,6 +17,12 @@ class UsageError(Exception):
 
 class RunError(Exception):
     """A run that cannot go on (non-finite loss, out of memory): one line, exit status 1."""
+    exit_code = 1
+
+
+class Interrupted(RunError):
+    """Ctrl-C or SIGTERM: training stopped after a step and saved where it was; exit status 130."""
+    exit_code = 130
 
 
 def atomic_write_bytes(path, data):
@@ -117,12 +124,12 @@ def load_checkpoint(path, need_optimizer=False):
     try:
         state = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
-        message = str(e)
-        if 'Weights only load failed' in message:
-            reason = next((line.strip() for line in message.splitlines() if 'Unsupported' in line), 'arbitrary code')
-            raise UsageError(f'--model_path {path}: refused as unsafe: loading it would run Python code from the file '
-                             f'({reason}); weights_only=True only accepts tensors and plain data') from None
-        raise UsageError(f'--model_path {path}: not a checkpoint ({type(e).__name__}: {message.splitlines()[0][:120]})') from None
+        unsafe = re.search(r'Unsupported global: GLOBAL (\S+)', str(e))
+        if unsafe:  # a pickle that names Python objects to build: it could run anything
+            raise UsageError(f'--model_path {path}: refused as unsafe: it asks to build the Python object '
+                             f'{unsafe.group(1)}, and loading it could run code from the file; weights_only=True '
+                             f'accepts only tensors and plain data') from None
+        raise UsageError(f'--model_path {path}: not a checkpoint (not written by torch.save, or damaged)') from None
     if not isinstance(state, dict) or not {'config', 'decoder'} <= set(state):
         raise UsageError(f'--model_path {path}: not a recon-attack checkpoint (no config and decoder inside)')
     if need_optimizer and 'optimizer' not in state:
