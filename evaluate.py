@@ -1,12 +1,14 @@
 """Honest image-quality metrics on [0, 1] images, and the evaluation of a trained attack."""
 import math
 import os
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from pytorch_msssim import ms_ssim, ssim
 from pytorch_msssim.ssim import _fspecial_gauss_1d, _ssim
 
+from models import build_attack, invert_features, test_noise
 from utils import UsageError, progress, save_csv, save_json
 
 MSSSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. 2003, as in pytorch-msssim
@@ -73,8 +75,41 @@ def msssim_note(image_size):
     return f'MS-SSIM: {scales} of 5 scales at {image_size}px (the coarser ones need >160 px), weights renormalised'
 
 
+ATTACKS = ('decoder', 'optimize', 'decoder+optimize')
+
+
+class AttackPlan(NamedTuple):
+    """How the attacker turns the sent tensor into an image (--attack and the optimisation's settings)."""
+    kind: str = 'decoder'  # 'decoder' | 'optimize' | 'decoder+optimize'
+    steps: int = 500
+    lr: float = 0.2
+    tv_weight: float = 0.3
+
+
+def attack_plan(cfg):
+    return AttackPlan(cfg.get('attack', 'decoder'), cfg.get('attack_steps', 500), cfg.get('attack_lr', 0.2),
+                      cfg.get('tv_weight', 0.3))
+
+
+def attack_slug(kind):
+    """The attack's name in file names: '' for the decoder (eval.json), '_optimize', '_decoder_optimize'."""
+    return '' if kind == 'decoder' else '_' + kind.replace('+', '_')
+
+
 @torch.no_grad()
-def evaluate(attack, images, indices, batch_size, noise=None, desc='evaluating', utility=False):
+def recover(attack, sent, plan, shape):
+    """The attacker's images (of `shape`) from the sent tensor: the decoder's output, the white-box
+    optimisation from a neutral grey image, or the optimisation started from the decoder's output."""
+    if plan.kind == 'decoder':
+        return attack.decode(sent)
+    start = attack.decode(sent) if plan.kind == 'decoder+optimize' else torch.full(shape, 0.5, device=sent.device)
+    with torch.enable_grad():
+        return invert_features(attack, sent, start, plan.steps, plan.lr, plan.tv_weight,
+                               desc=f'{plan.kind} ({plan.steps} steps)')
+
+
+@torch.no_grad()
+def evaluate(attack, images, indices, batch_size, noise=None, desc='evaluating', utility=False, plan=AttackPlan()):
     """Per-image metrics (CPU tensors) of the attack's reconstructions of images[indices]; with `utility`, also
     the victim's agreement between what the device sends and the undefended tensor."""
     attack.decoder.eval()
@@ -83,7 +118,7 @@ def evaluate(attack, images, indices, batch_size, noise=None, desc='evaluating',
     for start in progress(range(0, len(indices), batch_size), desc=desc):
         target = attack.to_images(images[indices[start:start + batch_size]])
         sent = attack.send(target, noise, generator)
-        measured = score(attack.decode(sent), target)
+        measured = score(recover(attack, sent, plan, target.shape), target)
         if utility:
             measured.update(victim_agreement(attack.classify(attack.encode(target)), attack.classify(sent)))
         for name, values in measured.items():
@@ -146,7 +181,6 @@ def evaluation_images(cfg, trained_cfg):
 
 
 def load_trained_attack(cfg, state, device):
-    from models import build_attack
     attack = build_attack(cfg, device)
     try:
         attack.decoder.load_state_dict(state['decoder'])
@@ -156,21 +190,13 @@ def load_trained_attack(cfg, state, device):
     return attack
 
 
-def evaluate_and_report(attack, images, indices, names, cfg, description, extra=None):
-    """The full evaluation (quality and victim utility) printed and written as eval.json + eval_per_image.csv."""
-    from models import test_noise
-    per_image = evaluate(attack, images, indices, cfg['batch_size'], test_noise(cfg), utility=True)
-    settings = {**(extra or {}), 'data': description, 'msssim': msssim_note(cfg['image_size']),
-                'utility': utility_note(cfg), 'config': cfg}
-    summary = write_evaluation(per_image, names, settings, cfg['save_dir'])
-    print(f'{len(names)} images: {format_summary(summary)}')
+def evaluate_and_report(attack, images, indices, names, cfg, description, extra=None, plan=AttackPlan()):
+    """The full evaluation (quality and victim utility) printed and written as eval{_attack}.json and
+    eval{_attack}_per_image.csv."""
+    per_image = evaluate(attack, images, indices, cfg['batch_size'], test_noise(cfg), utility=True, plan=plan)
+    settings = {**(extra or {}), 'attack': plan._asdict(), 'data': description,
+                'msssim': msssim_note(cfg['image_size']), 'utility': utility_note(cfg), 'config': cfg}
+    summary = write_evaluation(per_image, names, settings, cfg['save_dir'], 'eval' + attack_slug(plan.kind))
+    print(f'{plan.kind} attack on {len(names)} images: {format_summary(summary)}')
     print(f'{format_utility(summary)}\n{utility_note(cfg)}\n{msssim_note(cfg["image_size"])}')
     return per_image, summary
-
-
-def run_evaluation(cfg, state, device):
-    attack = load_trained_attack(cfg, state, device)
-    images, indices, names, description = evaluation_images(cfg, state['config'])
-    print(f'evaluating {cfg["model_path"]} (epoch {state["epoch"]}) on {description}')
-    return evaluate_and_report(attack, images, indices, names, cfg, description,
-                               {'model_path': os.path.abspath(cfg['model_path']), 'epoch': state['epoch']})

@@ -9,13 +9,14 @@ import sys
 import torch
 
 from models import ARCHS, DECODER_DEPTHS, DEFAULT_SPLIT, INTERPOLATIONS, SPLITS, check_cut
+from evaluate import ATTACKS
 from sweep import SWEEPS
 from utils import (RunError, UsageError, fresh_run_dir, init_distributed, is_main_process, load_checkpoint,
                    pick_device, rank_and_world, same_on_all_processes)
 
 # Flags that define the attack's model: they must agree with a checkpoint that is being loaded.
 MODEL_KEYS = ('arch', 'split', 'pretrained', 'interpolation', 'decoder_depth', 'image_size', 'keep_channels',
-              'channel_select')
+              'channel_select', 'defence', 'defence_p', 'defence_k')
 MODES = ('train', 'resume', 'eval_pth', 'eval_ckpt', 'visualize', 'sweep')
 BUILTIN_IMAGE_SIZE, USER_IMAGE_SIZE = 64, 320
 
@@ -74,6 +75,22 @@ def build_parser():
                          help='which channels: the first K, K at random (seeded), or the K of highest variance '
                               'over a calibration batch of training images')
 
+    defence.add_argument('--defence', choices=('none', 'dropout', 'topk'), default='none',
+                         help='dropout: zero each element with probability --defence_p (survivors scaled by '
+                              '1/(1-p)); topk: keep the --defence_k largest-magnitude elements of each sample')
+    defence.add_argument('--defence_p', type=float, default=0.5, help='dropout probability, in [0, 1)')
+    defence.add_argument('--defence_k', type=float, default=0.1,
+                         help='elements kept by topk: a fraction in (0, 1] of C*H*W, or a count above 1')
+
+    attack = p.add_argument_group('attacks (how the sent tensor is turned into an image when evaluating)')
+    attack.add_argument('--attack', choices=ATTACKS, default='decoder',
+                        help='decoder: the trained decoder; optimize: white-box rMLE, no decoder needed (alone it '
+                             'is its own mode); decoder+optimize: rMLE started from the decoder\'s output')
+    attack.add_argument('--attack_steps', type=int, default=500, help='Adam steps of the optimisation attack')
+    attack.add_argument('--attack_lr', type=float, default=0.2, help="learning rate of the optimisation attack")
+    attack.add_argument('--tv_weight', type=float, default=0.3,
+                        help='weight of the total-variation prior against the relative feature error')
+
     sweep = p.add_argument_group('sweeps')
     sweep.add_argument('--sweep_values', nargs='+', metavar='VALUE',
                        help='values for --sweep (default: every split of the arch; keep_channels 1 0.5 0.25 0.125 '
@@ -117,17 +134,22 @@ def check_flags(parser, cfg):
     if cfg['split'] not in splits:
         parser.error(f"argument --split: invalid choice for {cfg['arch']}: '{cfg['split']}' "
                      f"(choose from {', '.join(splits)})")
-    positive = ('batch_size', 'num_epochs', 'image_size', 'log_interval', 'step_size', 'num_samples')
+    positive = ('batch_size', 'num_epochs', 'image_size', 'log_interval', 'step_size', 'num_samples', 'attack_steps')
     for key in positive + ('num_batches',):
         if cfg[key] is not None and cfg[key] < 1:
             parser.error(f'argument --{key}: must be at least 1, got {cfg[key]}')
-    for key in ('noise_var', 'test_noise_var', 'lr', 'weight_decay', 'sparse_reg', 'feature_cache_gb', 'num_workers'):
+    for key in ('noise_var', 'test_noise_var', 'lr', 'weight_decay', 'sparse_reg', 'feature_cache_gb', 'num_workers',
+                'attack_lr', 'tv_weight'):
         if cfg[key] < 0:
             parser.error(f'argument --{key}: must not be negative, got {cfg[key]}')
     if cfg['image_size'] < 16:
-        parser.error(f'argument --image_size: at least 16 pixels are needed (SSIM uses an 11-pixel window)')
+        parser.error('argument --image_size: at least 16 pixels are needed (SSIM uses an 11-pixel window)')
     if cfg['num_batches'] is not None and cfg['num_batches'] < 2:
         parser.error('argument --num_batches: at least 2 (one batch is kept for validation)')
+    if not 0 <= cfg['defence_p'] < 1:
+        parser.error(f'argument --defence_p: a dropout probability in [0, 1), got {cfg["defence_p"]}')
+    if cfg['defence_k'] <= 0 or (cfg['defence_k'] > 1 and cfg['defence_k'] != int(cfg['defence_k'])):
+        parser.error(f'argument --defence_k: a fraction in (0, 1] or a whole count, got {cfg["defence_k"]}')
     if cfg['keep_channels'] is not None and cfg['keep_channels'] <= 0:
         parser.error(f'argument --keep_channels: must be positive, got {cfg["keep_channels"]}')
     try:
@@ -141,20 +163,22 @@ def resolve_config(parser, args, argv):
     given = explicit_flags(parser, argv)
     cfg = vars(args).copy()
     modes = [m for m in MODES if cfg[m]]
+    if not modes and cfg['attack'] == 'optimize':
+        modes = ['attack']  # the white-box attack needs no trained decoder: it is a run of its own
     if len(modes) != 1:
-        parser.error(f'choose exactly one of {", ".join("--" + m for m in MODES)} '
+        parser.error(f'choose exactly one of {", ".join("--" + m for m in MODES)}, or --attack optimize alone '
                      f'(got {", ".join("--" + m for m in modes) or "none"})')
     cfg['mode'] = modes[0]
     if cfg['sweep_values'] and cfg['mode'] != 'sweep':
         parser.error('--sweep_values needs --sweep')
     state = None
-    if cfg['mode'] not in ('train', 'sweep'):
+    if cfg['mode'] not in ('train', 'sweep', 'attack'):
         if not cfg['model_path']:
             parser.error(f'--{cfg["mode"]} needs --model_path FILE')
         if cfg['mode'] == 'resume' and not cfg['model_path'].endswith('.ckpt'):
             parser.error(f'--resume needs a training checkpoint (ckpt_N.ckpt), not {cfg["model_path"]}')
         state = load_checkpoint(cfg['model_path'], need_optimizer=cfg['mode'] == 'resume')
-        saved = state['config']
+        saved = {**vars(parser.parse_args([])), **state['config']}  # flags newer than the file: their defaults
         for key in MODEL_KEYS:
             if key in given and cfg[key] != saved[key]:
                 raise UsageError(f'--{key} {cfg[key]} contradicts the checkpoint {cfg["model_path"]}, trained with '
@@ -185,7 +209,7 @@ def run(argv):
                              f'the {world} processes')
         if not is_main_process():
             sys.stdout = open(os.devnull, 'w')  # rank 0 speaks for all
-    if cfg['mode'] == 'train' and not cfg['overwrite']:
+    if cfg['mode'] in ('train', 'attack') and not cfg['overwrite']:
         chosen = same_on_all_processes(fresh_run_dir(cfg['save_dir']))
         if chosen != cfg['save_dir']:
             print(f'{cfg["save_dir"]} already holds a run: writing to {chosen} (--overwrite to reuse it)')
@@ -211,19 +235,41 @@ def dispatch(cfg, state, device):
         attack, splits, history, _ = train(cfg, device, state if cfg['mode'] == 'resume' else None)
         if not is_main_process():
             return
-        per_image, _ = evaluate_and_report(attack, splits.images, splits.val_idx, splits.val_names, cfg,
-                                           f'validation split of {splits.description}', {'epoch': cfg['num_epochs']})
+        description = f'validation split of {splits.description}'
+        per_image, _ = evaluate_and_report(attack, splits.images, splits.val_idx, splits.val_names, cfg, description,
+                                           {'epoch': cfg['num_epochs']})
         draw_all(attack, splits.images, splits.val_idx, splits.val_names, cfg, history, cfg['save_dir'],
                  per_image['psnr'])
+        if cfg['attack'] != 'decoder':
+            run_attack(attack, splits.images, splits.val_idx, splits.val_names, cfg, description)
+    elif cfg['mode'] == 'attack':
+        from data import load_splits
+        from models import build_attack
+        splits = load_splits(cfg)
+        run_attack(build_attack(cfg, device), splits.images, splits.val_idx, splits.val_names, cfg,
+                   f'validation split of {splits.description}')
     elif cfg['mode'] == 'sweep':
         from sweep import run_sweep
         run_sweep(cfg, device)
     elif cfg['mode'] in ('eval_pth', 'eval_ckpt'):
-        from evaluate import run_evaluation
-        run_evaluation(cfg, state, device)
+        from evaluate import evaluation_images, load_trained_attack
+        images, indices, names, description = evaluation_images(cfg, state['config'])
+        print(f'evaluating {cfg["model_path"]} (epoch {state["epoch"]}) on {description}')
+        run_attack(load_trained_attack(cfg, state, device), images, indices, names, cfg, description,
+                   {'model_path': os.path.abspath(cfg['model_path']), 'epoch': state['epoch']})
     else:
         from visualize import run_visualize
         run_visualize(cfg, state, device)
+
+
+def run_attack(attack, images, indices, names, cfg, description, extra=None):
+    """Evaluate the --attack chosen (eval{_attack}.json, per-image CSV) and draw its sample grid."""
+    from evaluate import attack_plan, evaluate_and_report
+    from visualize import plot_samples, sample_indices
+    plan = attack_plan(cfg)
+    evaluate_and_report(attack, images, indices, names, cfg, description, extra, plan)
+    chosen = sample_indices(len(indices), cfg['num_samples'])
+    plot_samples(attack, images[indices[chosen]], [names[i] for i in chosen], cfg, cfg['save_dir'], plan)
 
 
 def main(argv=None):

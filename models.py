@@ -8,7 +8,7 @@ import torch
 import torchvision
 from torch import nn
 
-from utils import UsageError
+from utils import UsageError, progress
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -207,6 +207,27 @@ class Noise(NamedTuple):
     var: float  # variance, as the flags say, not the standard deviation
 
 
+class Sparsify(NamedTuple):
+    """Device-side defences that zero elements of the intercepted tensor."""
+    kind: str  # 'dropout': each element with probability `amount` (survivors scaled by 1 / (1 - p), as dropout
+    #            does, so the server's layers see the same expected activation); 'topk': all but the `amount`
+    #            largest-magnitude elements of each sample (a fraction in (0, 1] or a count above 1)
+    amount: float
+
+
+def sparsify(features, defence, generator=None):
+    if defence.kind == 'dropout':
+        if defence.amount == 0:
+            return features
+        generator = generator or torch.Generator(device=features.device).manual_seed(0)
+        kept = torch.rand(features.shape, generator=generator, device=features.device) >= defence.amount
+        return features * kept / (1 - defence.amount)
+    flat = features.flatten(1)
+    k = min(keep_count(defence.amount, flat.shape[1]), flat.shape[1])
+    threshold = flat.abs().topk(k, dim=1).values[:, -1:]
+    return (flat * (flat.abs() >= threshold)).view_as(features)
+
+
 def add_noise(x, noise, generator):
     std = math.sqrt(noise.var)
     return x + noise.mean + std * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
@@ -258,6 +279,7 @@ class SplitAttack:
         self.run_victim = torch.compile(self.victim.encode) if compile else self.victim.encode
         self.decoder_step = torch.compile(self.decoder) if compile else self.decoder
         self.channel_mask = None  # (1, C, 1, 1) of 0 / 1 when the device sends a subset of the channels
+        self.sparsify = None  # a Sparsify defence, or None
 
     def keep_only(self, channel_indices, channels):
         self.channel_mask = torch.zeros(1, channels, 1, 1, device=self.device)
@@ -285,10 +307,13 @@ class SplitAttack:
         return features.clone()  # a normal tensor again, which autograd may save (the decoder's first layer does)
 
     def defend(self, features, noise=None, generator=None):
-        """What the device sends: the intercepted tensor after its feature-side defences."""
+        """What the device sends: the intercepted tensor after its feature-side defences (noise, then dropout or
+        top-k sparsification, then the channel subset), so that dropped elements reach the server as exact zeros."""
         if noise is not None and noise.at == 'features':
             features = add_noise(features, noise, generator)
-        if self.channel_mask is not None:  # after the noise: dropped channels reach the server as exact zeros
+        if self.sparsify is not None:
+            features = sparsify(features, self.sparsify, generator)
+        if self.channel_mask is not None:
             features = features * self.channel_mask
         return features
 
@@ -307,6 +332,34 @@ class SplitAttack:
         """The victim's logits from a tensor that crossed the cut (the server's half of the inference)."""
         with self.autocast():
             return self.victim.classify(features).float()
+
+
+def total_variation(images):
+    """Per image: the mean absolute difference between vertically and between horizontally adjacent pixels."""
+    return ((images[..., 1:, :] - images[..., :-1, :]).abs().flatten(1).mean(1)
+            + (images[..., :, 1:] - images[..., :, :-1]).abs().flatten(1).mean(1))
+
+
+def invert_features(attack, sent, start, steps, lr, tv_weight, desc='optimising'):
+    """The white-box attack (rMLE, He, Zhang & Lee 2019): knowing the victim's weights, find the image x in
+    [0, 1] (through a sigmoid) that minimises ||f(x) - z||^2 / ||z||^2 + tv_weight * TV(x) for the sent tensor z,
+    by Adam from `start`. The feature error is relative, so tv_weight means the same for every cut. Only the
+    image receives gradients; the victim stays frozen. Elements a defence zeroed are not matched."""
+    trusted = (sent != 0) if attack.sparsify is not None else attack.channel_mask  # what the attacker can see
+    logits = torch.logit(start.detach().float().clamp(1e-3, 1 - 1e-3)).contiguous(memory_format=torch.channels_last)
+    logits.requires_grad_(True)
+    optimizer = torch.optim.Adam([logits], lr=lr)
+    target_energy = sent.pow(2).flatten(1).sum(1).clamp_min(1e-12)
+    for _ in progress(range(steps), desc=desc, unit='step'):
+        images = torch.sigmoid(logits)
+        with attack.autocast():
+            features = attack.victim.encode(images).float()
+        error = features - sent if trusted is None else (features - sent) * trusted
+        loss = error.pow(2).flatten(1).sum(1) / target_energy + tv_weight * total_variation(images)
+        optimizer.zero_grad(set_to_none=True)
+        loss.sum().backward()  # a sum of per-image losses: every image is optimised as if alone
+        optimizer.step()
+    return torch.sigmoid(logits).detach()
 
 
 def train_noise(cfg):
@@ -330,4 +383,6 @@ def build_attack(cfg, device):
     attack = SplitAttack(victim, decoder, device, bf16=cfg['precision'] == 'bf16', compile=cfg.get('compile', False))
     if cfg.get('channel_indices') is not None:
         attack.keep_only(cfg['channel_indices'], shape[0])
+    if cfg.get('defence', 'none') != 'none':
+        attack.sparsify = Sparsify(cfg['defence'], cfg['defence_p'] if cfg['defence'] == 'dropout' else cfg['defence_k'])
     return attack

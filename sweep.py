@@ -6,42 +6,72 @@ import os
 import torch
 
 from data import load_splits
-from evaluate import evaluate_and_report, load_trained_attack, msssim_note, utility_note
-from models import SPLITS, check_cut, probe_feature_shape, test_noise
+from evaluate import (ATTACKS, attack_plan, attack_slug, evaluate_and_report, load_trained_attack, msssim_note,
+                      recover, utility_note)
+from models import SPLITS, build_attack, check_cut, probe_feature_shape, test_noise
 from train import train
 from utils import UsageError, atomic_write_bytes, fresh_run_dir, load_checkpoint, save_csv, save_json
 
-SWEEPS = ('split', 'keep_channels', 'noise_var')
+SWEEPS = ('split', 'keep_channels', 'noise_var', 'attack', 'defence')
 DEFAULT_VALUES = {'keep_channels': ('1', '0.5', '0.25', '0.125', '0.0625'),
-                  'noise_var': ('0', '0.01', '0.05', '0.1', '0.5')}
+                  'noise_var': ('0', '0.01', '0.05', '0.1', '0.5'),
+                  'attack': ATTACKS,
+                  'defence': ('none', 'noise:0.1', 'noise:1', 'keep_channels:0.5', 'keep_channels:0.25',
+                              'dropout:0.25', 'dropout:0.5', 'dropout:0.75', 'topk:0.5', 'topk:0.1')}
+DEFENCES = ('none', 'noise', 'keep_channels', 'dropout', 'topk')  # --sweep defence values: kind:strength
 # Settings of how a run is carried out, not of what it computes: they may differ between a sweep and its resume.
 RUN_KEYS = {'mode', 'save_dir', 'overwrite', 'device', 'num_workers', 'cache_dir', 'model_path', 'num_samples',
             'channel_indices', 'victim_fingerprint', 'sweep_values', 'compile'}
+
+
+def parse_defence(value):
+    """'dropout:0.5' -> ('dropout', 0.5); 'none' -> ('none', None)."""
+    kind, _, strength = value.partition(':')
+    if kind not in DEFENCES or (kind == 'none') != (strength == ''):
+        raise UsageError(f'--sweep_values for --sweep defence: {value!r} is not one of none, noise:VAR, '
+                         'keep_channels:K, dropout:P, topk:K')
+    try:
+        return kind, float(strength) if strength else None
+    except ValueError:
+        raise UsageError(f'--sweep_values for --sweep defence: {value!r} needs a number after the colon') from None
+
+
+def check_defence(cfg, kind, strength):
+    if kind == 'noise' and strength < 0:
+        raise UsageError(f'--sweep_values: noise:{strength:g}: a variance cannot be negative')
+    if kind == 'dropout' and not 0 <= strength < 1:
+        raise UsageError(f'--sweep_values: dropout:{strength:g}: a probability in [0, 1)')
+    if kind in ('keep_channels', 'topk') and strength <= 0:
+        raise UsageError(f'--sweep_values: {kind}:{strength:g} must be positive')
+    if kind == 'keep_channels':
+        check_cut(cfg['arch'], cfg['split'], cfg['image_size'], strength)
 
 
 def parse_values(cfg):
     """The swept values, typed and checked; the defaults when --sweep_values is not given."""
     name = cfg['sweep']
     raw = cfg['sweep_values'] or (tuple(SPLITS[cfg['arch']]) if name == 'split' else DEFAULT_VALUES[name])
-    if name == 'split':
-        unknown = [v for v in raw if v not in SPLITS[cfg['arch']]]
+    if name in ('split', 'attack'):
+        valid = SPLITS[cfg['arch']] if name == 'split' else ATTACKS
+        unknown = [v for v in raw if v not in valid]
         if unknown:
-            raise UsageError(f'--sweep_values: {", ".join(unknown)} not a split of {cfg["arch"]} '
-                             f'(choose from {", ".join(SPLITS[cfg["arch"]])})')
-        for split in raw:
+            raise UsageError(f'--sweep_values: {", ".join(unknown)} not {"a split of " + cfg["arch"] if name == "split" else "an attack"}'
+                             f' (choose from {", ".join(valid)})')
+        for split in raw if name == 'split' else ():
             check_cut(cfg['arch'], split, cfg['image_size'], cfg['keep_channels'])
+        return list(raw)
+    if name == 'defence':
+        for value in raw:
+            kind, strength = parse_defence(value)
+            if strength is not None:
+                check_defence(cfg, kind, strength)
         return list(raw)
     try:
         values = [float(v) for v in raw]
     except ValueError:
         raise UsageError(f'--sweep_values for --sweep {name} must be numbers, got {" ".join(raw)}') from None
-    if name == 'noise_var' and any(v < 0 for v in values):
-        raise UsageError('--sweep_values for --sweep noise_var: a variance cannot be negative')
-    if name == 'keep_channels':
-        if any(v <= 0 for v in values):
-            raise UsageError('--sweep_values for --sweep keep_channels must be positive')
-        for v in values:
-            check_cut(cfg['arch'], cfg['split'], cfg['image_size'], v)
+    for value in values:
+        check_defence(cfg, 'noise' if name == 'noise_var' else name, value)
     return values
 
 
@@ -49,17 +79,42 @@ def value_label(value):
     return value if isinstance(value, str) else f'{value:g}'
 
 
+def without_defences(cfg):
+    return {**cfg, 'aug': False, 'test_noise': False, 'keep_channels': None, 'defence': 'none'}
+
+
 def value_config(cfg, value):
     """The configuration of one run of the sweep, in its own folder under the sweep's --save_dir."""
     run = {**cfg, 'mode': 'train', 'sweep': None, 'sweep_values': None, 'channel_indices': None,
-           'save_dir': os.path.join(cfg['save_dir'], f'{cfg["sweep"]}={value_label(value)}')}
+           'save_dir': os.path.join(cfg['save_dir'], f'{cfg["sweep"]}={value_label(value).replace("+", "_")}')}
     if cfg['sweep'] == 'split':
         run['split'] = value
     elif cfg['sweep'] == 'keep_channels':
         run['keep_channels'] = value
-    else:  # the same noise while the attacker trains and when it is measured
+    elif cfg['sweep'] == 'noise_var':  # the same noise while the attacker trains and when it is measured
         run.update(aug=value > 0, test_noise=value > 0, noise_var=value, test_noise_var=value)
+    elif cfg['sweep'] == 'attack':
+        run['attack'] = value
+    else:  # one defence at a time, on while the (adaptive) attacker trains and when it is measured
+        kind, strength = parse_defence(value)
+        run = without_defences(run)
+        if kind == 'noise':
+            run.update(aug=True, test_noise=True, noise_at='features', noise_var=strength, test_noise_var=strength,
+                       noise_mean=0.0, test_noise_mean=0.0)
+        elif kind == 'keep_channels':
+            run['keep_channels'] = strength
+        elif kind == 'dropout':
+            run.update(defence='dropout', defence_p=strength)
+        elif kind == 'topk':
+            run.update(defence='topk', defence_k=strength)
     return run
+
+
+def decoder_run(cfg, run):
+    """The run whose decoder an attack uses: in an attack sweep all attacks share one, trained once."""
+    if cfg['sweep'] != 'attack' or run['attack'] == 'decoder':
+        return run
+    return {**run, 'attack': 'decoder', 'save_dir': os.path.join(cfg['save_dir'], 'attack=decoder')}
 
 
 def comparable(cfg):
@@ -75,8 +130,8 @@ def read_json(path):
 
 
 def finished_result(run):
-    """The eval.json of a value already done with exactly this configuration, else None."""
-    result = read_json(os.path.join(run['save_dir'], 'eval.json'))
+    """The eval{_attack}.json of a value already done with exactly this configuration, else None."""
+    result = read_json(os.path.join(run['save_dir'], f'eval{attack_slug(run["attack"])}.json'))
     if result and comparable(result['config']) == comparable(run):
         return result
     return None
@@ -98,44 +153,88 @@ def table_row(cfg, value, result):
     channels, height, width = probe_feature_shape(run['arch'], run['split'], run['image_size'])
     sent = len(run['channel_indices']) if run.get('channel_indices') else channels
     metrics = {name: stats['mean'] for name, stats in result['metrics'].items()}
-    return {cfg['sweep']: value_label(value), 'tensor': f'{channels}x{height}x{width}', 'channels_sent': sent,
+    if cfg['sweep'] == 'defence':
+        kind, strength = parse_defence(value)
+        labels = {'defence': kind, 'strength': '' if strength is None else f'{strength:g}'}
+    else:
+        labels = {cfg['sweep']: value_label(value)}
+    return {**labels, 'tensor': f'{channels}x{height}x{width}', 'channels_sent': sent,
             'psnr': metrics['psnr'], 'psnr_std': result['metrics']['psnr']['std'], 'ssim': metrics['ssim'],
             'ms_ssim': metrics['ms_ssim'], 'mse': metrics['mse'], 'top1_agreement': metrics['top1_agreement'],
             'top5_agreement': metrics['top5_agreement'], 'kl': metrics['kl'], 'n_images': result['n_images']}
 
 
+def row_label(cfg, row):
+    return f'{row["defence"]} {row["strength"]}'.strip() if cfg['sweep'] == 'defence' else row[cfg['sweep']]
+
+
 def markdown_table(rows, cfg, description):
     victim = 'ImageNet weights' if cfg['pretrained'] else ('--weights' if cfg['weights'] else 'random-initialised')
+    label_columns = ('defence', 'strength') if cfg['sweep'] == 'defence' else (cfg['sweep'],)
     lines = [f'Sweep of `{cfg["sweep"]}`: {cfg["arch"]} ({victim})'
              + (f' cut at {cfg["split"]}' if cfg['sweep'] != 'split' else '')
              + f', {cfg["interpolation"]} decoder ({cfg["decoder_depth"]}), {cfg["image_size"]} px, '
              f'{cfg["num_epochs"]} epochs, seed {cfg["seed"]}; {description}.', '',
-             f'| {cfg["sweep"]} | tensor | channels sent | PSNR (dB) | SSIM | MS-SSIM | top-1 agreement '
-             '| top-5 agreement | KL (nats) |', '|' + '---|' * 9]
+             f'| {" | ".join(label_columns)} | tensor | channels sent | PSNR (dB) | SSIM | MS-SSIM | top-1 agreement '
+             '| top-5 agreement | KL (nats) |', '|' + '---|' * (8 + len(label_columns))]
     for r in rows:
-        lines.append(f'| {r[cfg["sweep"]]} | {r["tensor"]} | {r["channels_sent"]} | {r["psnr"]:.2f} ± '
-                     f'{r["psnr_std"]:.2f} | {r["ssim"]:.3f} | {r["ms_ssim"]:.3f} | {r["top1_agreement"]:.3f} | '
-                     f'{r["top5_agreement"]:.3f} | {r["kl"]:.4f} |')
-    lines += ['', f'{msssim_note(cfg["image_size"])}. {utility_note(cfg)}.', '']
+        lines.append(f'| {" | ".join(r[c] for c in label_columns)} | {r["tensor"]} | {r["channels_sent"]} | '
+                     f'{r["psnr"]:.2f} ± {r["psnr_std"]:.2f} | {r["ssim"]:.3f} | {r["ms_ssim"]:.3f} | '
+                     f'{r["top1_agreement"]:.3f} | {r["top5_agreement"]:.3f} | {r["kl"]:.4f} |')
+    notes = [msssim_note(cfg['image_size']), utility_note(cfg)]
+    if cfg['sweep'] in ('attack', 'defence'):
+        notes.append(f'optimisation attacks: {cfg["attack_steps"]} Adam steps, lr {cfg["attack_lr"]:g}, '
+                     f'TV weight {cfg["tv_weight"]:g}' if cfg['sweep'] == 'attack' else
+                     'each defence is on while the decoder trains and when it is measured (an adaptive attacker); '
+                     'noise is on the intercepted tensor, variance as given; dropout scales survivors by 1/(1-p); '
+                     'topk keeps that fraction of the elements of each sample')
+    lines += ['', '. '.join(notes) + '.', '']
     return '\n'.join(lines)
 
 
+def attack_for(run, device):
+    """The attack of a finished run: its trained decoder when it has one, else the victim alone."""
+    path = os.path.join(run['save_dir'], 'model.pth')
+    if not os.path.exists(path):
+        return build_attack(run, device)
+    state = load_checkpoint(path)
+    return load_trained_attack({**state['config'], **{k: run[k] for k in ('attack', 'attack_steps', 'attack_lr',
+                                                                        'tv_weight')}, 'model_path': path}, state, device)
+
+
 @torch.no_grad()
-def sample_reconstructions(runs, images, device):
-    """Each value's reconstruction of the same images, from the model.pth it wrote."""
+def sample_reconstructions(cfg, runs, images, device):
+    """Each value's reconstruction of the same images (with that value's attack and test-time defences)."""
     rows = []
     for run in runs:
-        path = os.path.join(run['save_dir'], 'model.pth')
-        state = load_checkpoint(path)
-        attack = load_trained_attack({**state['config'], 'model_path': path}, state, device)
+        attack = attack_for(decoder_run(cfg, run) if run['attack'] != 'optimize' else run, device)
         attack.decoder.eval()
         target = attack.to_images(images)
-        rows.append(attack.reconstruct(target, test_noise(state['config']), attack.noise_generator(0)).cpu())
+        sent = attack.send(target, test_noise(run), attack.noise_generator(0))
+        rows.append(recover(attack, sent, attack_plan(run), target.shape).cpu())
     return rows
 
 
+def run_value(cfg, run, device):
+    """Train (or reuse) the decoder this value needs, then evaluate the value's attack; returns its eval json."""
+    if run['attack'] == 'optimize':  # the white-box attack needs no decoder
+        attack, splits = build_attack(run, device), load_splits(run)
+    else:
+        trainee = decoder_run(cfg, run)
+        if trainee is not run and finished_result(trainee) is not None:
+            attack, splits = attack_for(trainee, device), load_splits(run)
+        else:
+            attack, splits, _, _ = train(trainee, device)
+            if trainee is not run:  # the shared decoder's own evaluation marks it as done
+                evaluate_and_report(attack, splits.images, splits.val_idx, splits.val_names, trainee,
+                                    f'validation split of {splits.description}', {'sweep': cfg['sweep']})
+    evaluate_and_report(attack, splits.images, splits.val_idx, splits.val_names, run,
+                        f'validation split of {splits.description}', {'sweep': cfg['sweep']}, attack_plan(run))
+    return finished_result(run)
+
+
 def run_sweep(cfg, device):
-    from visualize import plot_sweep, plot_sweep_samples, sample_indices
+    from visualize import plot_privacy_utility, plot_sweep, plot_sweep_samples, sample_indices
     values = parse_values(cfg)
     cfg['save_dir'] = sweep_dir(cfg)
     save_json({'sweep': cfg['sweep'], 'values': [value_label(v) for v in values], 'config': cfg},
@@ -148,19 +247,19 @@ def run_sweep(cfg, device):
                   f'{run["save_dir"]}')
         else:
             print(f'sweep {cfg["sweep"]} {i + 1}/{len(values)}: {cfg["sweep"]}={value_label(value)}')
-            attack, splits, _, _ = train(run, device)
-            evaluate_and_report(attack, splits.images, splits.val_idx, splits.val_names, run,
-                                f'validation split of {splits.description}', {'sweep': cfg['sweep'], 'value': value})
-            result = read_json(os.path.join(run['save_dir'], 'eval.json'))
+            os.makedirs(run['save_dir'], exist_ok=True)
+            result = run_value(cfg, run, device)
         rows.append(table_row(cfg, value, result))
     splits = load_splits(runs[0])
+    description = f'validation split of {splits.description}'
     save_csv(rows, os.path.join(cfg['save_dir'], 'sweep.csv'))
-    atomic_write_bytes(os.path.join(cfg['save_dir'], 'sweep.md'),
-                       markdown_table(rows, cfg, f'validation split of {splits.description}').encode())
-    plot_sweep(rows, cfg, os.path.join(cfg['save_dir'], 'sweep.png'))
+    atomic_write_bytes(os.path.join(cfg['save_dir'], 'sweep.md'), markdown_table(rows, cfg, description).encode())
+    labels = [row_label(cfg, r) for r in rows]
+    plot = plot_privacy_utility if cfg['sweep'] in ('attack', 'defence') else plot_sweep
+    plot(rows, labels, cfg, os.path.join(cfg['save_dir'], 'sweep.png'))
     chosen = splits.val_idx[sample_indices(len(splits.val_idx), cfg['num_samples'])]
     images = splits.images[chosen]
-    plot_sweep_samples(images, sample_reconstructions(runs, images, device), [value_label(v) for v in values],
+    plot_sweep_samples(images, sample_reconstructions(cfg, runs, images, device), labels,
                        [splits.names[i] for i in chosen], cfg, os.path.join(cfg['save_dir'], 'sweep_samples.png'))
-    print(markdown_table(rows, cfg, f'validation split of {splits.description}'))
+    print(markdown_table(rows, cfg, description))
     return rows

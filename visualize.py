@@ -8,7 +8,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torchvision.utils import save_image  # noqa: E402
 
-from evaluate import evaluate, evaluation_images, load_trained_attack, score  # noqa: E402
+from evaluate import (AttackPlan, attack_slug, evaluate, evaluation_images, load_trained_attack,  # noqa: E402
+                      recover, score)
 from models import test_noise  # noqa: E402
 
 FEATURE_CHANNELS = 16  # highest-variance channels shown in feature_maps.png
@@ -16,12 +17,16 @@ CHANNELS_PER_STAGE = 4  # decoder activations shown per stage
 
 
 def describe(cfg):
-    """One line that makes a figure explain itself: victim, cut, decoder, noise."""
+    """One line that makes a figure explain itself: victim, cut, decoder, defences, noise."""
     victim = 'ImageNet' if cfg['pretrained'] else ('weights file' if cfg['weights'] else f'random seed {cfg["seed"]}')
     noise = test_noise(cfg)
     noise_text = f'test noise on {noise.at} (mean {noise.mean:g}, var {noise.var:g})' if noise else 'no test noise'
+    defences = ([f'{cfg["keep_channels"]:g} of channels ({cfg["channel_select"]})'] if cfg.get('keep_channels') else []) + \
+        ([f'dropout p={cfg["defence_p"]:g}'] if cfg.get('defence') == 'dropout' else []) + \
+        ([f'top-k {cfg["defence_k"]:g}'] if cfg.get('defence') == 'topk' else [])
     return (f'{cfg["arch"]} ({victim}) cut at {cfg["split"]} | {cfg["interpolation"]} decoder, '
-            f'{cfg["decoder_depth"]} | {cfg["image_size"]}px | {noise_text}')
+            f'{cfg["decoder_depth"]} | {cfg["image_size"]}px | {noise_text}'
+            + (f' | defence: {", ".join(defences)}' if defences else ''))
 
 
 def save_figure(fig, path):
@@ -79,24 +84,27 @@ def plot_image_grid(rows, names, title, path):
 
 
 @torch.no_grad()
-def plot_samples(attack, images, names, cfg, save_dir):
-    """Columns of original | reconstruction | (with --test_noise) reconstruction from the noisy device; each
-    image also as its own PNG under save_dir/samples/."""
+def plot_samples(attack, images, names, cfg, save_dir, plan=AttackPlan()):
+    """Columns of original | reconstruction | (with --test_noise) reconstruction from the noisy device, by the
+    attack `plan`; each image also as its own PNG under save_dir/samples/."""
     target = attack.to_images(images)
     attack.decoder.eval()
-    rows = [('original', target), ('reconstruction', attack.reconstruct(target))]
+    rows = [('original', target), (f'{plan.kind} reconstruction', recover(attack, attack.send(target), plan, target.shape))]
     noise = test_noise(cfg)
     if noise is not None:
-        rows.append((f'noisy {noise.at} (var {noise.var:g})',
-                     attack.reconstruct(target, noise, attack.noise_generator(0))))
+        sent = attack.send(target, noise, attack.noise_generator(0))
+        rows.append((f'noisy {noise.at} (var {noise.var:g})', recover(attack, sent, plan, target.shape)))
     samples_dir = os.path.join(save_dir, 'samples')
     os.makedirs(samples_dir, exist_ok=True)
-    suffixes = ('original', 'reconstruction', 'noisy_reconstruction')
+    slug = attack_slug(plan.kind)
+    suffixes = ('original', f'reconstruction{slug}', f'noisy_reconstruction{slug}')
     for c, name in enumerate(names):
         stem = os.path.splitext(name.replace(os.sep, '_'))[0]
         for (_, batch), suffix in zip(rows, suffixes):
             save_image(batch[c].clamp(0, 1), os.path.join(samples_dir, f'{stem}_{suffix}.png'))
-    return plot_image_grid(rows, names, describe(cfg), os.path.join(save_dir, 'samples.png'))
+    title = describe(cfg) + ('' if plan.kind == 'decoder' else
+                             f'\n{plan.kind} attack: {plan.steps} Adam steps, lr {plan.lr:g}, TV weight {plan.tv_weight:g}')
+    return plot_image_grid(rows, names, title, os.path.join(save_dir, f'samples{slug}.png'))
 
 
 @torch.no_grad()
@@ -204,13 +212,14 @@ def run_visualize(cfg, state, device):
 def describe_sweep(cfg):
     victim = 'ImageNet' if cfg['pretrained'] else ('weights file' if cfg['weights'] else f'random seed {cfg["seed"]}')
     cut_at = '' if cfg['sweep'] == 'split' else f' cut at {cfg["split"]}'
+    optimisation = (f' | optimisation: {cfg["attack_steps"]} steps, TV {cfg["tv_weight"]:g}'
+                    if cfg['sweep'] == 'attack' else '')
     return (f'sweep of {cfg["sweep"]}: {cfg["arch"]} ({victim}){cut_at} | {cfg["interpolation"]} decoder, '
-            f'{cfg["decoder_depth"]} | {cfg["image_size"]}px | {cfg["num_epochs"]} epochs')
+            f'{cfg["decoder_depth"]} | {cfg["image_size"]}px | {cfg["num_epochs"]} epochs{optimisation}')
 
 
-def plot_sweep(rows, cfg, path):
+def plot_sweep(rows, labels, cfg, path):
     """Reconstruction quality against the swept value; the victim's agreement on a second axis for defences."""
-    labels = [r[cfg['sweep']] for r in rows]
     x = range(len(rows))
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2), layout='constrained')
     psnr_line = left.errorbar(x, [r['psnr'] for r in rows], yerr=[r['psnr_std'] for r in rows], fmt='o-', capsize=3,
@@ -230,6 +239,30 @@ def plot_sweep(rows, cfg, path):
     right.legend(fontsize=8)
     for ax in (left, right):
         ax.set_xticks(list(x), labels)
+    fig.suptitle(describe_sweep(cfg), fontsize=9)
+    return save_figure(fig, path)
+
+
+def plot_privacy_utility(rows, labels, cfg, path):
+    """Attacks and defences side by side: attack PSNR against the victim's top-1 agreement (a defence wants
+    the top left: low PSNR at full agreement), and each row's PSNR and SSIM."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8), layout='constrained')
+    for row, label in zip(rows, labels):
+        left.errorbar(row['top1_agreement'], row['psnr'], yerr=row['psnr_std'], fmt='o', capsize=3, label=label)
+        left.annotate(label, (row['top1_agreement'], row['psnr']), textcoords='offset points', xytext=(5, 4),
+                      fontsize=7)
+    left.set(xlabel="victim top-1 agreement with the undefended victim", ylabel='attack PSNR (dB, ± std)',
+             xlim=(-0.05, 1.1), title='privacy vs utility')
+    x = range(len(rows))
+    psnr_bars = right.bar([i - 0.2 for i in x], [r['psnr'] for r in rows], width=0.4, label='PSNR (dB)',
+                          color='tab:blue')
+    right.set(ylabel='attack PSNR (dB)', title='reconstruction quality')
+    ssim_axis = right.twinx()
+    ssim_bars = ssim_axis.bar([i + 0.2 for i in x], [r['ssim'] for r in rows], width=0.4, label='SSIM',
+                              color='tab:orange')
+    ssim_axis.set(ylabel='SSIM', ylim=(0, 1))
+    right.set_xticks(list(x), labels, rotation=30, ha='right', fontsize=8)
+    right.legend(handles=[psnr_bars, ssim_bars], loc='upper right', fontsize=8)
     fig.suptitle(describe_sweep(cfg), fontsize=9)
     return save_figure(fig, path)
 

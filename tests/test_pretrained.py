@@ -1,5 +1,4 @@
 """--use_pretrained through torchvision's hub cache, with genuine ImageNet weights and without a network."""
-import os
 import urllib.error
 
 import pytest

@@ -1,0 +1,85 @@
+"""The white-box optimisation attack, the dropout / top-k defences, and the attack and defence comparison sweeps."""
+import csv
+import json
+
+import pytest
+import torch
+
+from conftest import run_cli, tiny_config
+from data import load_splits
+from evaluate import AttackPlan, evaluate, mean_image_baseline, summarise
+from models import Sparsify, build_attack, invert_features, sparsify
+
+CPU = torch.device('cpu')
+TINY = ('--image_size', '32', '--batch_size', '16', '--num_batches', '22', '--num_epochs', '1',
+        '--decoder_depth', 'light', '--num_samples', '2', '--num_workers', '0')
+
+
+def test_optimisation_attack_beats_the_mean_image_with_its_default_steps(tmp_path):
+    cfg = tiny_config(tmp_path, split='layer1')
+    attack, splits = build_attack(cfg, CPU), load_splits(cfg)
+    first = splits.val_idx[:16]
+    optimised = summarise(evaluate(attack, splits.images, first, 16, plan=AttackPlan('optimize')))
+    baseline = summarise({m: v[:16] for m, v in mean_image_baseline(splits).items()})
+    assert optimised['psnr']['mean'] > baseline['psnr']['mean'] + 2, (optimised['psnr'], baseline['psnr'])
+    assert optimised['ssim']['mean'] > baseline['ssim']['mean']
+
+
+def test_optimisation_leaves_the_victim_untouched(tmp_path):
+    attack = build_attack(tiny_config(tmp_path, split='layer1'), CPU)
+    before = {k: v.clone() for k, v in attack.victim.state_dict().items()}
+    images = torch.rand(4, 3, 32, 32)
+    recovered = invert_features(attack, attack.send(images), torch.full_like(images, 0.5), 20, 0.2, 0.3)
+    assert recovered.shape == images.shape and 0 <= recovered.min() and recovered.max() <= 1
+    assert all(torch.equal(before[k], v) for k, v in attack.victim.state_dict().items())
+    assert all(p.grad is None for p in attack.victim.parameters())
+    assert not attack.victim.training
+
+
+def test_harmless_dropout_and_topk_leave_the_tensor_unchanged():
+    features = torch.randn(4, 8, 5, 5)
+    assert torch.equal(sparsify(features, Sparsify('dropout', 0.0)), features)
+    assert torch.equal(sparsify(features, Sparsify('topk', 1.0)), features)
+    assert torch.equal(sparsify(features, Sparsify('topk', 200)), features)
+
+
+def test_dropout_zeroes_about_that_fraction_and_topk_keeps_the_largest():
+    features = torch.randn(10, 64, 16, 16) + 5  # no zeros of its own
+    dropped = sparsify(features, Sparsify('dropout', 0.3), torch.Generator().manual_seed(0))
+    assert (dropped == 0).float().mean().item() == pytest.approx(0.3, abs=0.01)
+    survivors = dropped != 0
+    assert torch.allclose(dropped[survivors], features[survivors] / 0.7)
+    kept = sparsify(features, Sparsify('topk', 0.1))
+    per_sample = (kept != 0).flatten(1).sum(1)
+    assert per_sample.tolist() == [round(0.1 * 64 * 16 * 16)] * 10
+    smallest_kept = kept.abs().flatten(1).masked_fill(kept.flatten(1) == 0, float('inf')).min(1).values
+    largest_dropped = features.abs().flatten(1).masked_fill(kept.flatten(1) != 0, 0).max(1).values
+    assert (smallest_kept >= largest_dropped).all()
+
+
+def test_optimize_alone_is_a_run_that_needs_no_decoder(tmp_path):
+    result = run_cli(tmp_path, '--attack', 'optimize', '--attack_steps', '20', *TINY, '--save_dir', 'white_box')
+    with open(tmp_path / 'white_box' / 'eval_optimize.json') as f:
+        evaluation = json.load(f)
+    assert evaluation['attack']['kind'] == 'optimize' and evaluation['attack']['steps'] == 20
+    assert (tmp_path / 'white_box' / 'samples_optimize.png').is_file()
+    assert (tmp_path / 'white_box' / 'eval_optimize_per_image.csv').is_file()
+    assert 'optimize attack on 32 images' in result.stdout
+
+
+@pytest.mark.parametrize('sweep, values, column, expected', [
+    ('attack', ('decoder', 'optimize', 'decoder+optimize'), 'attack', ['decoder', 'optimize', 'decoder+optimize']),
+    ('defence', ('none', 'dropout:0.5', 'topk:0.1'), 'defence', ['none', 'dropout', 'topk']),
+])
+def test_attack_and_defence_sweeps_write_the_comparison(tmp_path, sweep, values, column, expected):
+    args = ('--sweep', sweep, '--sweep_values', *values, '--attack_steps', '10', *TINY, '--save_dir', 'cmp')
+    run_cli(tmp_path, *args)
+    for name in ('sweep.csv', 'sweep.md', 'sweep.png', 'sweep_samples.png'):
+        assert (tmp_path / 'cmp' / name).is_file(), name
+    with open(tmp_path / 'cmp' / 'sweep.csv') as f:
+        rows = list(csv.DictReader(f))
+    assert [r[column] for r in rows] == expected
+    if sweep == 'defence':
+        assert float(rows[0]['top1_agreement']) == 1.0  # no defence, no cost
+    again = run_cli(tmp_path, *args)
+    assert again.stdout.count('already done') == len(values)
