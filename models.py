@@ -346,6 +346,8 @@ def invert_features(attack, sent, start, steps, lr, tv_weight, desc='optimising'
     by Adam from `start`. The feature error is relative, so tv_weight means the same for every cut. Only the
     image receives gradients; the victim stays frozen. Elements a defence zeroed are not matched."""
     trusted = (sent != 0) if attack.sparsify is not None else attack.channel_mask  # what the attacker can see
+    if attack.sparsify is not None and attack.sparsify.kind == 'dropout':  # undo the survivors' 1 / (1 - p)
+        sent = sent * (1 - attack.sparsify.amount)
     logits = torch.logit(start.detach().float().clamp(1e-3, 1 - 1e-3)).contiguous(memory_format=torch.channels_last)
     logits.requires_grad_(True)
     optimizer = torch.optim.Adam([logits], lr=lr)
