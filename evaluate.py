@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from pytorch_msssim import ms_ssim, ssim
 from pytorch_msssim.ssim import _fspecial_gauss_1d, _ssim
 
+from data import load_images, load_splits
 from models import build_attack, invert_features, test_noise
 from utils import UsageError, progress, save_csv, save_json
 
@@ -172,7 +173,6 @@ def mean_image_baseline(splits, batch_size=256):
 
 def evaluation_images(cfg, trained_cfg):
     """The trained run's validation split when the data is the same; all images of a new --data_dir."""
-    from data import load_images, load_splits
     if cfg['data_dir'] == trained_cfg['data_dir']:
         splits = load_splits({**trained_cfg, 'cache_dir': cfg['cache_dir'], 'num_workers': cfg['num_workers']})
         return splits.images, splits.val_idx, splits.val_names, f'validation split of {splits.description}'

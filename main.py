@@ -8,11 +8,14 @@ import sys
 
 import torch
 
-from models import ARCHS, DECODER_DEPTHS, DEFAULT_SPLIT, INTERPOLATIONS, SPLITS, check_cut
-from evaluate import ATTACKS
-from sweep import SWEEPS
+from data import load_splits
+from evaluate import ATTACKS, attack_plan, evaluate_and_report, evaluation_images, load_trained_attack
+from models import ARCHS, DECODER_DEPTHS, DEFAULT_SPLIT, INTERPOLATIONS, SPLITS, build_attack, check_cut
+from sweep import SWEEPS, run_sweep
+from train import train
 from utils import (RunError, UsageError, fresh_run_dir, init_distributed, is_main_process, load_checkpoint,
                    pick_device, rank_and_world, same_on_all_processes)
+from visualize import draw_all, plot_samples, run_visualize, sample_indices
 
 # Flags that define the attack's model: they must agree with a checkpoint that is being loaded.
 MODEL_KEYS = ('arch', 'split', 'pretrained', 'interpolation', 'decoder_depth', 'image_size', 'keep_channels',
@@ -229,9 +232,6 @@ def run(argv):
 
 def dispatch(cfg, state, device):
     if cfg['mode'] in ('train', 'resume'):
-        from evaluate import evaluate_and_report
-        from train import train
-        from visualize import draw_all
         attack, splits, history, _ = train(cfg, device, state if cfg['mode'] == 'resume' else None)
         if not is_main_process():
             return
@@ -243,29 +243,22 @@ def dispatch(cfg, state, device):
         if cfg['attack'] != 'decoder':
             run_attack(attack, splits.images, splits.val_idx, splits.val_names, cfg, description)
     elif cfg['mode'] == 'attack':
-        from data import load_splits
-        from models import build_attack
         splits = load_splits(cfg)
         run_attack(build_attack(cfg, device), splits.images, splits.val_idx, splits.val_names, cfg,
                    f'validation split of {splits.description}')
     elif cfg['mode'] == 'sweep':
-        from sweep import run_sweep
         run_sweep(cfg, device)
     elif cfg['mode'] in ('eval_pth', 'eval_ckpt'):
-        from evaluate import evaluation_images, load_trained_attack
         images, indices, names, description = evaluation_images(cfg, state['config'])
         print(f'evaluating {cfg["model_path"]} (epoch {state["epoch"]}) on {description}')
         run_attack(load_trained_attack(cfg, state, device), images, indices, names, cfg, description,
                    {'model_path': os.path.abspath(cfg['model_path']), 'epoch': state['epoch']})
     else:
-        from visualize import run_visualize
         run_visualize(cfg, state, device)
 
 
 def run_attack(attack, images, indices, names, cfg, description, extra=None):
     """Evaluate the --attack chosen (eval{_attack}.json, per-image CSV) and draw its sample grid."""
-    from evaluate import attack_plan, evaluate_and_report
-    from visualize import plot_samples, sample_indices
     plan = attack_plan(cfg)
     evaluate_and_report(attack, images, indices, names, cfg, description, extra, plan)
     chosen = sample_indices(len(indices), cfg['num_samples'])

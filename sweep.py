@@ -11,6 +11,7 @@ from evaluate import (ATTACKS, attack_plan, attack_slug, evaluate_and_report, lo
 from models import SPLITS, build_attack, check_cut, probe_feature_shape, test_noise
 from train import train
 from utils import UsageError, atomic_write_bytes, fresh_run_dir, load_checkpoint, save_csv, save_json
+from visualize import plot_privacy_utility, plot_sweep, plot_sweep_samples, sample_indices
 
 SWEEPS = ('split', 'keep_channels', 'noise_var', 'attack', 'defence')
 DEFAULT_VALUES = {'keep_channels': ('1', '0.5', '0.25', '0.125', '0.0625'),
@@ -234,7 +235,6 @@ def run_value(cfg, run, device):
 
 
 def run_sweep(cfg, device):
-    from visualize import plot_privacy_utility, plot_sweep, plot_sweep_samples, sample_indices
     values = parse_values(cfg)
     cfg['save_dir'] = sweep_dir(cfg)
     save_json({'sweep': cfg['sweep'], 'values': [value_label(v) for v in values], 'config': cfg},

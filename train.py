@@ -43,7 +43,7 @@ def cache_features(attack, images, indices, batch_size, max_bytes):
         return None
     on_device = attack.device.type == 'cpu' or size < torch.cuda.mem_get_info(attack.device)[0] // 4
     cache = torch.empty(len(indices), *shape, device=attack.device if on_device else 'cpu',
-                        pin_memory=not on_device).contiguous(memory_format=torch.channels_last)
+                        pin_memory=not on_device, memory_format=torch.channels_last)
     for start in progress(range(0, len(indices), batch_size), desc='caching victim features'):
         cache[start:start + batch_size] = attack.encode(attack.to_images(images[indices[start:start + batch_size]]))
     return cache
