@@ -68,3 +68,17 @@ def test_encoder_stays_frozen_through_training_steps():
 def test_decoder_rejects_a_stride_that_is_not_a_power_of_two():
     with pytest.raises(UsageError):
         build_decoder((64, 5, 5), 64, 'transpose', 'medium')
+
+
+def test_weights_file_loads_into_the_victim_and_bad_files_are_named(tmp_path):
+    import torchvision
+    torch.manual_seed(1)
+    source = torchvision.models.get_model('resnet18', weights=None)
+    torch.save(source.state_dict(), tmp_path / 'victim.pth')
+    victim = build_victim('resnet18', 'layer2', weights_path=str(tmp_path / 'victim.pth'))
+    assert torch.equal(victim.encoder[0].weight, source.conv1.weight)
+    assert victim.fingerprint() != build_victim('resnet18', 'layer2').fingerprint()
+    with pytest.raises(UsageError, match='does not fit ResNet'):
+        build_victim('resnet34', 'layer2', weights_path=str(tmp_path / 'victim.pth'))
+    with pytest.raises(UsageError, match='no such file'):
+        build_victim('resnet18', 'layer2', weights_path=str(tmp_path / 'missing.pth'))
