@@ -88,8 +88,9 @@ class AttackPlan(NamedTuple):
 
 
 def attack_plan(cfg):
-    return AttackPlan(cfg.get('attack', 'decoder'), cfg.get('attack_steps', 500), cfg.get('attack_lr', 0.2),
-                      cfg.get('tv_weight', 0.3))
+    default = AttackPlan()
+    return AttackPlan(cfg.get('attack', default.kind), cfg.get('attack_steps', default.steps),
+                      cfg.get('attack_lr', default.lr), cfg.get('tv_weight', default.tv_weight))
 
 
 def attack_slug(kind):
@@ -118,10 +119,12 @@ def evaluate(attack, images, indices, batch_size, noise=None, desc='evaluating',
     results = {m: [] for m in METRICS + (UTILITY if utility else ())}
     for start in progress(range(0, len(indices), batch_size), desc=desc):
         target = attack.to_images(images[indices[start:start + batch_size]])
-        sent = attack.send(target, noise, generator)
+        encoded = attack.encode(target, noise, generator)
+        sent = attack.defend(encoded, noise, generator)
         measured = score(recover(attack, sent, plan, target.shape), target)
-        if utility:
-            measured.update(victim_agreement(attack.classify(attack.encode(target)), attack.classify(sent)))
+        if utility:  # against the undefended tensor: what was encoded, unless the input itself was noised
+            undefended = attack.encode(target) if noise is not None and noise.at == 'input' else encoded
+            measured.update(victim_agreement(attack.classify(undefended), attack.classify(sent)))
         for name, values in measured.items():
             results[name].append(values.cpu())
     return {m: torch.cat(v) for m, v in results.items()}

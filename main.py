@@ -9,7 +9,7 @@ import sys
 import torch
 
 from data import load_splits
-from evaluate import ATTACKS, attack_plan, evaluate_and_report, evaluation_images, load_trained_attack
+from evaluate import ATTACKS, AttackPlan, attack_plan, evaluate_and_report, evaluation_images, load_trained_attack
 from models import ARCHS, DECODER_DEPTHS, DEFAULT_SPLIT, INTERPOLATIONS, SPLITS, build_attack, check_cut
 from sweep import SWEEPS, run_sweep
 from train import train
@@ -86,12 +86,13 @@ def build_parser():
                          help='elements kept by topk: a fraction in (0, 1] of C*H*W, or a count above 1')
 
     attack = p.add_argument_group('attacks (how the sent tensor is turned into an image when evaluating)')
-    attack.add_argument('--attack', choices=ATTACKS, default='decoder',
+    plan = AttackPlan()
+    attack.add_argument('--attack', choices=ATTACKS, default=plan.kind,
                         help='decoder: the trained decoder; optimize: white-box rMLE, no decoder needed (alone it '
                              'is its own mode); decoder+optimize: rMLE started from the decoder\'s output')
-    attack.add_argument('--attack_steps', type=int, default=500, help='Adam steps of the optimisation attack')
-    attack.add_argument('--attack_lr', type=float, default=0.2, help="learning rate of the optimisation attack")
-    attack.add_argument('--tv_weight', type=float, default=0.3,
+    attack.add_argument('--attack_steps', type=int, default=plan.steps, help='Adam steps of the optimisation attack')
+    attack.add_argument('--attack_lr', type=float, default=plan.lr, help="learning rate of the optimisation attack")
+    attack.add_argument('--tv_weight', type=float, default=plan.tv_weight,
                         help='weight of the total-variation prior against the relative feature error')
 
     sweep = p.add_argument_group('sweeps')

@@ -13,7 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from data import load_splits
 from evaluate import evaluate, format_summary, mean_image_baseline, msssim_note, summarise
-from models import build_attack, feature_shape, keep_count, select_channels, test_noise, train_noise
+from models import build_attack, keep_count, select_channels, test_noise, train_noise
 from utils import Interrupted, RunError, is_main_process, progress, rank_and_world, save_json, save_torch
 
 CHECKPOINT_FORMAT = 'recon-attack/1'
@@ -51,10 +51,12 @@ def cache_features(attack, images, indices, batch_size, max_bytes):
 
 @torch.no_grad()
 def choose_channels(attack, splits, cfg):
-    """--keep_channels: the channels the device sends, fixed for the run (stored in the checkpoint's config)."""
+    """--keep_channels: (the channels the device sends, fixed for the run and stored in the checkpoint's config,
+    the number of channels at the cut)."""
     calibration = attack.encode(attack.to_images(splits.images[splits.train_idx[:cfg['batch_size']]])).cpu()
-    count = keep_count(cfg['keep_channels'], calibration.shape[1])
-    return select_channels(cfg['channel_select'], count, calibration, cfg['seed'])
+    channels = calibration.shape[1]
+    count = keep_count(cfg['keep_channels'], channels)
+    return select_channels(cfg['channel_select'], count, calibration, cfg['seed']), channels
 
 
 def mean_over_processes(value):
@@ -235,8 +237,7 @@ def train(cfg, device, resume_state=None):
     attack = build_attack(cfg, device)
     cfg['victim_fingerprint'] = attack.victim.fingerprint()
     if cfg['keep_channels'] is not None and cfg.get('channel_indices') is None:
-        cfg['channel_indices'] = choose_channels(attack, splits, cfg)
-        channels = feature_shape(attack.victim, cfg['image_size'])[0]
+        cfg['channel_indices'], channels = choose_channels(attack, splits, cfg)
         attack.keep_only(cfg['channel_indices'], channels)
         print(f'defence: the device sends {len(cfg["channel_indices"])} of {channels} channels '
               f'({cfg["channel_select"]}), the rest as zeros')
@@ -244,7 +245,7 @@ def train(cfg, device, resume_state=None):
     optimizer = make_optimizer(cfg, attack.decoder.parameters(), device)
     scheduler = make_scheduler(cfg, optimizer)
     baselines = {'mean_image': summarise(mean_image_baseline(splits)), 'untrained_decoder': validate(attack, splits, cfg)}
-    history, start_epoch = [], 0
+    history, start_epoch, partial = [], 0, None
     if resume_state is not None:
         attack.decoder.load_state_dict(resume_state['decoder'])
         optimizer.load_state_dict(resume_state['optimizer'])
@@ -263,7 +264,6 @@ def train(cfg, device, resume_state=None):
     if no_input_noise and cfg['feature_cache_gb'] > 0 and start_epoch < cfg['num_epochs']:
         cache = cache_features(attack, splits.images, splits.train_idx, cfg['batch_size'],
                                cfg['feature_cache_gb'] * 2**30)
-    partial = resume_state.get('partial_epoch') if resume_state is not None else None
     with StopRequest() as stop:
         for epoch in range(start_epoch, cfg['num_epochs']):
             started = time.time()

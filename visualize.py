@@ -16,9 +16,13 @@ FEATURE_CHANNELS = 16  # highest-variance channels shown in feature_maps.png
 CHANNELS_PER_STAGE = 4  # decoder activations shown per stage
 
 
+def victim_label(cfg):
+    return 'ImageNet' if cfg['pretrained'] else ('weights file' if cfg['weights'] else f'random seed {cfg["seed"]}')
+
+
 def describe(cfg):
     """One line that makes a figure explain itself: victim, cut, decoder, defences, noise."""
-    victim = 'ImageNet' if cfg['pretrained'] else ('weights file' if cfg['weights'] else f'random seed {cfg["seed"]}')
+    victim = victim_label(cfg)
     noise = test_noise(cfg)
     noise_text = f'test noise on {noise.at} (mean {noise.mean:g}, var {noise.var:g})' if noise else 'no test noise'
     defences = ([f'{cfg["keep_channels"]:g} of channels ({cfg["channel_select"]})'] if cfg.get('keep_channels') else []) + \
@@ -210,7 +214,7 @@ def run_visualize(cfg, state, device):
 
 
 def describe_sweep(cfg):
-    victim = 'ImageNet' if cfg['pretrained'] else ('weights file' if cfg['weights'] else f'random seed {cfg["seed"]}')
+    victim = victim_label(cfg)
     cut_at = '' if cfg['sweep'] == 'split' else f' cut at {cfg["split"]}'
     optimisation = (f' | optimisation: {cfg["attack_steps"]} steps, TV {cfg["tv_weight"]:g}'
                     if cfg['sweep'] == 'attack' else '')
@@ -245,7 +249,7 @@ def plot_sweep(rows, labels, cfg, path):
 
 def plot_privacy_utility(rows, labels, cfg, path):
     """Attacks and defences side by side: attack PSNR against the victim's top-1 agreement (a defence wants
-    the top left: low PSNR at full agreement), and each row's PSNR and SSIM."""
+    the bottom right: low PSNR at full agreement), and each row's PSNR and SSIM."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8), layout='constrained')
     for row, label in zip(rows, labels):
         left.errorbar(row['top1_agreement'], row['psnr'], yerr=row['psnr_std'], fmt='o', capsize=3, label=label)
