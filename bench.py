@@ -129,16 +129,23 @@ def reference_epoch(victim, decoder, optimizer, loader, device):
 
 
 def timed_epochs(run_epoch, epochs, device):
-    """images/s of each epoch after the first (warm-up: worker start, caches, autotuning)."""
-    rates = []
+    """{'images': [...], 'seconds': [...]} of each epoch after the first (warm-up: worker start, caches,
+    autotuning)."""
+    timed = {'images': [], 'seconds': []}
     for epoch in range(epochs):
         started = time.perf_counter()
         seen = run_epoch(epoch)
         if device.type == 'cuda':
             torch.cuda.synchronize(device)
         if epoch > 0:
-            rates.append(seen / (time.perf_counter() - started))
-    return rates
+            timed['images'].append(seen)
+            timed['seconds'].append(time.perf_counter() - started)
+    return timed
+
+
+def median_rate(timed):
+    """Images per second of the median epoch."""
+    return statistics.median(n / s for n, s in zip(timed['images'], timed['seconds']))
 
 
 def first_batch_losses(cfg, attack, splits, reference_decoder, victim, reference_images, device):
@@ -209,7 +216,7 @@ def bench(args, workdir):
                         num_workers=args.num_workers, generator=torch.Generator().manual_seed(0))
     reference_optimizer = torch.optim.Adam(reference_decoder.parameters(), lr=cfg['lr'])
     with Sampler(device) as reference_usage:
-        reference_rates = timed_epochs(lambda e: reference_epoch(victim, reference_decoder, reference_optimizer,
+        reference_timed = timed_epochs(lambda e: reference_epoch(victim, reference_decoder, reference_optimizer,
                                                                  loader, device), args.epochs, device)
 
     optimizer = make_optimizer(cfg, attack.decoder.parameters(), device)
@@ -222,7 +229,7 @@ def bench(args, workdir):
         def tool_epoch(epoch):
             train_one_epoch(attack, splits, cache, cfg, optimizer, epoch)
             return full_batches
-        tool_rates = timed_epochs(tool_epoch, args.epochs, device)
+        tool_timed = timed_epochs(tool_epoch, args.epochs, device)
         eval_rates = []
         for _ in range(3):
             started = time.perf_counter()
@@ -238,12 +245,12 @@ def bench(args, workdir):
                      'threads': torch.get_num_threads(), 'train_images': len(splits.train_idx),
                      'tool_precision': 'bf16 autocast' if attack.bf16 else 'fp32', 'compile': cfg['compile'],
                      'reference_workers': args.num_workers, 'timed_epochs': args.epochs - 1},
-        'reference': {'train_images_per_s': statistics.median(reference_rates), 'epochs': reference_rates,
+        'reference': {'train_images_per_s': median_rate(reference_timed), 'epochs': reference_timed,
                       **reference_usage.report()},
-        'tool': {'train_images_per_s': statistics.median(tool_rates), 'epochs': tool_rates,
+        'tool': {'train_images_per_s': median_rate(tool_timed), 'epochs': tool_timed,
                  'eval_images_per_s': statistics.median(eval_rates), 'one_time_decode_s': decode_seconds,
                  'one_time_feature_cache_s': feature_seconds, 'feature_cache': cache is not None, **tool_usage.report()},
-        'speedup': statistics.median(tool_rates) / statistics.median(reference_rates),
+        'speedup': median_rate(tool_timed) / median_rate(reference_timed),
         'first_batch_loss': {'tool': tool_loss, 'reference': reference_loss, 'relative_difference': relative,
                              'tolerance': tolerance, 'max_pixel_difference': pixel_diff, 'same': relative <= tolerance},
     }

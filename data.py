@@ -19,8 +19,11 @@ MIN_SOURCE_SIDE = 8  # smaller images (1-pixel thumbnails and the like) hold not
 # Built-in sample data: photographs shipped inside scikit-image and matplotlib, so no download is needed.
 SAMPLE_TRAIN_PHOTOS = ('coffee.png', 'chelsea.png', 'rocket.jpg', 'hubble_deep_field.jpg', 'retina.jpg', 'ihc.png',
                        'motorcycle_left.png', 'motorcycle_right.png')
-SAMPLE_VAL_PHOTOS = ('astronaut.png', 'grace_hopper.jpg')  # portraits, never used for training
+SAMPLE_VAL_PHOTOS = ('astronaut.png', 'grace_hopper.jpg', 'camera.png')  # portraits, never used for training
 SAMPLE_SIZE = 704  # images (crops) in the built-in set: 640 train + 64 validation at the default batch size
+BUILTIN_SOURCE = 'built-in sample photos'
+CELEBA_PARTITION = 'list_eval_partition.txt'  # the official train / val / test split (identity-disjoint)
+PARTITIONS = {'train': '0', 'val': '1', 'test': '2'}
 
 
 @dataclass
@@ -28,12 +31,30 @@ class Splits:
     images: torch.Tensor  # uint8 (N, 3, S, S), possibly memory-mapped
     train_idx: torch.Tensor
     val_idx: torch.Tensor
-    names: list
+    names: list  # relative to the data root
+    fingerprints: list  # of each decoded image's pixels: the same content has the same fingerprint anywhere
+    source: str  # the data root's real path, or BUILTIN_SOURCE
     description: str
+    partition: dict = None  # name -> 'train' | 'val' | 'test' for a CelebA root with its official partition
 
     @property
     def val_names(self):
         return [self.names[i] for i in self.val_idx]
+
+    def calibration_images(self, count):
+        """Training images on which the device calibrates a defence (the channels --keep_channels keeps)."""
+        return self.images[self.train_idx[:count]]
+
+    def record(self):
+        """Which images were trained on and which were held out, by name and content: stored in checkpoints."""
+        return {'source': self.source,
+                'train': {self.names[i]: self.fingerprints[i] for i in self.train_idx.tolist()},
+                'held_out': {self.names[i]: self.fingerprints[i] for i in self.val_idx.tolist()}}
+
+
+def fingerprint(image):
+    """A content hash of one decoded uint8 image."""
+    return hashlib.blake2b(image.numpy().tobytes(), digest_size=8).hexdigest()
 
 
 def list_images(data_dir):
@@ -96,10 +117,11 @@ class DecodeOnce(Dataset):
             with self.open(self.names[i]) as f, Image.open(f) as image:
                 image.load()
                 if min(image.size) < MIN_SOURCE_SIDE:
-                    return i, None
-                return i, square_crop(image, self.size)
+                    return i, None, None
+                crop = square_crop(image, self.size)
+                return i, crop, fingerprint(crop)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, zipfile.BadZipFile):
-            return i, None
+            return i, None, None
 
 
 def as_list(batch):
@@ -120,20 +142,22 @@ def cache_key(root, names, size):
 
 
 def decode_into_cache(root, names, size, cache_dir, num_workers):
-    """All images decoded once into a memory-mapped uint8 file, reused across epochs and runs.
+    """All images decoded once into a memory-mapped uint8 file, reused across epochs and runs; returns (images,
+    names, fingerprints) of the usable ones.
 
     Unusable files are found here, once, and reported; the training loop never sees them."""
     key = cache_key(root, names, size)
     array_path, index_path = os.path.join(cache_dir, f'{key}.u8'), os.path.join(cache_dir, f'{key}.json')
-    kept = read_cache_index(index_path, array_path, size)
-    if kept is None:
+    index = read_cache_index(index_path, array_path, size)
+    if index is None:
         write_cache(root, names, size, array_path, index_path, num_workers)
-        kept = read_cache_index(index_path, array_path, size)
+        index = read_cache_index(index_path, array_path, size)
+    kept, fingerprints = index
     images = np.memmap(array_path, dtype=np.uint8, mode='c',  # copy-on-write: never changes the file
                         shape=(len(kept), 3, size, size))
     if images.nbytes < available_memory() // 4:  # in memory when it fits, else paged in from the file
         images = np.array(images)
-    return torch.from_numpy(images), kept
+    return torch.from_numpy(images), kept, fingerprints
 
 
 def available_memory():
@@ -144,14 +168,16 @@ def available_memory():
 
 
 def read_cache_index(index_path, array_path, size):
-    """The names held by a complete cache; None when it is missing or does not match its file (then rebuilt)."""
+    """(names, fingerprints) held by a complete cache; None when it is missing, older than fingerprints, or does not
+    match its file (then it is rebuilt)."""
     try:
         with open(index_path) as f:
-            kept = json.load(f)['names']
-        complete = os.path.getsize(array_path) == len(kept) * 3 * size * size
+            index = json.load(f)
+        kept, fingerprints = index['names'], index['fingerprints']
+        complete = os.path.getsize(array_path) == len(kept) * 3 * size * size and len(fingerprints) == len(kept)
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return kept if complete else None
+    return (kept, fingerprints) if complete else None
 
 
 def write_cache(root, names, size, array_path, index_path, num_workers):
@@ -159,14 +185,15 @@ def write_cache(root, names, size, array_path, index_path, num_workers):
     tmp_path = f'{array_path}.{os.getpid()}.tmp'
     images = np.memmap(tmp_path, dtype=np.uint8, mode='w+', shape=(len(names), 3, size, size))
     loader = DataLoader(DecodeOnce(root, names, size), batch_size=64, num_workers=num_workers, collate_fn=as_list)
-    kept, bad = [], []
+    kept, fingerprints, bad = [], [], []
     for batch in progress(loader, desc=f'decoding {len(names)} images at {size}px (once, cached)'):
-        for i, image in batch:  # in file order: usable images are packed to the front
+        for i, image, image_fingerprint in batch:  # in file order: usable images are packed to the front
             if image is None:
                 bad.append(names[i])
             else:
                 images[len(kept)] = image.numpy()
                 kept.append(names[i])
+                fingerprints.append(image_fingerprint)
     images.flush()
     del images
     if bad:
@@ -176,7 +203,8 @@ def write_cache(root, names, size, array_path, index_path, num_workers):
         raise UsageError(f'--data_dir {root}: none of the {len(names)} image files could be decoded')
     os.truncate(tmp_path, len(kept) * 3 * size * size)
     os.replace(tmp_path, array_path)
-    atomic_write_bytes(index_path, json.dumps({'root': os.path.abspath(root), 'size': size, 'names': kept}).encode())
+    atomic_write_bytes(index_path, json.dumps({'root': os.path.abspath(root), 'size': size, 'names': kept,
+                                               'fingerprints': fingerprints}).encode())
 
 
 def split_counts(n_total, batch_size, num_batches):
@@ -197,6 +225,33 @@ def split_indices(n_total, batch_size, num_batches, seed):
     n_train, n_val = split_counts(n_total, batch_size, num_batches)
     order = torch.randperm(n_total, generator=torch.Generator().manual_seed(seed))
     return order[n_val:n_val + n_train], order[:n_val]
+
+
+def read_partition(data_dir):
+    """CelebA's official partition, name -> 'train' | 'val' | 'test', when the root holds its file; else None."""
+    path = os.path.join(data_dir, CELEBA_PARTITION)
+    if not os.path.isfile(path):
+        return None
+    labels = {code: name for name, code in PARTITIONS.items()}
+    try:
+        with open(path) as f:
+            return {name: labels[code] for name, code in (line.split() for line in f if line.strip())}
+    except (ValueError, KeyError):
+        raise UsageError(f'{path}: not CelebA\'s partition file (lines of "NAME 0|1|2"); fix or remove it') from None
+
+
+def partition_indices(data, batch_size, num_batches, seed):
+    """Training and validation images from CelebA's official train and val partitions (seeded subsets of them
+    when --num_batches asks for fewer)."""
+    pools = [torch.tensor([i for i, n in enumerate(data.names) if data.partition.get(n) == p], dtype=torch.long)
+             for p in ('train', 'val')]
+    n_train, n_val = ((len(pools[0]), len(pools[1])) if num_batches is None else
+                      split_counts(sum(map(len, pools)), batch_size, num_batches))
+    if n_train > len(pools[0]) or n_val > len(pools[1]) or not n_train or not n_val:
+        raise UsageError(f'CelebA\'s official partition holds {len(pools[0])} training and {len(pools[1])} validation '
+                         f'images of these, but the run needs {n_train} and {n_val}: lower --num_batches')
+    generator = torch.Generator().manual_seed(seed)
+    return tuple(pool[torch.randperm(len(pool), generator=generator)[:n]] for pool, n in zip(pools, (n_train, n_val)))
 
 
 def sample_photo(filename):
@@ -227,24 +282,107 @@ def builtin_splits(image_size, batch_size, num_batches, seed):
     generator = torch.Generator().manual_seed(seed)
     train = random_crops([sample_photo(n) for n in SAMPLE_TRAIN_PHOTOS], n_train, image_size, generator)
     val = random_crops([sample_photo(n) for n in SAMPLE_VAL_PHOTOS], n_val, image_size, generator)
+    images = torch.cat([train, val])
     names = [f'{os.path.splitext(photos[i % len(photos)])[0]}_crop{i:03d}'
              for photos, count in ((SAMPLE_TRAIN_PHOTOS, n_train), (SAMPLE_VAL_PHOTOS, n_val)) for i in range(count)]
-    return Splits(torch.cat([train, val]), torch.arange(n_train), torch.arange(n_train, n_train + n_val), names,
+    return Splits(images, torch.arange(n_train), torch.arange(n_train, n_train + n_val), names,
+                  [fingerprint(image) for image in images], BUILTIN_SOURCE,
                   f'built-in sample photos ({n_train} train crops, {n_val} validation crops '
-                                     f'of {" and ".join(SAMPLE_VAL_PHOTOS)})')
+                  f'of {", ".join(SAMPLE_VAL_PHOTOS)})')
 
 
 def load_images(data_dir, image_size, cache_dir, num_workers):
-    """(uint8 images, names) for every usable image under `data_dir`."""
+    """Every usable image under `data_dir`, as Splits with nothing assigned to training or validation yet."""
     root, names = list_images(data_dir)
-    return decode_into_cache(root, names, image_size, cache_dir, num_workers)
+    images, kept, fingerprints = decode_into_cache(root, names, image_size, cache_dir, num_workers)
+    partition = read_partition(data_dir) if os.path.isdir(data_dir) else None
+    empty = torch.zeros(0, dtype=torch.long)
+    return Splits(images, empty, empty, kept, fingerprints, os.path.realpath(root), data_dir, partition)
 
 
-def load_splits(cfg):
-    """The train / validation images a run uses, as described by its configuration."""
+def load_data(cfg):
+    """The images of the run's data (the built-in set already split into its training and validation photos)."""
     if cfg['data_dir'] is None:
         return builtin_splits(cfg['image_size'], cfg['batch_size'], cfg['num_batches'], cfg['seed'])
-    images, names = load_images(cfg['data_dir'], cfg['image_size'], cfg['cache_dir'], cfg['num_workers'])
-    train_idx, val_idx = split_indices(len(images), cfg['batch_size'], cfg['num_batches'], cfg['seed'])
-    return Splits(images, train_idx, val_idx, names,
-                  f'{cfg["data_dir"]} ({len(train_idx)} train, {len(val_idx)} validation of {len(images)} images)')
+    return load_images(cfg['data_dir'], cfg['image_size'], cfg['cache_dir'], cfg['num_workers'])
+
+
+def without_training_content(data, candidates, trained_fingerprints, what):
+    """`candidates` less any image whose content is that of a training image (a duplicate file), said once."""
+    kept = [i for i in candidates if data.fingerprints[i] not in trained_fingerprints]
+    if len(kept) < len(candidates):
+        print(f'{len(candidates) - len(kept)} of the {len(candidates)} {what} are images the decoder trained on '
+              f'(the same content): left out of the score')
+    return torch.tensor(kept, dtype=torch.long)
+
+
+def load_splits(cfg, record=None):
+    """The train / validation images of a run: those of `record` (a checkpoint's) when given, else split anew
+    (CelebA's official partition where the root has one, else a seeded 10:1 split)."""
+    data = load_data(cfg)
+    if record is not None:
+        return recorded_splits(data, record)
+    if data.source == BUILTIN_SOURCE:
+        return data
+    if data.partition is not None:
+        train_idx, val_idx = partition_indices(data, cfg['batch_size'], cfg['num_batches'], cfg['seed'])
+        how = "CelebA's official train / val partition"
+    else:
+        train_idx, val_idx = split_indices(len(data.images), cfg['batch_size'], cfg['num_batches'], cfg['seed'])
+        how = 'a seeded 10:1 split'
+    data.train_idx = train_idx
+    data.val_idx = without_training_content(data, val_idx.tolist(), {data.fingerprints[i] for i in train_idx.tolist()},
+                                            'validation images')
+    data.description = (f'{cfg["data_dir"]} ({len(data.train_idx)} train, {len(data.val_idx)} validation of '
+                        f'{len(data.images)} images, {how})')
+    return data
+
+
+def recorded_splits(data, record):
+    """The exact train / validation images a checkpoint recorded (to resume a run): all must be there unchanged."""
+    where = {name: i for i, name in enumerate(data.names)}
+    if data.source != record['source']:
+        raise UsageError(f'--data_dir {data.description} is not the data this run was trained on '
+                         f'({record["source"]}); resume with that --data_dir')
+    indices = []
+    for part in ('train', 'held_out'):
+        lost = [n for n, f in record[part].items() if n not in where or data.fingerprints[where[n]] != f]
+        if lost:
+            raise UsageError(f'{len(lost)} of the images this run recorded ({part}) are gone or changed in '
+                             f'{record["source"]} (e.g. {lost[0]}): it cannot go on as it was; start a new --train')
+        indices.append(torch.tensor([where[n] for n in record[part]], dtype=torch.long))
+    data.train_idx, data.val_idx = indices
+    if data.source != BUILTIN_SOURCE:
+        data.description = f'{data.description} ({len(indices[0])} train, {len(indices[1])} validation, as recorded)'
+    return data
+
+
+def held_out_images(cfg, trained_cfg, record, split='val'):
+    """(images, indices, names, description) that an evaluation of a trained decoder may score.
+
+    Never an image it trained on (by content, whatever the folder or file name); on the training data itself,
+    exactly the recorded held-out images that are still there unchanged (whatever spelling of the path), or
+    CelebA's official test partition with --eval_split test."""
+    data = load_data({**trained_cfg, **{k: cfg[k] for k in ('data_dir', 'cache_dir', 'num_workers')}})
+    trained = set(record['train'].values())
+    where = 'the built-in photos' if data.source == BUILTIN_SOURCE else cfg['data_dir']
+    if split == 'test' and data.partition is None:
+        raise UsageError(f'--eval_split test: {where} has no {CELEBA_PARTITION} (CelebA\'s official partition); '
+                         f'evaluate with --eval_split val')
+    if data.partition is not None and (split == 'test' or data.source != record['source']):
+        candidates = [i for i, n in enumerate(data.names) if data.partition.get(n) == split]
+        what = f"images of CelebA's official {split} partition"
+    elif data.source == record['source']:
+        recorded = record['held_out']
+        present = [i for i, n in enumerate(data.names) if n in recorded]
+        candidates = [i for i in present if data.fingerprints[i] == recorded[data.names[i]]]
+        if len(candidates) < len(recorded):
+            print(f'of the {len(recorded)} images held out at training, {len(recorded) - len(present)} are gone and '
+                  f'{len(present) - len(candidates)} changed: scoring the {len(candidates)} unchanged ones')
+        what = 'images held out at training'
+    else:
+        candidates, what = list(range(len(data.names))), 'images'
+    scored = without_training_content(data, candidates, trained, what)
+    if not len(scored):
+        raise UsageError(f'{where}: no image left that the decoder did not train on; evaluate on other images')
+    return data.images, scored, [data.names[i] for i in scored], f'{len(scored)} {what} of {where}'

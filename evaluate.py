@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from pytorch_msssim import ms_ssim, ssim
 from pytorch_msssim.ssim import _fspecial_gauss_1d, _ssim
 
-from data import load_images, load_splits
+from data import held_out_images
 from models import build_attack, invert_features, test_noise
 from utils import UsageError, progress, save_csv, save_json
 
@@ -174,13 +174,9 @@ def mean_image_baseline(splits, batch_size=256):
     return {m: torch.cat(v) for m, v in results.items()}
 
 
-def evaluation_images(cfg, trained_cfg):
-    """The trained run's validation split when the data is the same; all images of a new --data_dir."""
-    if cfg['data_dir'] == trained_cfg['data_dir']:
-        splits = load_splits({**trained_cfg, 'cache_dir': cfg['cache_dir'], 'num_workers': cfg['num_workers']})
-        return splits.images, splits.val_idx, splits.val_names, f'validation split of {splits.description}'
-    images, names = load_images(cfg['data_dir'], cfg['image_size'], cfg['cache_dir'], cfg['num_workers'])
-    return images, torch.arange(len(images)), names, f'all {len(images)} images of {cfg["data_dir"]}'
+def evaluation_images(cfg, state):
+    """(images, indices, names, description) a checkpoint may be scored on: held out from its training."""
+    return held_out_images(cfg, state['config'], state['data'], cfg.get('eval_split', 'val'))
 
 
 def load_trained_attack(cfg, state, device):

@@ -13,14 +13,17 @@ from evaluate import ATTACKS, AttackPlan, attack_plan, evaluate_and_report, eval
 from models import ARCHS, DECODER_DEPTHS, DEFAULT_SPLIT, INTERPOLATIONS, SPLITS, build_attack, check_cut
 from sweep import SWEEPS, run_sweep
 from train import train
-from utils import (RunError, UsageError, fresh_run_dir, init_distributed, is_main_process, load_checkpoint,
-                   pick_device, rank_and_world, same_on_all_processes)
+from utils import (RUN_KEYS, RunError, UsageError, fresh_run_dir, init_distributed, is_main_process, load_checkpoint,
+                   make_deterministic, pick_device, rank_and_world, same_on_all_processes)
 from visualize import draw_all, plot_samples, run_visualize, sample_indices
 
 # Flags that define the attack's model: they must agree with a checkpoint that is being loaded.
 MODEL_KEYS = ('arch', 'split', 'pretrained', 'interpolation', 'decoder_depth', 'image_size', 'keep_channels',
               'channel_select', 'defence', 'defence_p', 'defence_k')
 MODES = ('train', 'resume', 'eval_pth', 'eval_ckpt', 'visualize', 'sweep')
+# Taken from this command, never from the checkpoint (the rest of RUN_KEYS only when given).
+CURRENT_KEYS = {'mode', 'model_path', 'device', 'save_dir', 'overwrite', 'num_samples', 'num_workers', 'cache_dir',
+                'eval_split'}
 BUILTIN_IMAGE_SIZE, USER_IMAGE_SIZE = 64, 320
 
 
@@ -35,6 +38,9 @@ def build_parser():
     mode.add_argument('--visualize', action='store_true', help='draw the figures for --model_path (.pth or .ckpt)')
     mode.add_argument('--sweep', choices=SWEEPS, help='train and evaluate one decoder per --sweep_values value')
     mode.add_argument('--model_path', help='a model.pth or ckpt_N.ckpt written by --train')
+    mode.add_argument('--eval_split', choices=('val', 'test'), default='val',
+                      help="what --eval_pth / --eval_ckpt / --visualize score on the training data: the images held "
+                           "out at training (val), or CelebA's official test partition (test)")
 
     victim = p.add_argument_group('victim (frozen, cut at --split)')
     victim.add_argument('--arch', choices=ARCHS, default='resnet18', help='torchvision classifier the device runs')
@@ -113,6 +119,9 @@ def build_parser():
     train.add_argument('--log_interval', type=int, default=5, help='epochs between ckpt_{epoch}.ckpt files')
     train.add_argument('--seed', type=int, default=0, help='seeds the split, the random victim, the decoder and the noise')
     train.add_argument('--device', choices=('auto', 'cuda', 'cpu'), default='auto', help='auto: CUDA when available')
+    train.add_argument('--deterministic', action='store_true',
+                       help='deterministic CUDA kernels (torch.use_deterministic_algorithms, cuBLAS workspace '
+                            'setting, no cuDNN autotuning): runs repeat bit for bit on a GPU too, somewhat slower')
     train.add_argument('--precision', choices=('bf16', 'fp32'), default='bf16',
                        help='bf16: bf16 autocast where the hardware has bf16 arithmetic (CUDA; CPUs with '
                             'AVX512-BF16 or AMX), else fp32; metrics are always computed in fp32')
@@ -175,6 +184,8 @@ def resolve_config(parser, args, argv):
     cfg['mode'] = modes[0]
     if cfg['sweep_values'] and cfg['mode'] != 'sweep':
         parser.error('--sweep_values needs --sweep')
+    if 'eval_split' in given and cfg['mode'] not in ('eval_pth', 'eval_ckpt', 'visualize'):
+        parser.error('--eval_split is for --eval_pth, --eval_ckpt and --visualize')
     state = None
     if cfg['mode'] not in ('train', 'sweep', 'attack'):
         if not cfg['model_path']:
@@ -183,13 +194,16 @@ def resolve_config(parser, args, argv):
             parser.error(f'--resume needs a training checkpoint (ckpt_N.ckpt), not {cfg["model_path"]}')
         state = load_checkpoint(cfg['model_path'], need_optimizer=cfg['mode'] == 'resume')
         saved = {**vars(parser.parse_args([])), **state['config']}  # flags newer than the file: their defaults
-        for key in MODEL_KEYS:
-            if key in given and cfg[key] != saved[key]:
+        resuming = cfg['mode'] == 'resume'  # goes on as it was trained: only how it runs, and its length, may change
+        fixed = given - RUN_KEYS - set(MODES) - {'num_epochs'} if resuming else set(MODEL_KEYS) & given
+        for key in sorted(fixed):
+            if not same_setting(key, cfg[key], saved[key]):
+                fix = ('--resume goes on as the run was trained; change it in a new --train run' if resuming else
+                       'drop the flag or pick another --model_path')
                 raise UsageError(f'--{key} {cfg[key]} contradicts the checkpoint {cfg["model_path"]}, trained with '
-                                 f'{key}={saved[key]}; drop the flag or pick another --model_path')
-        run_keys = {'mode', 'model_path', 'device', 'save_dir', 'overwrite', 'num_samples', 'num_workers', 'cache_dir'}
-        run_keys |= given if cfg['mode'] != 'resume' else {'num_epochs'} & given
-        cfg = {**saved, **{k: cfg[k] for k in run_keys}}
+                                 f'{key}={saved[key]}; {fix}')
+        applied = CURRENT_KEYS | (RUN_KEYS & given) | ({'num_epochs'} & given if resuming else given)
+        cfg = {**saved, **{k: cfg[k] for k in applied}}
         if 'save_dir' not in given:
             cfg['save_dir'] = os.path.dirname(os.path.abspath(cfg['model_path']))
     else:
@@ -199,10 +213,19 @@ def resolve_config(parser, args, argv):
     return cfg, state
 
 
+def same_setting(key, given, saved):
+    """A flag agrees with the checkpoint; paths by the folder they name (data, ./data and data/ agree)."""
+    if key in ('data_dir', 'weights') and given and saved:
+        return os.path.realpath(given) == os.path.realpath(saved)
+    return given == saved
+
+
 def run(argv):
     parser = build_parser()
     args = parser.parse_args(argv)
     cfg, state = resolve_config(parser, args, argv)
+    if cfg['deterministic']:
+        make_deterministic()
     device = pick_device(cfg['device'])
     if init_distributed(device):
         world = rank_and_world()[1]
@@ -245,12 +268,12 @@ def dispatch(cfg, state, device):
             run_attack(attack, splits.images, splits.val_idx, splits.val_names, cfg, description)
     elif cfg['mode'] == 'attack':
         splits = load_splits(cfg)
-        run_attack(build_attack(cfg, device), splits.images, splits.val_idx, splits.val_names, cfg,
-                   f'validation split of {splits.description}')
+        attack = build_attack(cfg, device, splits.calibration_images(cfg['batch_size']))
+        run_attack(attack, splits.images, splits.val_idx, splits.val_names, cfg, f'validation split of {splits.description}')
     elif cfg['mode'] == 'sweep':
         run_sweep(cfg, device)
     elif cfg['mode'] in ('eval_pth', 'eval_ckpt'):
-        images, indices, names, description = evaluation_images(cfg, state['config'])
+        images, indices, names, description = evaluation_images(cfg, state)
         print(f'evaluating {cfg["model_path"]} (epoch {state["epoch"]}) on {description}')
         run_attack(load_trained_attack(cfg, state, device), images, indices, names, cfg, description,
                    {'model_path': os.path.abspath(cfg['model_path']), 'epoch': state['epoch']})

@@ -119,8 +119,8 @@ def build_victim(arch, split, pretrained=False, weights_path=None, seed=0):
 
 def probe_feature_shape(arch, split, image_size):
     """(C, H, W) at the cut, found on the meta device: no weights, no compute, milliseconds (for flag checks)."""
-    with torch.device('meta'):
-        encoder, _ = cut(torchvision.models.get_model(arch, weights=None), arch, split)
+    with torch.device('meta'):  # eval mode, as the victim runs: a 1x1 map cannot be batch-normalised in training mode
+        encoder, _ = cut(torchvision.models.get_model(arch, weights=None).eval(), arch, split)
         return tuple(encoder(torch.zeros(1, 3, image_size, image_size)).shape[1:])
 
 
@@ -224,8 +224,8 @@ def sparsify(features, defence, generator=None):
         return features * kept / (1 - defence.amount)
     flat = features.flatten(1)
     k = min(keep_count(defence.amount, flat.shape[1]), flat.shape[1])
-    threshold = flat.abs().topk(k, dim=1).values[:, -1:]
-    return (flat * (flat.abs() >= threshold)).view_as(features)
+    kept = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, flat.abs().topk(k, dim=1).indices, True)
+    return (flat * kept).view_as(features)  # exactly k per sample, even where magnitudes tie
 
 
 def add_noise(x, noise, generator):
@@ -329,9 +329,10 @@ class SplitAttack:
 
     @torch.no_grad()
     def classify(self, features):
-        """The victim's logits from a tensor that crossed the cut (the server's half of the inference)."""
-        with self.autocast():
-            return self.victim.classify(features).float()
+        """The victim's logits from a tensor that crossed the cut (the server's half of the inference), in fp32:
+        they are the victim's utility metrics, which bf16 rounding would blur."""
+        with torch.autocast(self.device.type, enabled=False):
+            return self.victim.classify(features.float())
 
 
 def total_variation(images):
@@ -372,8 +373,12 @@ def test_noise(cfg):
     return Noise(cfg['noise_at'], cfg['test_noise_mean'], cfg['test_noise_var']) if cfg['test_noise'] else None
 
 
-def build_attack(cfg, device):
-    """Victim and decoder as the configuration describes them; decoder initialised from cfg['seed']."""
+def build_attack(cfg, device, calibration_images=None):
+    """Victim, decoder and defences as the configuration describes them; decoder initialised from cfg['seed'].
+
+    --keep_channels' channels are chosen once per run, on `calibration_images` (uint8, training images), and
+    stored in cfg['channel_indices'], so that every attack of the run and every later evaluation sees the same
+    sent tensor."""
     victim = build_victim(cfg['arch'], cfg['split'], cfg['pretrained'], cfg['weights'], cfg['seed'])
     expected = cfg.get('victim_fingerprint')
     if expected is not None and not math.isclose(victim.fingerprint(), expected, rel_tol=1e-6):
@@ -383,6 +388,13 @@ def build_attack(cfg, device):
     shape = feature_shape(victim, cfg['image_size'])
     decoder = build_decoder(shape, cfg['image_size'], cfg['interpolation'], cfg['decoder_depth'])
     attack = SplitAttack(victim, decoder, device, bf16=cfg['precision'] == 'bf16', compile=cfg.get('compile', False))
+    if cfg['keep_channels'] is not None and cfg.get('channel_indices') is None:
+        if calibration_images is None:
+            raise ValueError('--keep_channels needs calibration images to choose its channels')
+        calibration = attack.encode(attack.to_images(calibration_images)).cpu()
+        count = keep_count(cfg['keep_channels'], shape[0])
+        cfg['channel_indices'] = select_channels(cfg['channel_select'], count, calibration, cfg['seed'])
+        print(f'defence: the device sends {count} of {shape[0]} channels ({cfg["channel_select"]}), the rest as zeros')
     if cfg.get('channel_indices') is not None:
         attack.keep_only(cfg['channel_indices'], shape[0])
     if cfg.get('defence', 'none') != 'none':

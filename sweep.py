@@ -10,7 +10,7 @@ from evaluate import (ATTACKS, attack_plan, attack_slug, evaluate_and_report, lo
                       recover, utility_note)
 from models import SPLITS, build_attack, check_cut, probe_feature_shape, test_noise
 from train import train
-from utils import UsageError, atomic_write_bytes, fresh_run_dir, load_checkpoint, save_csv, save_json
+from utils import RUN_KEYS, UsageError, atomic_write_bytes, fresh_run_dir, load_checkpoint, save_csv, save_json
 from visualize import plot_privacy_utility, plot_sweep, plot_sweep_samples, sample_indices
 
 SWEEPS = ('split', 'keep_channels', 'noise_var', 'attack', 'defence')
@@ -19,10 +19,11 @@ DEFAULT_VALUES = {'keep_channels': ('1', '0.5', '0.25', '0.125', '0.0625'),
                   'attack': ATTACKS,
                   'defence': ('none', 'noise:0.1', 'noise:1', 'keep_channels:0.5', 'keep_channels:0.25',
                               'dropout:0.25', 'dropout:0.5', 'dropout:0.75', 'topk:0.5', 'topk:0.1')}
+ATTACK_KEYS = ('attack', 'attack_steps', 'attack_lr', 'tv_weight')  # how a trained decoder's run is attacked
 DEFENCES = ('none', 'noise', 'keep_channels', 'dropout', 'topk')  # --sweep defence values: kind:strength
-# Settings of how a run is carried out, not of what it computes: they may differ between a sweep and its resume.
-RUN_KEYS = {'mode', 'save_dir', 'overwrite', 'device', 'num_workers', 'cache_dir', 'model_path', 'num_samples',
-            'channel_indices', 'victim_fingerprint', 'sweep_values', 'compile'}
+# Not compared when a finished value is recognised: how runs are carried out, and what a run derives itself.
+DERIVED_KEYS = ('channel_indices', 'victim_fingerprint')
+IGNORED_KEYS = RUN_KEYS | set(DERIVED_KEYS) | {'sweep_values'}
 
 
 def parse_defence(value):
@@ -119,7 +120,7 @@ def decoder_run(cfg, run):
 
 
 def comparable(cfg):
-    return {k: v for k, v in cfg.items() if k not in RUN_KEYS}
+    return {k: v for k, v in cfg.items() if k not in IGNORED_KEYS}
 
 
 def read_json(path):
@@ -169,7 +170,7 @@ def row_label(cfg, row):
     return f'{row["defence"]} {row["strength"]}'.strip() if cfg['sweep'] == 'defence' else row[cfg['sweep']]
 
 
-def markdown_table(rows, cfg, description):
+def markdown_table(rows, cfg, description, reused=()):
     victim = 'ImageNet weights' if cfg['pretrained'] else ('--weights' if cfg['weights'] else 'random-initialised')
     label_columns = ('defence', 'strength') if cfg['sweep'] == 'defence' else (cfg['sweep'],)
     lines = [f'Sweep of `{cfg["sweep"]}`: {cfg["arch"]} ({victim})'
@@ -189,26 +190,33 @@ def markdown_table(rows, cfg, description):
                      'each defence is on while the decoder trains and when it is measured (an adaptive attacker); '
                      'noise is on the intercepted tensor, variance as given; dropout scales survivors by 1/(1-p); '
                      'topk keeps that fraction of the elements of each sample')
+    if reused:
+        notes.append(f'rows read from an earlier, unfinished run of this sweep, not re-run: {", ".join(reused)}')
     lines += ['', '. '.join(notes) + '.', '']
     return '\n'.join(lines)
 
 
-def attack_for(run, device):
-    """The attack of a finished run: its trained decoder when it has one, else the victim alone."""
-    path = os.path.join(run['save_dir'], 'model.pth')
-    if not os.path.exists(path):
-        return build_attack(run, device)
+def evaluated_attack(cfg, run, device):
+    """(attack, train / validation images) of the value `run`: the white-box attack on the victim alone, or the
+    decoder its training run saved (on the images that run recorded), with `run`'s attack settings."""
+    if run['attack'] == 'optimize':
+        splits = load_splits(run)
+        return build_attack(run, device, splits.calibration_images(run['batch_size'])), splits
+    path = os.path.join(decoder_run(cfg, run)['save_dir'], 'model.pth')
     state = load_checkpoint(path)
-    return load_trained_attack({**state['config'], **{k: run[k] for k in ('attack', 'attack_steps', 'attack_lr',
-                                                                        'tv_weight')}, 'model_path': path}, state, device)
+    run.update({k: state['config'].get(k) for k in DERIVED_KEYS})  # what the decoder's run chose is this run's too
+    attack = load_trained_attack({**state['config'], **{k: run[k] for k in ATTACK_KEYS}, 'model_path': path},
+                                 state, device)
+    return attack, load_splits(run, state['data'])
 
 
 @torch.no_grad()
 def sample_reconstructions(cfg, runs, images, device):
-    """Each value's reconstruction of the same images (with that value's attack and test-time defences)."""
+    """Each value's reconstruction of the same images (with that value's attack and test-time defences); `runs`
+    are the configurations the values were evaluated with (their channels chosen)."""
     rows = []
     for run in runs:
-        attack = attack_for(decoder_run(cfg, run) if run['attack'] != 'optimize' else run, device)
+        attack = evaluated_attack(cfg, run, device)[0]
         attack.decoder.eval()
         target = attack.to_images(images)
         sent = attack.send(target, test_noise(run), attack.noise_generator(0))
@@ -217,18 +225,18 @@ def sample_reconstructions(cfg, runs, images, device):
 
 
 def run_value(cfg, run, device):
-    """Train (or reuse) the decoder this value needs, then evaluate the value's attack; returns its eval json."""
-    if run['attack'] == 'optimize':  # the white-box attack needs no decoder
-        attack, splits = build_attack(run, device), load_splits(run)
-    else:
+    """Train the decoder this value needs unless a finished one is shared, then evaluate the value's attack;
+    returns its eval json."""
+    if run['attack'] != 'optimize':  # the white-box attack needs no decoder
         trainee = decoder_run(cfg, run)
-        if trainee is not run and finished_result(trainee) is not None:
-            attack, splits = attack_for(trainee, device), load_splits(run)
-        else:
+        if trainee is run or finished_result(trainee) is None:
             attack, splits, _, _ = train(trainee, device)
-            if trainee is not run:  # the shared decoder's own evaluation marks it as done
-                evaluate_and_report(attack, splits.images, splits.val_idx, splits.val_names, trainee,
-                                    f'validation split of {splits.description}', {'sweep': cfg['sweep']})
+            evaluate_and_report(attack, splits.images, splits.val_idx, splits.val_names, trainee,
+                                f'validation split of {splits.description}', {'sweep': cfg['sweep']},
+                                attack_plan(trainee))
+            if trainee is run:
+                return finished_result(run)
+    attack, splits = evaluated_attack(cfg, run, device)
     evaluate_and_report(attack, splits.images, splits.val_idx, splits.val_names, run,
                         f'validation split of {splits.description}', {'sweep': cfg['sweep']}, attack_plan(run))
     return finished_result(run)
@@ -239,27 +247,30 @@ def run_sweep(cfg, device):
     cfg['save_dir'] = sweep_dir(cfg)
     save_json({'sweep': cfg['sweep'], 'values': [value_label(v) for v in values], 'config': cfg},
               os.path.join(cfg['save_dir'], 'sweep.json'))
-    runs, rows = [value_config(cfg, v) for v in values], []
+    runs, rows, results, reused = [value_config(cfg, v) for v in values], [], [], []
     for i, (value, run) in enumerate(zip(values, runs)):
         result = finished_result(run)
         if result is not None:
             print(f'sweep {cfg["sweep"]} {i + 1}/{len(values)}: {value_label(value)} already done, read from '
                   f'{run["save_dir"]}')
+            reused.append(value_label(value))
         else:
             print(f'sweep {cfg["sweep"]} {i + 1}/{len(values)}: {cfg["sweep"]}={value_label(value)}')
             os.makedirs(run['save_dir'], exist_ok=True)
             result = run_value(cfg, run, device)
+        results.append(result)
         rows.append(table_row(cfg, value, result))
-    splits = load_splits(runs[0])
+    evaluated = [{**run, **result['config']} for run, result in zip(runs, results)]
+    splits = evaluated_attack(cfg, evaluated[0], device)[1]
     description = f'validation split of {splits.description}'
     save_csv(rows, os.path.join(cfg['save_dir'], 'sweep.csv'))
-    atomic_write_bytes(os.path.join(cfg['save_dir'], 'sweep.md'), markdown_table(rows, cfg, description).encode())
+    atomic_write_bytes(os.path.join(cfg['save_dir'], 'sweep.md'), markdown_table(rows, cfg, description, reused).encode())
     labels = [row_label(cfg, r) for r in rows]
     plot = plot_privacy_utility if cfg['sweep'] in ('attack', 'defence') else plot_sweep
     plot(rows, labels, cfg, os.path.join(cfg['save_dir'], 'sweep.png'))
     chosen = splits.val_idx[sample_indices(len(splits.val_idx), cfg['num_samples'])]
     images = splits.images[chosen]
-    plot_sweep_samples(images, sample_reconstructions(cfg, runs, images, device), labels,
+    plot_sweep_samples(images, sample_reconstructions(cfg, evaluated, images, device), labels,
                        [splits.names[i] for i in chosen], cfg, os.path.join(cfg['save_dir'], 'sweep_samples.png'))
-    print(markdown_table(rows, cfg, description))
+    print(markdown_table(rows, cfg, description, reused))
     return rows

@@ -13,10 +13,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 from data import load_splits
 from evaluate import evaluate, format_summary, mean_image_baseline, msssim_note, summarise
-from models import build_attack, keep_count, select_channels, test_noise, train_noise
-from utils import Interrupted, RunError, is_main_process, progress, rank_and_world, save_json, save_torch
+from models import build_attack, test_noise, train_noise
+from utils import Interrupted, RunError, UsageError, is_main_process, progress, rank_and_world, save_json, save_torch
 
-CHECKPOINT_FORMAT = 'recon-attack/1'
+CHECKPOINT_FORMAT = 'recon-attack/2'  # 2: the images trained on and held out are recorded under 'data'
 
 
 def make_optimizer(cfg, params, device):
@@ -49,14 +49,21 @@ def cache_features(attack, images, indices, batch_size, max_bytes):
     return cache
 
 
-@torch.no_grad()
-def choose_channels(attack, splits, cfg):
-    """--keep_channels: (the channels the device sends, fixed for the run and stored in the checkpoint's config,
-    the number of channels at the cut)."""
-    calibration = attack.encode(attack.to_images(splits.images[splits.train_idx[:cfg['batch_size']]])).cpu()
-    channels = calibration.shape[1]
-    count = keep_count(cfg['keep_channels'], channels)
-    return select_channels(cfg['channel_select'], count, calibration, cfg['seed']), channels
+def training_loss(recon, images, activations, cfg):
+    """Pixel MSE against the [0, 1] image, plus the --sparse L1 penalty on the decoder's activations."""
+    loss = F.mse_loss(recon, images)
+    if cfg['sparse']:
+        loss = loss + cfg['sparse_reg'] * sum(a.abs().mean() for a in activations)
+    return loss
+
+
+def gather_from_processes(value):
+    """[each torchrun process's `value`] in rank order ([value] in a single process)."""
+    if rank_and_world()[1] == 1:
+        return [value]
+    gathered = [None] * rank_and_world()[1]
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
 def mean_over_processes(value):
@@ -124,10 +131,11 @@ def train_one_epoch(attack, splits, cache, cfg, optimizer, epoch, stop=None, res
     order = torch.randperm(n, generator=data_order)
     starts = range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size)  # full batches for BatchNorm
     total, count, first = torch.zeros((), device=attack.device), 0, 0
-    if resume is not None:
-        total += resume['loss_sum']
+    if resume is not None:  # each process goes on from its own running loss and noise generator
+        mine = resume['processes'][rank]
+        total += mine['loss_sum']
         count, first = resume['count'], resume['step']
-        noise_rng.set_state(resume['noise_rng'])
+        noise_rng.set_state(mine['noise_rng'])
     with progress(starts[first:], desc=f'epoch {epoch + 1}/{cfg["num_epochs"]}') as bar:
         for step, start in enumerate(bar, start=first):
             positions = order[start:start + batch_size][rank::world]
@@ -138,10 +146,7 @@ def train_one_epoch(attack, splits, cache, cfg, optimizer, epoch, stop=None, res
                 features = cache[positions.to(cache.device)].to(attack.device, non_blocking=True)
             features = attack.defend(features, noise, noise_rng)
             activations = [] if cfg['sparse'] else None
-            recon = attack.decode(features, activations, training=True)
-            loss = F.mse_loss(recon, images)
-            if cfg['sparse']:  # sparse-autoencoder option: L1 on the decoder's activations
-                loss = loss + cfg['sparse_reg'] * sum(a.abs().mean() for a in activations)
+            loss = training_loss(attack.decode(features, activations, training=True), images, activations, cfg)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -155,24 +160,26 @@ def train_one_epoch(attack, splits, cache, cfg, optimizer, epoch, stop=None, res
                                    f'written so far are intact')
                 bar.set_postfix(loss=f'{mean_loss:.4f}')
             if stop is not None and step < len(starts) - 1 and stop.requested(step):
-                raise StoppedInEpoch({'step': step + 1, 'of': len(starts), 'loss_sum': total.item(), 'count': count,
-                                      'noise_rng': noise_rng.get_state().cpu()})
+                mine = {'loss_sum': total.item(), 'noise_rng': noise_rng.get_state().cpu()}
+                raise StoppedInEpoch({'step': step + 1, 'of': len(starts), 'count': count,
+                                      'processes': gather_from_processes(mine)})
     return mean_loss
 
 
-def checkpoint(attack, cfg, history, epoch, optimizer=None, scheduler=None):
+def checkpoint(attack, splits, cfg, history, epoch, optimizer=None, scheduler=None):
     state = {'format': CHECKPOINT_FORMAT, 'config': cfg, 'epoch': epoch, 'history': history,
-             'decoder': attack.decoder.state_dict()}
+             'decoder': attack.decoder.state_dict(), 'data': splits.record()}
     if optimizer is not None:
         state['optimizer'] = optimizer.state_dict()
         state['scheduler'] = scheduler.state_dict() if scheduler is not None else None
     return state
 
 
-def save_and_stop(attack, cfg, history, epoch, optimizer, scheduler, progress, reason):
-    """interrupted.ckpt holds everything to go on exactly where training stopped; then exit with the command."""
+def save_and_stop(attack, splits, cfg, history, epoch, optimizer, scheduler, progress, reason):
+    """interrupted.ckpt holds everything to go on exactly where training stopped (each process's running loss
+    and noise generator included); then exit with the command."""
     path = os.path.join(cfg['save_dir'], 'interrupted.ckpt')
-    state = checkpoint(attack, cfg, history, epoch, optimizer, scheduler)
+    state = checkpoint(attack, splits, cfg, history, epoch, optimizer, scheduler)
     state['partial_epoch'] = progress
     save_if_main(save_torch, state, path)
     where = f'in epoch {epoch + 1} after step {progress["step"]} of {progress["of"]}' if progress else f'after epoch {epoch}'
@@ -201,12 +208,12 @@ def history_row(epoch, train_loss, summary, optimizer, seconds):
             'ms_ssim': summary['ms_ssim']['mean'], 'lr': optimizer.param_groups[0]['lr'], 'seconds': seconds}
 
 
-def load_splits_once(cfg):
+def load_splits_once(cfg, record=None):
     """Under torchrun rank 0 decodes the images into the cache first; the other processes then read it."""
     distributed, main = rank_and_world()[1] > 1, is_main_process()
     if distributed and not main:
         dist.barrier()
-    splits = load_splits(cfg)
+    splits = load_splits(cfg, record)
     if distributed and main:
         dist.barrier()
     return splits
@@ -228,19 +235,24 @@ def save_if_main(save, obj, path):
         save(obj, path)
 
 
+def check_processes(resume_state):
+    """A run stopped mid-epoch goes on only with as many processes as it had: each has its own state."""
+    partial = (resume_state or {}).get('partial_epoch')
+    if partial and len(partial['processes']) != rank_and_world()[1]:
+        n = len(partial['processes'])
+        raise UsageError(f'this checkpoint was stopped mid-epoch by {n} process(es): resume it with '
+                         + (f'torchrun --nproc_per_node {n}' if n > 1 else 'a single process'))
+
+
 def train(cfg, device, resume_state=None):
     """Train (or resume) the decoder; writes metrics.json, ckpt_{epoch}.ckpt and model.pth into cfg['save_dir']."""
     save_dir = cfg['save_dir']
     os.makedirs(save_dir, exist_ok=True)
-    splits = load_splits_once(cfg)
+    check_processes(resume_state)
+    splits = load_splits_once(cfg, resume_state and resume_state['data'])
     print(f'data: {splits.description}')
-    attack = build_attack(cfg, device)
+    attack = build_attack(cfg, device, splits.calibration_images(cfg['batch_size']))
     cfg['victim_fingerprint'] = attack.victim.fingerprint()
-    if cfg['keep_channels'] is not None and cfg.get('channel_indices') is None:
-        cfg['channel_indices'], channels = choose_channels(attack, splits, cfg)
-        attack.keep_only(cfg['channel_indices'], channels)
-        print(f'defence: the device sends {len(cfg["channel_indices"])} of {channels} channels '
-              f'({cfg["channel_select"]}), the rest as zeros')
     distribute(attack, cfg)
     optimizer = make_optimizer(cfg, attack.decoder.parameters(), device)
     scheduler = make_scheduler(cfg, optimizer)
@@ -270,7 +282,7 @@ def train(cfg, device, resume_state=None):
             try:
                 train_loss = train_one_epoch(attack, splits, cache, cfg, optimizer, epoch, stop, partial)
             except StoppedInEpoch as stopped:
-                save_and_stop(attack, cfg, history, epoch, optimizer, scheduler, stopped.progress, stop.signal)
+                save_and_stop(attack, splits, cfg, history, epoch, optimizer, scheduler, stopped.progress, stop.signal)
             partial = None
             if scheduler is not None:
                 scheduler.step()
@@ -281,9 +293,10 @@ def train(cfg, device, resume_state=None):
             save_if_main(save_json, {'config': cfg, 'baselines': baselines, 'history': history},
                          os.path.join(save_dir, 'metrics.json'))
             if (epoch + 1) % cfg['log_interval'] == 0 or epoch + 1 == cfg['num_epochs']:
-                save_if_main(save_torch, checkpoint(attack, cfg, history, epoch + 1, optimizer, scheduler),
+                save_if_main(save_torch, checkpoint(attack, splits, cfg, history, epoch + 1, optimizer, scheduler),
                              os.path.join(save_dir, f'ckpt_{epoch + 1}.ckpt'))
             if epoch + 1 < cfg['num_epochs'] and stop.requested():
-                save_and_stop(attack, cfg, history, epoch + 1, optimizer, scheduler, None, stop.signal)
-    save_if_main(save_torch, checkpoint(attack, cfg, history, cfg['num_epochs']), os.path.join(save_dir, 'model.pth'))
+                save_and_stop(attack, splits, cfg, history, epoch + 1, optimizer, scheduler, None, stop.signal)
+    save_if_main(save_torch, checkpoint(attack, splits, cfg, history, cfg['num_epochs']),
+                 os.path.join(save_dir, 'model.pth'))
     return attack, splits, history, baselines

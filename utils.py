@@ -11,6 +11,12 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 
+# Settings of how a run is carried out, not of what it computes: they may differ from a checkpoint's (resume,
+# evaluation) and between a sweep and its resume.
+RUN_KEYS = frozenset({'mode', 'model_path', 'device', 'save_dir', 'overwrite', 'num_samples', 'num_workers',
+                      'cache_dir', 'feature_cache_gb', 'log_interval', 'compile', 'deterministic', 'eval_split'})
+
+
 class UsageError(Exception):
     """Bad input the user can fix: main prints it on one line and exits with status 2."""
 
@@ -73,6 +79,16 @@ def pick_device(name):
     return device
 
 
+def make_deterministic():
+    """Deterministic kernels on CUDA too (the CPU's are already). cuBLAS needs its workspace setting before its
+    first use; an operation that has no deterministic CUDA kernel (bicubic upsampling's and adaptive pooling's
+    backward) makes PyTorch warn instead of failing the run."""
+    os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
 def init_distributed(device):
     """One process per GPU under torchrun (gloo on the CPU); returns False when not launched by torchrun."""
     if int(os.environ.get('WORLD_SIZE', 1)) == 1:
@@ -132,6 +148,9 @@ def load_checkpoint(path, need_optimizer=False):
         raise UsageError(f'--model_path {path}: not a checkpoint (not written by torch.save, or damaged)') from None
     if not isinstance(state, dict) or not {'config', 'decoder'} <= set(state):
         raise UsageError(f'--model_path {path}: not a recon-attack checkpoint (no config and decoder inside)')
+    if 'data' not in state:
+        raise UsageError(f'--model_path {path}: written by an older recon-attack that did not record which images it '
+                         f'trained on, so none can be scored as held out; train it again')
     if need_optimizer and 'optimizer' not in state:
         raise UsageError(f'--model_path {path}: holds no optimizer state (a model.pth); resume from a ckpt_N.ckpt')
     return state

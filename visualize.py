@@ -208,7 +208,7 @@ def draw_all(attack, images, indices, names, cfg, history, save_dir, psnr_values
 
 def run_visualize(cfg, state, device):
     attack = load_trained_attack(cfg, state, device)
-    images, indices, names, description = evaluation_images(cfg, state['config'])
+    images, indices, names, description = evaluation_images(cfg, state)
     print(f'drawing {cfg["model_path"]} (epoch {state["epoch"]}) on {description}')
     return draw_all(attack, images, indices, names, cfg, state.get('history'), cfg['save_dir'])
 

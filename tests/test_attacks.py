@@ -5,10 +5,12 @@ import json
 import pytest
 import torch
 
+import evaluate as evaluate_module
+import main as cli
 from conftest import run_cli, tiny_config
 from data import load_splits
 from evaluate import AttackPlan, evaluate, mean_image_baseline, summarise
-from models import Sparsify, build_attack, invert_features, sparsify
+from models import Sparsify, build_attack, invert_features, sparsify, total_variation
 
 CPU = torch.device('cpu')
 TINY = ('--image_size', '32', '--batch_size', '16', '--num_batches', '22', '--num_epochs', '1',
@@ -25,15 +27,23 @@ def test_optimisation_attack_beats_the_mean_image_with_its_default_steps(tmp_pat
     assert optimised['ssim']['mean'] > baseline['ssim']['mean']
 
 
-def test_optimisation_leaves_the_victim_untouched(tmp_path):
-    attack = build_attack(tiny_config(tmp_path, split='layer1'), CPU)
+def test_optimisation_moves_only_the_image_and_towards_the_sent_tensor(tmp_path):
+    attack = build_attack(tiny_config(tmp_path, split='layer1', precision='fp32'), CPU)
     before = {k: v.clone() for k, v in attack.victim.state_dict().items()}
     images = torch.rand(4, 3, 32, 32)
-    recovered = invert_features(attack, attack.send(images), torch.full_like(images, 0.5), 20, 0.2, 0.3)
+    sent, start = attack.send(images), torch.full_like(images, 0.5)
+    sent_before, start_before = sent.clone(), start.clone()
+
+    def objective(x):  # the rMLE loss, written out here
+        with torch.no_grad():
+            error = (attack.victim.encode(x) - sent).pow(2).flatten(1).sum(1) / sent.pow(2).flatten(1).sum(1)
+        return error + 0.3 * total_variation(x)
+    recovered = invert_features(attack, sent, start, 20, 0.2, 0.3)
     assert recovered.shape == images.shape and 0 <= recovered.min() and recovered.max() <= 1
-    assert all(torch.equal(before[k], v) for k, v in attack.victim.state_dict().items())
-    assert all(p.grad is None for p in attack.victim.parameters())
-    assert not attack.victim.training
+    assert (objective(recovered) < 0.5 * objective(start)).all()  # the gradient reached every image
+    assert torch.equal(sent, sent_before) and torch.equal(start, start_before)
+    assert all(torch.equal(before[k], v) for k, v in attack.victim.state_dict().items())  # weights, BN buffers
+    assert not attack.victim.training and not any(p.requires_grad for p in attack.victim.parameters())
 
 
 def test_harmless_dropout_and_topk_leave_the_tensor_unchanged():
@@ -55,6 +65,44 @@ def test_dropout_zeroes_about_that_fraction_and_topk_keeps_the_largest():
     smallest_kept = kept.abs().flatten(1).masked_fill(kept.flatten(1) == 0, float('inf')).min(1).values
     largest_dropped = features.abs().flatten(1).masked_fill(kept.flatten(1) != 0, 0).max(1).values
     assert (smallest_kept >= largest_dropped).all()
+
+
+def test_topk_sends_exactly_k_elements_even_when_magnitudes_tie():
+    tied = torch.ones(2, 4, 3, 3)
+    assert (sparsify(tied, Sparsify('topk', 5)) != 0).flatten(1).sum(1).tolist() == [5, 5]
+    rounded = torch.randn(6, 32, 8, 8, generator=torch.Generator().manual_seed(0)).bfloat16().float()
+    assert rounded[0].abs().unique().numel() < rounded[0].numel()  # bf16 rounding makes ties
+    kept = sparsify(rounded, Sparsify('topk', 0.1))
+    assert (kept != 0).flatten(1).sum(1).tolist() == [round(0.1 * 32 * 8 * 8)] * 6
+
+
+def test_every_attack_receives_the_same_defended_tensor(tmp_path, monkeypatch, capsys):
+    """Each evaluation (during training, after it, the attack sweep's rows, --attack optimize alone) scores the
+    32 validation crops in two batches; every attack must get the same sent tensor for each batch."""
+    received = []
+    real_recover = evaluate_module.recover
+
+    def spy(attack, sent, plan, shape):
+        received.append((plan.kind, sent.clone()))
+        return real_recover(attack, sent, plan, shape)
+    monkeypatch.setattr(evaluate_module, 'recover', spy)
+    monkeypatch.chdir(tmp_path)
+    defences = ('--keep_channels', '0.5', '--defence', 'dropout', '--defence_p', '0.3', '--noise_at', 'features',
+                '--aug', '--test_noise', '--test_noise_var', '0.05')
+    common = (*TINY, '--attack_steps', '2', *defences, '--cache_dir', str(tmp_path / 'cache'))
+    cli.main(['--sweep', 'attack', *common, '--save_dir', 'sweep'])
+    cli.main(['--attack', 'optimize', *common, '--save_dir', 'alone'])
+    cli.main(['--train', '--attack', 'decoder+optimize', *common, '--save_dir', 'train'])
+    assert {kind for kind, _ in received} == {'decoder', 'optimize', 'decoder+optimize'}
+    assert len(received) % 2 == 0
+    for batch in (0, 1):
+        first = received[batch][1]
+        for kind, sent in received[batch::2]:
+            assert torch.equal(sent, first), kind
+    channels_sent = (first.abs().sum((0, 2, 3)) > 0).sum().item()
+    assert channels_sent == 64  # half of resnet18's 128 at layer2
+    with open(tmp_path / 'sweep' / 'sweep.csv') as f:
+        assert [int(r['channels_sent']) for r in csv.DictReader(f)] == [64, 64, 64]
 
 
 def test_optimize_alone_is_a_run_that_needs_no_decoder(tmp_path):

@@ -68,6 +68,25 @@ def test_evaluation_reproduces_the_final_validation_metrics(workdir, mode, filen
     assert sum(float(r['psnr']) for r in rows) / 32 == pytest.approx(final['psnr'], abs=1e-3)
 
 
+def test_resume_accepts_flags_that_agree_with_the_checkpoint_or_only_change_how_it_runs(workdir):
+    run_cli(workdir, '--resume', '--model_path', 'run/ckpt_1.ckpt', '--lr', '0.001', '--batch_size', '16',
+            '--log_interval', '1', '--save_dir', 'resumed_same')
+    assert (workdir / 'resumed_same' / 'ckpt_2.ckpt').is_file()
+
+
+def test_deterministic_turns_on_deterministic_kernels(tmp_path, monkeypatch, main_here):
+    monkeypatch.delenv('CUBLAS_WORKSPACE_CONFIG', raising=False)
+    try:
+        assert main_here(tmp_path, '--attack', 'optimize', '--attack_steps', '1', *TINY, '--deterministic',
+                         '--save_dir', 'det').returncode == 0
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        assert os.environ['CUBLAS_WORKSPACE_CONFIG'] == ':4096:8'
+        assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.deterministic
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
+
+
 def test_resume_from_epoch_one_matches_the_uninterrupted_run(workdir):
     run_cli(workdir, '--resume', '--model_path', 'run/ckpt_1.ckpt', '--save_dir', 'resumed')
     uninterrupted, resumed = history(workdir / 'run' / 'metrics.json'), history(workdir / 'resumed' / 'metrics.json')
@@ -115,9 +134,16 @@ def test_running_the_main_command_twice_keeps_the_first_run(workdir):
     (('--train', '--keep_channels', '500'), '--keep_channels 500: resnet18 cut at layer2 sends only 128 channels'),
     (('--sweep', 'split', '--sweep_values', 'layer1', 'block3'), 'block3 not a split of resnet18'),
     (('--train', '--sweep_values', '1'), '--sweep_values needs --sweep'),
+    (('--resume', '--model_path', 'run/ckpt_1.ckpt', '--lr', '0.1'),
+     '--lr 0.1 contradicts the checkpoint run/ckpt_1.ckpt, trained with lr=0.001; --resume goes on as the run was'),
+    (('--resume', '--model_path', 'run/ckpt_1.ckpt', '--data_dir', 'elsewhere'), '--data_dir elsewhere contradicts'),
+    (('--resume', '--model_path', 'run/ckpt_1.ckpt', '--batch_size', '8'), '--batch_size 8 contradicts'),
+    (('--eval_pth', '--model_path', 'run/model.pth', '--eval_split', 'test'),
+     '--eval_split test: the built-in photos has no list_eval_partition.txt'),
+    (('--train', '--eval_split', 'test'), '--eval_split is for --eval_pth, --eval_ckpt and --visualize'),
 ])
-def test_bad_flags_exit_2_with_one_line(workdir, args, message):
-    result = run_cli(workdir, *args, check=False)
+def test_bad_flags_exit_2_with_one_line(workdir, main_here, args, message):
+    result = main_here(workdir, *args)
     assert result.returncode == 2
     assert message in result.stderr
     assert 'Traceback' not in result.stderr

@@ -1,20 +1,16 @@
 import zipfile
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from conftest import write_photos
 from data import SAMPLE_VAL_PHOTOS, builtin_splits, list_images, load_images, split_indices
 from utils import UsageError
 
 
-def write_images(folder, count, size=(40, 30)):
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for i in range(count):
-        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(folder / f'img{i:02d}.png')
-    return folder
+def write_images(folder, count):
+    return write_photos(folder, [f'img{i:02d}.png' for i in range(count)], size=(40, 30))
 
 
 def test_split_is_reproducible_disjoint_and_ten_to_one():
@@ -44,12 +40,13 @@ def test_folder_and_zip_of_images_both_load(tmp_path):
     with zipfile.ZipFile(archive, 'w') as z:
         for path in sorted(folder.iterdir()):
             z.write(path, f'inside/{path.name}')
-    from_folder, names = load_images(str(tmp_path / 'photos'), 24, str(tmp_path / 'cache'), 0)
-    from_zip, zip_names = load_images(str(archive), 24, str(tmp_path / 'cache'), 0)
-    assert from_folder.shape == (5, 3, 24, 24) and from_folder.dtype == torch.uint8
-    assert names == [f'nested/img{i:02d}.png' for i in range(5)]
-    assert zip_names == [f'inside/img{i:02d}.png' for i in range(5)]
-    assert torch.equal(from_folder, from_zip)
+    from_folder = load_images(str(tmp_path / 'photos'), 24, str(tmp_path / 'cache'), 0)
+    from_zip = load_images(str(archive), 24, str(tmp_path / 'cache'), 0)
+    assert from_folder.images.shape == (5, 3, 24, 24) and from_folder.images.dtype == torch.uint8
+    assert from_folder.names == [f'nested/img{i:02d}.png' for i in range(5)]
+    assert from_zip.names == [f'inside/img{i:02d}.png' for i in range(5)]
+    assert torch.equal(from_folder.images, from_zip.images)
+    assert from_folder.fingerprints == from_zip.fingerprints and len(set(from_folder.fingerprints)) == 5
 
 
 def test_celeba_root_is_recognised(tmp_path):
@@ -64,7 +61,7 @@ def test_grey_and_rgba_images_become_rgb(tmp_path):
     folder.mkdir()
     Image.new('L', (20, 20), 128).save(folder / 'grey.png')
     Image.new('RGBA', (20, 20), (10, 20, 30, 0)).save(folder / 'rgba.png')
-    images, _ = load_images(str(folder), 16, str(tmp_path / 'cache'), 0)
+    images = load_images(str(folder), 16, str(tmp_path / 'cache'), 0).images
     assert images.shape == (2, 3, 16, 16)
     assert torch.all(images[0] == 128)
     assert images[1, :, 0, 0].tolist() == [10, 20, 30]

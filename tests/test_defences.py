@@ -1,14 +1,17 @@
 """Channel-subset and noise defences, the victim's utility under them, and sweeps."""
 import csv
+import math
 import os
 
 import pytest
 import torch
+import torch.nn.functional as F
+import torchvision
 
 from conftest import run_cli, tiny_config
 from data import load_splits
 from evaluate import evaluate, summarise
-from models import Noise, build_attack, keep_count, select_channels
+from models import IMAGENET_MEAN, IMAGENET_STD, Noise, build_attack, keep_count, select_channels
 from train import train
 from utils import load_checkpoint
 
@@ -55,24 +58,92 @@ def test_dropped_channels_reach_the_server_as_exact_zeros(tmp_path):
     assert torch.count_nonzero(sent[:, kept]) == sent[:, kept].numel()
 
 
-def victim_utility(torch_home, monkeypatch, tmp_path, noise=None, **overrides):
-    """The genuine mobilenet_v2's agreement on the built-in validation crops under a defence."""
+def genuine_victim(torch_home, monkeypatch, tmp_path, **overrides):
+    """(attack, 32 built-in validation crops as uint8) with the genuine mobilenet_v2 cut at block6, in fp32."""
     monkeypatch.setattr(torch.hub, '_hub_dir', str(torch_home / 'hub'))
-    cfg = tiny_config(tmp_path, arch='mobilenet_v2', split='block6', pretrained=True, image_size=64, **overrides)
+    cfg = tiny_config(tmp_path, arch='mobilenet_v2', split='block6', pretrained=True, image_size=64,
+                      precision='fp32', **overrides)
     splits = load_splits(cfg)
-    return summarise(evaluate(build_attack(cfg, CPU), splits.images, splits.val_idx, 32, noise, utility=True))
+    return build_attack(cfg, CPU), splits.images[splits.val_idx[:32]]
 
 
-def test_undefended_victim_agrees_with_itself(torch_home, monkeypatch, tmp_path):
-    summary = victim_utility(torch_home, monkeypatch, tmp_path)
-    assert summary['top1_agreement']['mean'] == 1.0 and summary['top5_agreement']['mean'] == 1.0
-    assert summary['kl']['mean'] == pytest.approx(0, abs=1e-6)
+def by_hand(clean_logits, defended_logits):
+    """Agreement and KL(clean || defended) per image, written out from their definitions."""
+    top1, top5, kl = [], [], []
+    for clean, defended in zip(clean_logits.double(), defended_logits.double()):
+        reference = int(clean.argmax())
+        top1.append(float(int(defended.argmax()) == reference))
+        top5.append(float(reference in defended.topk(5).indices.tolist()))
+        p, q = clean.softmax(0), defended.softmax(0)
+        kl.append(float((p * (p.log() - q.log())).sum()))
+    return torch.tensor(top1), torch.tensor(top5), torch.tensor(kl, dtype=torch.float64)
+
+
+def whole_network(torch_home):
+    """The uncut torchvision mobilenet_v2 with its genuine weights: an independent reference for the split victim."""
+    weights = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1
+    state = torch.load(torch_home / 'hub' / 'checkpoints' / os.path.basename(weights.url), weights_only=True)
+    net = torchvision.models.mobilenet_v2()
+    net.load_state_dict(state)
+    return net.eval()
+
+
+def head(net, features):
+    """mobilenet_v2 after block6: features[7:], pooling and the classifier."""
+    return net.classifier(F.adaptive_avg_pool2d(net.features[7:](features), 1).flatten(1))
+
+
+@torch.no_grad()
+def test_utility_is_the_defended_victims_agreement_with_the_undefended_one(torch_home, monkeypatch, tmp_path):
+    net = whole_network(torch_home)
+    attack, images = genuine_victim(torch_home, monkeypatch, tmp_path, defence='topk', defence_k=0.5)
+    x = images.float() / 255
+    normalised = (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    features = net.features[:7](normalised)
+    flat = features.flatten(1)
+    keep = flat.abs().topk(flat.shape[1] // 2, dim=1).indices
+    defended = torch.zeros_like(flat).scatter(1, keep, flat.gather(1, keep)).view_as(features)
+    expected = by_hand(net(normalised), head(net, defended))
+    measured = evaluate(attack, images, torch.arange(32), 16, utility=True)
+    assert measured['top1_agreement'].tolist() == expected[0].tolist()
+    assert measured['top5_agreement'].tolist() == expected[1].tolist()
+    assert torch.allclose(measured['kl'].double(), expected[2], rtol=1e-3, atol=1e-4)
+    assert 0 < expected[0].mean() < 1 and expected[2].mean() > 0.1  # this defence costs something to measure
+    attack.sparsify = None
+    undefended = evaluate(attack, images, torch.arange(32), 16, utility=True)
+    assert undefended['top1_agreement'].mean() == 1 and undefended['kl'].abs().max() < 1e-6
+
+
+@torch.no_grad()
+def test_input_noise_is_charged_against_the_clean_image(torch_home, monkeypatch, tmp_path):
+    net = whole_network(torch_home)
+    attack, images = genuine_victim(torch_home, monkeypatch, tmp_path)
+    x = images.float() / 255
+    generator = torch.Generator().manual_seed(0)  # the evaluation's fixed test-noise seed, batch after batch
+    noisy = torch.cat([batch + math.sqrt(0.02) * torch.randn(batch.shape, generator=generator)
+                       for batch in x.split(16)])
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    expected = by_hand(net((x - mean) / std), net((noisy - mean) / std))
+    measured = evaluate(attack, images, torch.arange(32), 16, Noise('input', 0.0, 0.02), utility=True)
+    assert measured['top1_agreement'].tolist() == expected[0].tolist()
+    assert torch.allclose(measured['kl'].double(), expected[2], rtol=1e-3, atol=1e-4)
+    assert expected[2].mean() > 1e-3
+
+
+def test_utility_logits_are_fp32_even_under_bf16_autocast(tmp_path):
+    attack = build_attack(tiny_config(tmp_path), CPU)
+    attack.bf16 = True  # as on hardware with bf16 arithmetic, whatever this machine has
+    features = torch.randn(4, 128, 4, 4)
+    with torch.no_grad():
+        assert torch.equal(attack.classify(features), attack.victim.classify(features))
 
 
 def test_harsh_defences_cost_the_genuine_victim_its_predictions(torch_home, monkeypatch, tmp_path):
-    summary = victim_utility(torch_home, monkeypatch, tmp_path, channel_indices=[0])
+    attack, images = genuine_victim(torch_home, monkeypatch, tmp_path, channel_indices=[0])
+    summary = summarise(evaluate(attack, images, torch.arange(32), 16, utility=True))
     assert summary['top1_agreement']['mean'] < 0.5 and summary['kl']['mean'] > 0.5
-    noisy = victim_utility(torch_home, monkeypatch, tmp_path, noise=Noise('features', 0.0, 25.0))
+    attack.channel_mask = None
+    noisy = summarise(evaluate(attack, images, torch.arange(32), 16, Noise('features', 0.0, 25.0), utility=True))
     assert noisy['top1_agreement']['mean'] < 0.5
 
 
@@ -96,5 +167,6 @@ def test_a_sweep_writes_its_table_and_figures_and_resumes(tmp_path):
     assert 'sweep keep_channels 1/2: 1 already done' in result.stdout
     assert 'sweep keep_channels 2/2: keep_channels=0.25' in result.stdout
     assert (folder / 'keep_channels=1' / 'model.pth').read_bytes() == first_model
+    assert 'not re-run: 1.' in (folder / 'sweep.md').read_text()
     with open(folder / 'sweep.csv') as f:
         assert [r['psnr'] for r in csv.DictReader(f)][0] == rows[0]['psnr']

@@ -1,7 +1,12 @@
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 
-from models import SPLITS, Decoder, SplitAttack, build_decoder, build_victim, feature_shape
+from main import build_parser, resolve_config
+from models import SPLITS, Decoder, SplitAttack, build_attack, build_decoder, build_victim, feature_shape, \
+    invert_features, nominal_stride
 from utils import UsageError
 
 ARCH_SPLITS = [(arch, split) for arch, splits in SPLITS.items() for split in splits]
@@ -18,6 +23,27 @@ def test_every_arch_and_split_builds_and_decodes_to_the_input_shape(arch, split)
             out = decoder(victim.encode(images))
         assert out.shape == images.shape
         assert out.min() >= 0 and out.max() <= 1
+
+
+@pytest.mark.parametrize('arch,split', ARCH_SPLITS)
+def test_every_cut_trains_and_attacks_at_its_smallest_image_size(arch, split, tmp_path):
+    """Down to a 1x1 feature map (layer4, block16, block15 at 32 px): flags, decoder step, white-box step, utility."""
+    size = max(16, nominal_stride(arch, split))
+    argv = ['--train', '--arch', arch, '--split', split, '--image_size', str(size), '--batch_size', '2',
+            '--decoder_depth', 'light', '--precision', 'fp32', '--save_dir', str(tmp_path)]
+    parser = build_parser()
+    cfg, _ = resolve_config(parser, parser.parse_args(argv), argv)  # the flag checks probe the cut's shape
+    torch.manual_seed(0)
+    attack = build_attack(cfg, torch.device('cpu'))
+    images = torch.rand(2, 3, size, size)
+    attack.decoder.train()
+    loss = F.mse_loss(attack.reconstruct(images), images)
+    loss.backward()
+    assert math.isfinite(loss.item()) and all(p.grad is not None for p in attack.decoder.parameters())
+    sent = attack.send(images)
+    recovered = invert_features(attack, sent, torch.full_like(images, 0.5), 1, 0.2, 0.3)
+    assert recovered.shape == images.shape
+    assert attack.classify(sent).shape == (2, 1000)
 
 
 @pytest.mark.parametrize('arch,split', [('resnet18', 'layer2'), ('resnet50', 'layer3'), ('mobilenet_v2', 'block6'),

@@ -13,7 +13,7 @@ from PIL import Image
 
 import main as cli
 import train as train_module
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, write_photos
 from data import load_images
 from utils import atomic_write_bytes, load_checkpoint
 
@@ -30,23 +30,13 @@ def one_line_error(result, code=2):
 
 
 @pytest.fixture
-def cli_error(tmp_path, monkeypatch, capsys):
+def cli_error(tmp_path, main_here):
     """main.py's error for these flags, run in this process (fast); checks exit 2 and a single line."""
-    monkeypatch.chdir(tmp_path)
-
-    def run(*args):
-        with pytest.raises(SystemExit) as exit_info:
-            cli.main([*args, '--cache_dir', str(tmp_path / 'cache')])
-        captured = capsys.readouterr()
-        return one_line_error(subprocess.CompletedProcess(args, exit_info.value.code, captured.out, captured.err))
-    return run
+    return lambda *args: one_line_error(main_here(tmp_path, *args))
 
 
-def write_photos(folder, count, size=48):
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for i in range(count):
-        Image.fromarray(rng.integers(0, 256, (size, size + 8, 3), dtype=np.uint8)).save(folder / f'ok_{i:02d}.png')
+def write_ok_photos(folder, count):
+    write_photos(folder, [f'ok_{i:02d}.png' for i in range(count)], size=(56, 48))
 
 
 def write_messy_files(folder):
@@ -63,9 +53,10 @@ def write_messy_files(folder):
 
 
 def test_messy_dataset_skips_the_unusable_files_once_and_keeps_the_rest(tmp_path, capsys):
-    write_photos(tmp_path / 'data', 3)
+    write_ok_photos(tmp_path / 'data', 3)
     skipped = write_messy_files(tmp_path / 'data')
-    images, names = load_images(str(tmp_path / 'data'), 32, str(tmp_path / 'cache'), 0)
+    data = load_images(str(tmp_path / 'data'), 32, str(tmp_path / 'cache'), 0)
+    images, names = data.images, data.names
     assert set(names) == {'ok_00.png', 'ok_01.png', 'ok_02.png', 'sixteen_bit.png', 'cmyk.jpg'}
     assert not skipped & set(names)
     report = capsys.readouterr().out
@@ -77,7 +68,7 @@ def test_messy_dataset_skips_the_unusable_files_once_and_keeps_the_rest(tmp_path
 
 
 def test_training_goes_on_over_a_messy_dataset(tmp_path):
-    write_photos(tmp_path / 'data', 34)
+    write_ok_photos(tmp_path / 'data', 34)
     write_messy_files(tmp_path / 'data')
     result = run_cli(tmp_path, '--train', '--data_dir', 'data', '--image_size', '32', '--batch_size', '8',
                      '--num_epochs', '1', '--decoder_depth', 'light', '--num_samples', '2', '--num_workers', '0',

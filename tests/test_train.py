@@ -2,10 +2,11 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import tiny_config
 from evaluate import evaluate, evaluation_images, load_trained_attack, summarise
-from train import train
+from train import make_optimizer, train, training_loss
 from utils import load_checkpoint
 
 
@@ -41,7 +42,7 @@ def test_evaluating_a_saved_file_reproduces_the_training_figures(trained, filena
     loaded = load_trained_attack({**state['config'], 'model_path': filename}, state, torch.device('cpu'))
     for key, value in attack.decoder.state_dict().items():
         assert torch.equal(value, loaded.decoder.state_dict()[key])
-    images, indices, _, _ = evaluation_images({**state['config'], 'cache_dir': cfg['cache_dir']}, state['config'])
+    images, indices, _, _ = evaluation_images({**state['config'], 'cache_dir': cfg['cache_dir']}, state)
     assert torch.equal(indices, splits.val_idx)
     summary = summarise(evaluate(loaded, images, indices, cfg['batch_size']))
     assert summary['psnr']['mean'] == pytest.approx(history[-1]['psnr'], abs=1e-4)
@@ -52,3 +53,33 @@ def test_training_is_deterministic(tmp_path, trained):
     cfg = tiny_config(tmp_path, num_epochs=4, log_interval=2)
     _, _, history, _ = train(cfg, torch.device('cpu'))
     assert [h['val_loss'] for h in history] == pytest.approx([h['val_loss'] for h in trained[3]], rel=1e-5)
+
+
+@pytest.mark.parametrize('overrides', [{'interpolation': 'upsample'}, {'aug': True, 'noise_var': 0.05},
+                                       {'optim': 'sgd', 'lr': 0.05}, {'optim': 'adamw', 'weight_decay': 1.0}])
+def test_other_decoders_noise_and_optimizers_train(tmp_path, trained, overrides):
+    cfg = tiny_config(tmp_path, num_epochs=2, **overrides)
+    _, _, history, baselines = train(cfg, torch.device('cpu'))
+    assert history[-1]['val_loss'] < 0.8 * baselines['untrained_decoder']['mse']['mean']
+    assert history[0]['train_loss'] != pytest.approx(trained[3][0]['train_loss'], rel=1e-3)  # not the default run
+
+
+def test_optimizers_are_the_ones_asked_for():
+    params = [torch.nn.Parameter(torch.ones(3))]
+    sgd = make_optimizer({'optim': 'sgd', 'lr': 0.1, 'weight_decay': 0.01}, params, torch.device('cpu'))
+    assert type(sgd) is torch.optim.SGD and sgd.defaults['momentum'] == 0.9 and sgd.defaults['weight_decay'] == 0.01
+    adamw = make_optimizer({'optim': 'adamw', 'lr': 0.1, 'weight_decay': 0.05}, params, torch.device('cpu'))
+    assert type(adamw) is torch.optim.AdamW and adamw.defaults['weight_decay'] == 0.05
+
+
+def test_sparse_adds_the_l1_penalty_on_the_activations():
+    torch.manual_seed(0)
+    recon, images = torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8)
+    activations = [torch.randn(2, 4, 4, 4), torch.randn(2, 2, 8, 8)]
+    plain = training_loss(recon, images, activations, {'sparse': False, 'sparse_reg': 0.5})
+    sparse = training_loss(recon, images, activations, {'sparse': True, 'sparse_reg': 0.5})
+    mse = ((recon - images) ** 2).mean()
+    assert plain.item() == pytest.approx(mse.item())
+    penalty = 0.5 * (activations[0].abs().mean() + activations[1].abs().mean())
+    assert sparse.item() == pytest.approx((mse + penalty).item())
+    assert F.mse_loss(recon, images).item() == pytest.approx(plain.item())
