@@ -87,10 +87,11 @@ class AttackPlan(NamedTuple):
     tv_weight: float = 0.3
 
 
+ATTACK_KEYS = ('attack', 'attack_steps', 'attack_lr', 'tv_weight')  # the flags of AttackPlan's fields, in order
+
+
 def attack_plan(cfg):
-    default = AttackPlan()
-    return AttackPlan(cfg.get('attack', default.kind), cfg.get('attack_steps', default.steps),
-                      cfg.get('attack_lr', default.lr), cfg.get('tv_weight', default.tv_weight))
+    return AttackPlan(*(cfg.get(key, default) for key, default in zip(ATTACK_KEYS, AttackPlan())))
 
 
 def attack_slug(kind):

@@ -6,7 +6,7 @@ import os
 import torch
 
 from data import load_splits
-from evaluate import (ATTACKS, attack_plan, attack_slug, evaluate_and_report, load_trained_attack, msssim_note,
+from evaluate import (ATTACK_KEYS, ATTACKS, attack_plan, attack_slug, evaluate_and_report, load_trained_attack, msssim_note,
                       recover, utility_note)
 from models import SPLITS, build_attack, check_cut, probe_feature_shape, test_noise
 from train import train
@@ -19,7 +19,6 @@ DEFAULT_VALUES = {'keep_channels': ('1', '0.5', '0.25', '0.125', '0.0625'),
                   'attack': ATTACKS,
                   'defence': ('none', 'noise:0.1', 'noise:1', 'keep_channels:0.5', 'keep_channels:0.25',
                               'dropout:0.25', 'dropout:0.5', 'dropout:0.75', 'topk:0.5', 'topk:0.1')}
-ATTACK_KEYS = ('attack', 'attack_steps', 'attack_lr', 'tv_weight')  # how a trained decoder's run is attacked
 DEFENCES = ('none', 'noise', 'keep_channels', 'dropout', 'topk')  # --sweep defence values: kind:strength
 # Not compared when a finished value is recognised: how runs are carried out, and what a run derives itself.
 DERIVED_KEYS = ('channel_indices', 'victim_fingerprint')
@@ -196,18 +195,29 @@ def markdown_table(rows, cfg, description, reused=()):
     return '\n'.join(lines)
 
 
-def evaluated_attack(cfg, run, device):
-    """(attack, train / validation images) of the value `run`: the white-box attack on the victim alone, or the
-    decoder its training run saved (on the images that run recorded), with `run`'s attack settings."""
-    if run['attack'] == 'optimize':
-        splits = load_splits(run)
-        return build_attack(run, device, splits.calibration_images(run['batch_size'])), splits
+def trained_decoder(cfg, run):
+    """(path, state) of the model.pth the value `run` attacks with; `run` takes on what that training run derived
+    (its channels, its victim's fingerprint)."""
     path = os.path.join(decoder_run(cfg, run)['save_dir'], 'model.pth')
     state = load_checkpoint(path)
-    run.update({k: state['config'].get(k) for k in DERIVED_KEYS})  # what the decoder's run chose is this run's too
-    attack = load_trained_attack({**state['config'], **{k: run[k] for k in ATTACK_KEYS}, 'model_path': path},
-                                 state, device)
-    return attack, load_splits(run, state['data'])
+    run.update({k: state['config'].get(k) for k in DERIVED_KEYS})
+    return path, state
+
+
+def value_splits(cfg, run):
+    """The train / validation images of the value `run`: those its decoder recorded, or split anew for the
+    white-box attack alone."""
+    return load_splits(run, None if run['attack'] == 'optimize' else trained_decoder(cfg, run)[1]['data'])
+
+
+def value_attack(cfg, run, device, splits=None):
+    """The attack of the value `run`: the white-box attack on the victim alone (its channels chosen on `splits`'
+    training images unless `run` has them), or the decoder its training run saved, with `run`'s attack settings."""
+    if run['attack'] == 'optimize':
+        return build_attack(run, device, None if splits is None else splits.calibration_images(run['batch_size']))
+    path, state = trained_decoder(cfg, run)
+    return load_trained_attack({**state['config'], **{k: run[k] for k in ATTACK_KEYS}, 'model_path': path},
+                               state, device)
 
 
 @torch.no_grad()
@@ -216,7 +226,7 @@ def sample_reconstructions(cfg, runs, images, device):
     are the configurations the values were evaluated with (their channels chosen)."""
     rows = []
     for run in runs:
-        attack = evaluated_attack(cfg, run, device)[0]
+        attack = value_attack(cfg, run, device)
         attack.decoder.eval()
         target = attack.to_images(images)
         sent = attack.send(target, test_noise(run), attack.noise_generator(0))
@@ -236,7 +246,8 @@ def run_value(cfg, run, device):
                                 attack_plan(trainee))
             if trainee is run:
                 return finished_result(run)
-    attack, splits = evaluated_attack(cfg, run, device)
+    splits = value_splits(cfg, run)
+    attack = value_attack(cfg, run, device, splits)
     evaluate_and_report(attack, splits.images, splits.val_idx, splits.val_names, run,
                         f'validation split of {splits.description}', {'sweep': cfg['sweep']}, attack_plan(run))
     return finished_result(run)
@@ -261,7 +272,7 @@ def run_sweep(cfg, device):
         results.append(result)
         rows.append(table_row(cfg, value, result))
     evaluated = [{**run, **result['config']} for run, result in zip(runs, results)]
-    splits = evaluated_attack(cfg, evaluated[0], device)[1]
+    splits = value_splits(cfg, evaluated[0])
     description = f'validation split of {splits.description}'
     save_csv(rows, os.path.join(cfg['save_dir'], 'sweep.csv'))
     atomic_write_bytes(os.path.join(cfg['save_dir'], 'sweep.md'), markdown_table(rows, cfg, description, reused).encode())

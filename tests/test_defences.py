@@ -88,6 +88,10 @@ def whole_network(torch_home):
     return net.eval()
 
 
+def imagenet_normalised(x):
+    return (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+
 def head(net, features):
     """mobilenet_v2 after block6: features[7:], pooling and the classifier."""
     return net.classifier(F.adaptive_avg_pool2d(net.features[7:](features), 1).flatten(1))
@@ -97,8 +101,7 @@ def head(net, features):
 def test_utility_is_the_defended_victims_agreement_with_the_undefended_one(torch_home, monkeypatch, tmp_path):
     net = whole_network(torch_home)
     attack, images = genuine_victim(torch_home, monkeypatch, tmp_path, defence='topk', defence_k=0.5)
-    x = images.float() / 255
-    normalised = (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    normalised = imagenet_normalised(images.float() / 255)
     features = net.features[:7](normalised)
     flat = features.flatten(1)
     keep = flat.abs().topk(flat.shape[1] // 2, dim=1).indices
@@ -122,8 +125,7 @@ def test_input_noise_is_charged_against_the_clean_image(torch_home, monkeypatch,
     generator = torch.Generator().manual_seed(0)  # the evaluation's fixed test-noise seed, batch after batch
     noisy = torch.cat([batch + math.sqrt(0.02) * torch.randn(batch.shape, generator=generator)
                        for batch in x.split(16)])
-    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    expected = by_hand(net((x - mean) / std), net((noisy - mean) / std))
+    expected = by_hand(net(imagenet_normalised(x)), net(imagenet_normalised(noisy)))
     measured = evaluate(attack, images, torch.arange(32), 16, Noise('input', 0.0, 0.02), utility=True)
     assert measured['top1_agreement'].tolist() == expected[0].tolist()
     assert torch.allclose(measured['kl'].double(), expected[2], rtol=1e-3, atol=1e-4)
