@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 import main as cli
 from data import builtin_splits, list_images, load_splits
 from evaluate import evaluate
-from models import IMAGENET_MEAN, IMAGENET_STD, build_attack, build_victim
+from models import IMAGENET_MEAN, IMAGENET_STD, DecoderSpec, build_attack, build_victim
 from train import cache_features, make_optimizer, train_one_epoch
 from utils import UsageError, fresh_run_dir, pick_device, progress, save_json
 
@@ -170,7 +170,8 @@ def parse_args(argv):
     p.add_argument('--image_size', type=int, default=64)
     p.add_argument('--batch_size', type=int, default=32)
     p.add_argument('--num_batches', type=int, help='use num_batches x batch_size images (default all)')
-    p.add_argument('--interpolation', default='transpose')
+    p.add_argument('--decoder', default=DecoderSpec().kind, help="the tool's --decoder (original or residual)")
+    p.add_argument('--interpolation', help="the tool's --interpolation (default: the decoder's own)")
     p.add_argument('--decoder_depth', default='medium')
     p.add_argument('--epochs', type=int, default=4, help='timed epochs per path, the first being warm-up')
     p.add_argument('--num_workers', type=int, default=2, help="the reference loop's DataLoader workers")
@@ -187,9 +188,10 @@ def parse_args(argv):
 def tool_config(args, data_dir, cache_dir):
     """The tool's own configuration for these settings, through its own flag parser."""
     argv = ['--train', '--data_dir', data_dir, '--arch', args.arch, '--image_size', str(args.image_size),
-            '--batch_size', str(args.batch_size), '--interpolation', args.interpolation, '--decoder_depth',
-            args.decoder_depth, '--device', args.device, '--precision', args.precision, '--cache_dir', cache_dir,
+            '--batch_size', str(args.batch_size), '--decoder', args.decoder, '--decoder_depth', args.decoder_depth,
+            '--device', args.device, '--precision', args.precision, '--cache_dir', cache_dir,
             '--num_epochs', str(args.epochs)] + (['--split', args.split] if args.split else []) \
+        + (['--interpolation', args.interpolation] if args.interpolation else []) \
         + (['--num_batches', str(args.num_batches)] if args.num_batches else []) + (['--compile'] if args.compile else [])
     parser = cli.build_parser()
     return cli.resolve_config(parser, parser.parse_args(argv), argv)[0]
@@ -240,6 +242,7 @@ def bench(args, workdir):
     relative = abs(tool_loss - reference_loss) / reference_loss
     return {
         'settings': {'data': args.data_dir or 'built-in photos as JPEG', 'arch': cfg['arch'], 'split': cfg['split'],
+                     'decoder': DecoderSpec.from_config(cfg).label(),
                      'image_size': cfg['image_size'], 'batch_size': cfg['batch_size'], 'device': str(device),
                      'device_name': torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu',
                      'threads': torch.get_num_threads(), 'train_images': len(splits.train_idx),
@@ -258,8 +261,9 @@ def bench(args, workdir):
 
 def print_table(result):
     s, ref, tool = result['settings'], result['reference'], result['tool']
-    print(f"\n{s['arch']}/{s['split']} {s['image_size']}px batch {s['batch_size']} on {s['device_name']} "
-          f"({s['threads']} threads), {s['train_images']} training images, median of {s['timed_epochs']} epochs")
+    print(f"\n{s['arch']}/{s['split']} {s['image_size']}px batch {s['batch_size']}, {s['decoder']}, on "
+          f"{s['device_name']} ({s['threads']} threads), {s['train_images']} training images, median of "
+          f"{s['timed_epochs']} epochs")
     gib = lambda v: '-' if v is None else f'{v:.2f}'  # noqa: E731
     busy = lambda v: '-' if v is None else f'{100 * v:.0f}%'  # noqa: E731
     rows = [('path', 'train img/s', 'eval img/s', 'peak RSS GiB', 'CUDA max GiB', 'GPU busy'),

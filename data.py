@@ -16,9 +16,11 @@ from utils import UsageError, atomic_write_bytes, progress
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
 MIN_SOURCE_SIDE = 8  # smaller images (1-pixel thumbnails and the like) hold nothing to reconstruct
 
-# Built-in sample data: photographs shipped inside scikit-image and matplotlib, so no download is needed.
+# Built-in sample data: every photograph at least 256 px on its shorter side that scikit-image and matplotlib ship
+# (drawings, renderings and the 25 px LFW thumbnails left out), so no download is needed.
 SAMPLE_TRAIN_PHOTOS = ('coffee.png', 'chelsea.png', 'rocket.jpg', 'hubble_deep_field.jpg', 'retina.jpg', 'ihc.png',
-                       'motorcycle_left.png', 'motorcycle_right.png')
+                       'motorcycle_left.png', 'motorcycle_right.png', 'brick.png', 'cell.png', 'clock_motion.png',
+                       'coins.png', 'grass.png', 'gravel.png', 'moon.png')
 SAMPLE_VAL_PHOTOS = ('astronaut.png', 'grace_hopper.jpg', 'camera.png')  # portraits, never used for training
 SAMPLE_SIZE = 704  # images (crops) in the built-in set: 640 train + 64 validation at the default batch size
 BUILTIN_SOURCE = 'built-in sample photos'

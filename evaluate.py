@@ -1,21 +1,26 @@
 """Honest image-quality metrics on [0, 1] images, and the evaluation of a trained attack."""
 import math
 import os
+import warnings
 from typing import NamedTuple
 
+import lpips
 import torch
 import torch.nn.functional as F
+import torchvision
 from pytorch_msssim import ms_ssim, ssim
 from pytorch_msssim.ssim import _fspecial_gauss_1d, _ssim
 
 from data import held_out_images
-from models import build_attack, invert_features, test_noise
+from models import attacker_label, build_attack, invert_features, test_noise
 from utils import UsageError, progress, save_csv, save_json
 
 MSSSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. 2003, as in pytorch-msssim
 WIN_SIZE = 11
 MIN_MSE = 1e-10  # PSNR of identical images is capped at 100 dB instead of being infinite
 METRICS = ('mse', 'psnr', 'ssim', 'ms_ssim')
+PERCEPTUAL = 'lpips'  # scored beside METRICS where its backbone's weights are in the hub cache
+LPIPS_BACKBONE = torchvision.models.AlexNet_Weights.IMAGENET1K_V1  # LPIPS v0.1 'alex', as the attack papers use
 UTILITY = ('top1_agreement', 'top5_agreement', 'kl')  # the victim's predictions with vs without the defence
 
 
@@ -51,12 +56,34 @@ def ms_ssim_per_image(x, y, scales=None):
     return torch.prod(torch.stack(factors) ** weights.view(-1, 1, 1), dim=0).mean(1)
 
 
-def score(recon, target):
-    """Per-image metrics of a batch of [0, 1] images."""
+def load_lpips(device):
+    """LPIPS (Zhang et al. 2018; the `lpips` package's linear layers on torchvision's ImageNet AlexNet), or None
+    with one line saying which file is missing: its backbone comes from the torch hub cache, like
+    --use_pretrained, and is never downloaded or left random."""
+    path = os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(LPIPS_BACKBONE.url))
+    if not os.path.isfile(path):
+        print(f'LPIPS skipped: its AlexNet weights are not in the torch hub cache ({path} is missing; put '
+              f'torchvision\'s file there, or set TORCH_HOME, to score it)')
+        return None
+    with warnings.catch_warnings():  # lpips builds its AlexNet with torchvision's deprecated `pretrained=False`
+        warnings.simplefilter('ignore', UserWarning)
+        metric = lpips.LPIPS(net='alex', pnet_rand=True, verbose=False)  # the backbone's weights are loaded next
+    backbone = torchvision.models.alexnet(weights=LPIPS_BACKBONE).features
+    for part in metric.net.children():  # lpips splits AlexNet's `features` into slices, keeping layer indices
+        for index, layer in part.named_children():
+            layer.load_state_dict(backbone[int(index)].state_dict())
+    return metric.to(device).eval().requires_grad_(False)
+
+
+def score(recon, target, perceptual=None):
+    """Per-image metrics of a batch of [0, 1] images; LPIPS too when `perceptual` (load_lpips) is given."""
     recon, target = recon.float().clamp(0, 1), target.float()
-    return {'mse': (recon - target).pow(2).flatten(1).mean(1), 'psnr': psnr(recon, target),
-            'ssim': ssim(recon, target, data_range=1.0, size_average=False, win_size=WIN_SIZE),
-            'ms_ssim': ms_ssim_per_image(recon, target)}
+    scores = {'mse': (recon - target).pow(2).flatten(1).mean(1), 'psnr': psnr(recon, target),
+              'ssim': ssim(recon, target, data_range=1.0, size_average=False, win_size=WIN_SIZE),
+              'ms_ssim': ms_ssim_per_image(recon, target)}
+    if perceptual is not None:
+        scores[PERCEPTUAL] = perceptual(recon, target, normalize=True).flatten()
+    return scores
 
 
 def victim_agreement(clean_logits, defended_logits):
@@ -88,6 +115,7 @@ class AttackPlan(NamedTuple):
 
 
 ATTACK_KEYS = ('attack', 'attack_steps', 'attack_lr', 'tv_weight')  # the flags of AttackPlan's fields, in order
+WHITE_BOX_ALONE = "white-box rMLE with the victim's weights, no decoder"  # the attacker of --attack optimize
 
 
 def attack_plan(cfg):
@@ -112,22 +140,23 @@ def recover(attack, sent, plan, shape):
 
 
 @torch.no_grad()
-def evaluate(attack, images, indices, batch_size, noise=None, desc='evaluating', utility=False, plan=AttackPlan()):
+def evaluate(attack, images, indices, batch_size, noise=None, desc='evaluating', utility=False, plan=AttackPlan(),
+             perceptual=None):
     """Per-image metrics (CPU tensors) of the attack's reconstructions of images[indices]; with `utility`, also
-    the victim's agreement between what the device sends and the undefended tensor."""
+    the victim's agreement between what the device sends and the undefended tensor; LPIPS with `perceptual`."""
     attack.decoder.eval()
     generator = attack.noise_generator(seed=0)  # the same test noise every evaluation
-    results = {m: [] for m in METRICS + (UTILITY if utility else ())}
+    results = {}
     for start in progress(range(0, len(indices), batch_size), desc=desc):
         target = attack.to_images(images[indices[start:start + batch_size]])
         encoded = attack.encode(target, noise, generator)
         sent = attack.defend(encoded, noise, generator)
-        measured = score(recover(attack, sent, plan, target.shape), target)
+        measured = score(recover(attack, sent, plan, target.shape), target, perceptual)
         if utility:  # against the undefended tensor: what was encoded, unless the input itself was noised
             undefended = attack.encode(target) if noise is not None and noise.at == 'input' else encoded
             measured.update(victim_agreement(attack.classify(undefended), attack.classify(sent)))
         for name, values in measured.items():
-            results[name].append(values.cpu())
+            results.setdefault(name, []).append(values.cpu())
     return {m: torch.cat(v) for m, v in results.items()}
 
 
@@ -138,7 +167,7 @@ def summarise(per_image):
 def format_summary(summary):
     return '  '.join(f'{m.upper() if m != "ms_ssim" else "MS-SSIM"} {s["mean"]:.4f}±{s["std"]:.4f}'
                      if m != 'psnr' else f'PSNR {s["mean"]:.2f}±{s["std"]:.2f} dB'
-                     for m, s in summary.items() if m in METRICS)
+                     for m, s in summary.items() if m in METRICS + (PERCEPTUAL,))
 
 
 def format_utility(summary):
@@ -193,10 +222,12 @@ def load_trained_attack(cfg, state, device):
 def evaluate_and_report(attack, images, indices, names, cfg, description, extra=None, plan=AttackPlan()):
     """The full evaluation (quality and victim utility) printed and written as eval{_attack}.json and
     eval{_attack}_per_image.csv."""
-    per_image = evaluate(attack, images, indices, cfg['batch_size'], test_noise(cfg), utility=True, plan=plan)
-    settings = {**(extra or {}), 'attack': plan._asdict(), 'data': description,
+    per_image = evaluate(attack, images, indices, cfg['batch_size'], test_noise(cfg), utility=True, plan=plan,
+                         perceptual=load_lpips(attack.device))
+    attacker = WHITE_BOX_ALONE if plan.kind == 'optimize' else attacker_label(cfg)
+    settings = {**(extra or {}), 'attack': plan._asdict(), 'attacker': attacker, 'data': description,
                 'msssim': msssim_note(cfg['image_size']), 'utility': utility_note(cfg), 'config': cfg}
     summary = write_evaluation(per_image, names, settings, cfg['save_dir'], 'eval' + attack_slug(plan.kind))
-    print(f'{plan.kind} attack on {len(names)} images: {format_summary(summary)}')
+    print(f'{plan.kind} attack ({attacker}) on {len(names)} images: {format_summary(summary)}')
     print(f'{format_utility(summary)}\n{utility_note(cfg)}\n{msssim_note(cfg["image_size"])}')
     return per_image, summary

@@ -10,16 +10,18 @@ import torch
 
 from data import load_splits
 from evaluate import ATTACKS, AttackPlan, attack_plan, evaluate_and_report, evaluation_images, load_trained_attack
-from models import ARCHS, DECODER_DEPTHS, DEFAULT_SPLIT, INTERPOLATIONS, SPLITS, build_attack, check_cut
+from models import (ARCHS, DECODER_DEPTHS, DECODERS, DEFAULT_SPLIT, INTERPOLATIONS, NORMS, RESIDUAL_DEPTHS, SPLITS,
+                    DecoderSpec, build_attack, check_cut)
 from sweep import SWEEPS, run_sweep
-from train import train
+from train import LOSSES, train
 from utils import (RUN_KEYS, RunError, UsageError, fresh_run_dir, init_distributed, is_main_process, load_checkpoint,
                    make_deterministic, pick_device, rank_and_world, same_on_all_processes)
 from visualize import draw_all, plot_samples, run_visualize, sample_indices
 
 # Flags that define the attack's model: they must agree with a checkpoint that is being loaded.
-MODEL_KEYS = ('arch', 'split', 'pretrained', 'interpolation', 'decoder_depth', 'image_size', 'keep_channels',
-              'channel_select', 'defence', 'defence_p', 'defence_k')
+MODEL_KEYS = ('arch', 'split', 'pretrained', 'decoder', 'interpolation', 'decoder_depth', 'decoder_width',
+              'decoder_blocks', 'decoder_norm', 'image_size', 'keep_channels', 'channel_select', 'defence', 'defence_p',
+              'defence_k')
 MODES = ('train', 'resume', 'eval_pth', 'eval_ckpt', 'visualize', 'sweep')
 # Taken from this command, never from the checkpoint (the rest of RUN_KEYS only when given).
 CURRENT_KEYS = {'mode', 'model_path', 'device', 'save_dir', 'overwrite', 'num_samples', 'num_workers', 'cache_dir',
@@ -50,10 +52,29 @@ def build_parser():
     victim.add_argument('--weights', help='a local state-dict file for the victim instead')
 
     attacker = p.add_argument_group('attacker (decoder)')
-    attacker.add_argument('--interpolation', choices=INTERPOLATIONS, default='transpose',
-                          help='x2 stages: stride-2 transposed convs, or bicubic upsampling + convs')
-    attacker.add_argument('--decoder_depth', choices=tuple(DECODER_DEPTHS), default='medium',
-                          help='decoder capacity: widths and extra convs per stage')
+    spec = DecoderSpec()
+    attacker.add_argument('--decoder', choices=DECODERS, default=spec.kind,
+                          help="original: the original work's, unchanged (stride-2 transposed convs or bicubic "
+                               "upsampling + convs); residual: residual blocks where the tensor arrives, then x2 "
+                               "stages with a residual block each, narrowing to the image")
+    attacker.add_argument('--interpolation', choices=sorted({i for kind in INTERPOLATIONS.values() for i in kind}),
+                          help='how each x2 stage upsamples: ' + '; '.join(
+                              f'{kind}: {", ".join(i)} (default {i[0]})' for kind, i in INTERPOLATIONS.items()))
+    attacker.add_argument('--decoder_depth', choices=tuple(DECODER_DEPTHS), default=spec.depth,
+                          help='capacity preset: original: base widths ' + ', '.join(
+                              f'{d} {w}' for d, (w, _) in DECODER_DEPTHS.items()) + '; residual: width x blocks '
+                          + ', '.join(f'{d} {w}x{b}' for d, (w, b) in RESIDUAL_DEPTHS.items()))
+    attacker.add_argument('--decoder_width', type=int,
+                          help='residual: channels where the tensor arrives, halved at each x2 stage (default from '
+                               '--decoder_depth)')
+    attacker.add_argument('--decoder_blocks', type=int,
+                          help='residual: residual blocks at the arriving resolution (default from --decoder_depth)')
+    attacker.add_argument('--decoder_norm', choices=NORMS, default=spec.norm,
+                          help='residual: normalisation after each conv (group: independent of the batch size)')
+    attacker.add_argument('--feature_weight', type=float, default=0.0,
+                          help='white-box attacker: weight of a training term that re-encodes the reconstruction '
+                               'with the frozen victim and penalises its relative distance to the sent tensor '
+                               '(0: black-box, the victim\'s weights unknown)')
 
     data = p.add_argument_group('data')
     data.add_argument('--data_dir', help='folder of images, .zip of images, or CelebA root; none: built-in sample photos')
@@ -107,13 +128,28 @@ def build_parser():
                             '0.0625; noise_var 0 0.01 0.05 0.1 0.5)')
 
     train = p.add_argument_group('training')
-    train.add_argument('--optim', choices=('adam', 'adamw', 'sgd'), default='adam', help='optimizer (sgd: momentum 0.9)')
-    train.add_argument('--lr', type=float, default=1e-3, help='learning rate')
+    train.add_argument('--optim', choices=('adam', 'adamw', 'sgd'), default='adam',
+                       help='optimizer (adam with --weight_decay is L2; adamw decouples it; sgd: momentum 0.9)')
+    train.add_argument('--lr', type=float, default=1e-3, help='learning rate (the peak of a schedule)')
     train.add_argument('--weight_decay', type=float, default=0.0, help='weight decay')
-    train.add_argument('--scheduler', choices=('none', 'step'), default='none', help='learning-rate schedule')
+    train.add_argument('--scheduler', choices=('none', 'cosine', 'step'), default='none',
+                       help='cosine: linear warm-up then cosine decay to 0, per batch; step: the original work\'s '
+                            'drops by --gamma every --step_size epochs')
+    train.add_argument('--warmup_epochs', type=float, default=0.25, help='warm-up of the cosine schedule, in epochs')
     train.add_argument('--step_size', type=int, default=10, help='epochs between learning-rate drops (step)')
     train.add_argument('--gamma', type=float, default=0.1, help='learning-rate factor at each drop (step)')
+    train.add_argument('--loss', choices=LOSSES, default='mse',
+                       help='reconstruction loss: mse, l1, ssim (1 - SSIM), mix (0.84 (1 - SSIM) + 0.16 L1)')
+    train.add_argument('--augment', action='store_true',
+                       help="random flips and crops of the attacker's training images (each batch then queries "
+                            "the device's half for its features, so the feature cache is off)")
+    train.add_argument('--ema', type=float, default=0.0,
+                       help='decay of an exponential moving average of the decoder weights that the attack then '
+                            'uses (e.g. 0.99; 0: off)')
     train.add_argument('--num_epochs', type=int, default=10, help='training epochs')
+    train.add_argument('--minutes', type=float,
+                       help='train for about this many minutes instead: the first epoch is timed and --num_epochs '
+                            'set to what fits (recorded); compares attackers at equal wall-clock time')
     train.add_argument('--sparse', action='store_true', help="L1 penalty on the decoder's activations")
     train.add_argument('--sparse_reg', type=float, default=1e-4, help='weight of the --sparse penalty')
     train.add_argument('--log_interval', type=int, default=5, help='epochs between ckpt_{epoch}.ckpt files')
@@ -152,9 +188,22 @@ def check_flags(parser, cfg):
         if cfg[key] is not None and cfg[key] < 1:
             parser.error(f'argument --{key}: must be at least 1, got {cfg[key]}')
     for key in ('noise_var', 'test_noise_var', 'lr', 'weight_decay', 'sparse_reg', 'feature_cache_gb', 'num_workers',
-                'attack_lr', 'tv_weight'):
+                'attack_lr', 'tv_weight', 'feature_weight', 'warmup_epochs'):
         if cfg[key] < 0:
             parser.error(f'argument --{key}: must not be negative, got {cfg[key]}')
+    if cfg['minutes'] is not None and cfg['minutes'] <= 0:
+        parser.error(f'argument --minutes: must be positive, got {cfg["minutes"]}')
+    if not 0 <= cfg['ema'] < 1:
+        parser.error(f'argument --ema: a decay in [0, 1) (0: off), got {cfg["ema"]}')
+    for key in ('decoder_width', 'decoder_blocks'):
+        if cfg[key] is not None and cfg['decoder'] != 'residual':
+            parser.error(f'argument --{key}: for --decoder residual (the original decoder is set by --decoder_depth)')
+        if cfg[key] is not None and cfg[key] < (1 if key == 'decoder_width' else 0):
+            parser.error(f'argument --{key}: must be at least {1 if key == "decoder_width" else 0}, got {cfg[key]}')
+    try:
+        DecoderSpec.from_config(cfg).check()
+    except UsageError as e:
+        parser.error(str(e))
     if cfg['image_size'] < 16:
         parser.error('argument --image_size: at least 16 pixels are needed (SSIM uses an 11-pixel window)')
     if cfg['num_batches'] is not None and cfg['num_batches'] < 2:
@@ -209,6 +258,10 @@ def resolve_config(parser, args, argv):
     else:
         cfg['split'] = cfg['split'] or DEFAULT_SPLIT[cfg['arch']]
         cfg['image_size'] = cfg['image_size'] or (USER_IMAGE_SIZE if cfg['data_dir'] else BUILTIN_IMAGE_SIZE)
+        spec = DecoderSpec.from_config(cfg)  # the defaults that depend on --decoder, written down
+        cfg['interpolation'] = spec.interpolation
+        if spec.kind == 'residual':
+            cfg.update(decoder_width=spec.width, decoder_blocks=spec.blocks)
     check_flags(parser, cfg)
     return cfg, state
 

@@ -1,7 +1,9 @@
 """The victim (a frozen torchvision classifier cut at a block boundary) and the attacker's decoder."""
+import copy
 import math
 import os
 import urllib.error
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -27,8 +29,14 @@ ARCHS = tuple(SPLITS)
 DEFAULT_SPLIT = {'resnet18': 'layer2', 'resnet34': 'layer2', 'resnet50': 'layer2',
                  'mobilenet_v2': 'block6', 'mobilenet_v3_large': 'block13_expand'}
 
-DECODER_DEPTHS = {'light': (16, 0), 'medium': (32, 1), 'deep': (64, 2)}  # (base width, extra convs a stage)
-INTERPOLATIONS = ('transpose', 'upsample')
+DECODERS = ('original', 'residual')
+# The original work's decoder: (base width, extra convs a stage) per --decoder_depth; x2 by 'transpose' or 'upsample'.
+DECODER_DEPTHS = {'light': (16, 0), 'medium': (32, 1), 'deep': (64, 2)}
+# The residual decoder: (width where the tensor arrives, residual blocks there) per --decoder_depth.
+RESIDUAL_DEPTHS = {'light': (64, 0), 'medium': (128, 1), 'deep': (256, 2)}
+INTERPOLATIONS = {'original': ('transpose', 'upsample'), 'residual': ('transpose', 'pixelshuffle', 'bicubic')}
+NORMS = ('none', 'group', 'batch')
+MIN_WIDTH = 32  # the residual decoder halves its width at each x2 stage, down to this
 
 
 class SplitVictim(nn.Module):
@@ -150,6 +158,51 @@ def feature_shape(victim, image_size):
     return tuple(victim.encode(torch.zeros(1, 3, image_size, image_size, device=device)).shape[1:])
 
 
+@dataclass(frozen=True)
+class DecoderSpec:
+    """The attacker's decoder, as the --decoder* flags describe it (stored in every checkpoint's config)."""
+    kind: str = 'original'  # 'original' (the original work's, unchanged) | 'residual' (this tool's)
+    interpolation: str = 'transpose'  # how each x2 stage upsamples: INTERPOLATIONS[kind]
+    depth: str = 'medium'  # capacity preset: DECODER_DEPTHS or RESIDUAL_DEPTHS
+    width: int = None  # residual: channels where the tensor arrives (default from depth)
+    blocks: int = None  # residual: residual blocks at that resolution (default from depth)
+    norm: str = 'batch'  # residual: normalisation after each conv
+
+    @classmethod
+    def from_config(cls, cfg):
+        kind = cfg.get('decoder', 'original')  # configurations from before --decoder had only the original
+        spec = cls(kind, cfg['interpolation'] or INTERPOLATIONS[kind][0], cfg['decoder_depth'])
+        if kind == 'residual':
+            width, blocks = RESIDUAL_DEPTHS[spec.depth]
+            spec = cls(kind, spec.interpolation, spec.depth, cfg.get('decoder_width') or width,
+                       cfg.get('decoder_blocks') if cfg.get('decoder_blocks') is not None else blocks,
+                       cfg.get('decoder_norm', 'batch'))
+        return spec
+
+    def check(self):
+        if self.interpolation not in INTERPOLATIONS[self.kind]:
+            raise UsageError(f'--interpolation {self.interpolation}: the {self.kind} decoder upsamples by '
+                             f'{" or ".join(INTERPOLATIONS[self.kind])}')
+
+    def label(self):
+        """Its name in tables and figure titles."""
+        if self.kind == 'original':
+            return f'original {self.interpolation} decoder ({self.depth})'
+        return f'residual {self.interpolation} decoder (width {self.width}, {self.blocks} blocks, {self.norm} norm)'
+
+    def build(self, in_channels, stride):
+        if self.kind == 'original':
+            return Decoder(in_channels, stride, self.interpolation, self.depth)
+        return ResidualDecoder(in_channels, stride, self.interpolation, self.width, self.blocks, self.norm)
+
+
+def decoder_stages(stride):
+    n_stages = int(round(math.log2(stride)))
+    if stride < 2 or 2 ** n_stages != stride:
+        raise UsageError(f'the decoder needs a power-of-two stride >= 2 between image and features, got {stride}')
+    return n_stages
+
+
 def conv_bn_relu(c_in, c_out):
     return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
 
@@ -166,21 +219,10 @@ def upsampling_stage(c_in, c_out, interpolation, extra_convs):
     return nn.Sequential(*layers)
 
 
-class Decoder(nn.Module):
-    """The attacker: intercepted tensor (C, H, W) -> image in [0, 1], log2(stride) x2 stages.
+class StagedDecoder(nn.Module):
+    """Intercepted tensor (C, H, W) -> image in [0, 1] through `stages`, then `to_image`.
 
     Built from the shape of the intercepted tensor alone: the attack is black-box."""
-
-    def __init__(self, in_channels, stride, interpolation='transpose', depth='medium'):
-        super().__init__()
-        n_stages = int(round(math.log2(stride)))
-        if stride < 2 or 2 ** n_stages != stride:
-            raise UsageError(f'the decoder needs a power-of-two stride >= 2 between image and features, got {stride}')
-        base, extra_convs = DECODER_DEPTHS[depth]
-        widths = [in_channels] + [min(512, base * 2 ** (n_stages - 1 - i)) for i in range(n_stages)]
-        self.stages = nn.ModuleList(upsampling_stage(widths[i], widths[i + 1], interpolation, extra_convs)
-                                    for i in range(n_stages))
-        self.to_image = nn.Sequential(nn.Conv2d(widths[-1], 3, 3, padding=1), nn.Sigmoid())
 
     def forward(self, features, activations=None):
         """`activations`, a list, collects each stage's output (for the sparsity penalty)."""
@@ -192,12 +234,71 @@ class Decoder(nn.Module):
         return self.to_image(x)
 
 
-def build_decoder(shape, image_size, interpolation, depth):
+class Decoder(StagedDecoder):
+    """The original work's attacker: intercepted tensor (C, H, W) -> image in [0, 1], log2(stride) x2 stages."""
+
+    def __init__(self, in_channels, stride, interpolation='transpose', depth='medium'):
+        super().__init__()
+        n_stages = decoder_stages(stride)
+        base, extra_convs = DECODER_DEPTHS[depth]
+        widths = [in_channels] + [min(512, base * 2 ** (n_stages - 1 - i)) for i in range(n_stages)]
+        self.stages = nn.ModuleList(upsampling_stage(widths[i], widths[i + 1], interpolation, extra_convs)
+                                    for i in range(n_stages))
+        self.to_image = nn.Sequential(nn.Conv2d(widths[-1], 3, 3, padding=1), nn.Sigmoid())
+
+
+def norm_layer(kind, channels):
+    if kind == 'group':
+        return nn.GroupNorm(min(32, channels // 4), channels)  # independent of the batch size
+    return nn.BatchNorm2d(channels) if kind == 'batch' else nn.Identity()
+
+
+class ResidualBlock(nn.Module):
+    """x + norm(conv(relu(norm(conv(x))))), the block of EDSR (which drops the norms) and ResNet."""
+
+    def __init__(self, channels, norm):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), norm_layer(norm, channels),
+                                  nn.ReLU(inplace=True), nn.Conv2d(channels, channels, 3, padding=1),
+                                  norm_layer(norm, channels))
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+def residual_upsampling(c_in, c_out, interpolation):
+    """x2 in resolution: a conv to 4x the channels rearranged into space (pixel shuffle, ESPCN / EDSR), bicubic
+    upsampling then a conv, or a stride-2 transposed conv."""
+    if interpolation == 'pixelshuffle':
+        return [nn.Conv2d(c_in, 4 * c_out, 3, padding=1), nn.PixelShuffle(2)]
+    if interpolation == 'bicubic':
+        return [nn.Upsample(scale_factor=2, mode='bicubic', align_corners=False), nn.Conv2d(c_in, c_out, 3, padding=1)]
+    return [nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1)]
+
+
+class ResidualDecoder(StagedDecoder):
+    """This tool's attacker: residual blocks where the tensor arrives (where convolutions are cheap), then per x2
+    stage an upsampling step and a residual block, the width halving towards the image.
+
+    Stage 0 works at the arriving resolution; `stages` and `to_image` are what the figures hook."""
+
+    def __init__(self, in_channels, stride, interpolation='transpose', width=128, blocks=1, norm='batch'):
+        super().__init__()
+        n_stages = decoder_stages(stride)
+        widths = [max(MIN_WIDTH, width // 2 ** i) for i in range(n_stages + 1)]
+        first = [nn.Conv2d(in_channels, widths[0], 3, padding=1), norm_layer(norm, widths[0]), nn.ReLU(inplace=True)]
+        self.stages = nn.ModuleList([nn.Sequential(*first, *(ResidualBlock(widths[0], norm) for _ in range(blocks)))] + [
+            nn.Sequential(*residual_upsampling(widths[i], widths[i + 1], interpolation), norm_layer(norm, widths[i + 1]),
+                          nn.ReLU(inplace=True), ResidualBlock(widths[i + 1], norm)) for i in range(n_stages)])
+        self.to_image = nn.Sequential(nn.Conv2d(widths[-1], 3, 3, padding=1), nn.Sigmoid())
+
+
+def build_decoder(shape, image_size, spec):
     channels, height, width = shape
     if height != width or image_size % height:
         raise UsageError(f'--image_size {image_size} gives {height}x{width} features, not an exact fraction; '
                          f'use a multiple of {image_size // max(height, 1)}')
-    return Decoder(channels, image_size // height, interpolation, depth)
+    return spec.build(channels, image_size // height)
 
 
 class Noise(NamedTuple):
@@ -281,6 +382,12 @@ class SplitAttack:
         self.channel_mask = None  # (1, C, 1, 1) of 0 / 1 when the device sends a subset of the channels
         self.sparsify = None  # a Sparsify defence, or None
 
+    def using(self, decoder):
+        """The same attack (victim, defences) with another decoder, e.g. the average of the trained weights."""
+        other = copy.copy(self)
+        other.decoder = other.decoder_step = decoder
+        return other
+
     def keep_only(self, channel_indices, channels):
         self.channel_mask = torch.zeros(1, channels, 1, 1, device=self.device)
         self.channel_mask[:, channel_indices] = 1
@@ -341,28 +448,41 @@ def total_variation(images):
             + (images[..., :, 1:] - images[..., :, :-1]).abs().flatten(1).mean(1))
 
 
+def feature_error(attack, images, sent):
+    """Per image: ||f(x) - z||^2 / ||z||^2 between the frozen victim's encoding of `images` and the sent tensor z,
+    over the elements the attacker can see (a defence's zeros are not matched; dropout's 1 / (1 - p) undone).
+    Relative, so a weight on it means the same for every cut. Gradients flow to `images` only."""
+    trusted = (sent != 0) if attack.sparsify is not None else attack.channel_mask
+    if attack.sparsify is not None and attack.sparsify.kind == 'dropout':
+        sent = sent * (1 - attack.sparsify.amount)
+    with attack.autocast():
+        features = attack.victim.encode(images.contiguous(memory_format=torch.channels_last)).float()
+    error = features - sent if trusted is None else (features - sent) * trusted
+    return error.pow(2).flatten(1).sum(1) / sent.pow(2).flatten(1).sum(1).clamp_min(1e-12)
+
+
 def invert_features(attack, sent, start, steps, lr, tv_weight, desc='optimising'):
     """The white-box attack (rMLE, He, Zhang & Lee 2019): knowing the victim's weights, find the image x in
-    [0, 1] (through a sigmoid) that minimises ||f(x) - z||^2 / ||z||^2 + tv_weight * TV(x) for the sent tensor z,
-    by Adam from `start`. The feature error is relative, so tv_weight means the same for every cut. Only the
-    image receives gradients; the victim stays frozen. Elements a defence zeroed are not matched."""
-    trusted = (sent != 0) if attack.sparsify is not None else attack.channel_mask  # what the attacker can see
-    if attack.sparsify is not None and attack.sparsify.kind == 'dropout':  # undo the survivors' 1 / (1 - p)
-        sent = sent * (1 - attack.sparsify.amount)
+    [0, 1] (through a sigmoid) that minimises feature_error(x, z) + tv_weight * TV(x) for the sent tensor z, by
+    Adam from `start`. Only the image receives gradients; the victim stays frozen."""
     logits = torch.logit(start.detach().float().clamp(1e-3, 1 - 1e-3)).contiguous(memory_format=torch.channels_last)
     logits.requires_grad_(True)
     optimizer = torch.optim.Adam([logits], lr=lr)
-    target_energy = sent.pow(2).flatten(1).sum(1).clamp_min(1e-12)
     for _ in progress(range(steps), desc=desc, unit='step'):
         images = torch.sigmoid(logits)
-        with attack.autocast():
-            features = attack.victim.encode(images).float()
-        error = features - sent if trusted is None else (features - sent) * trusted
-        loss = error.pow(2).flatten(1).sum(1) / target_energy + tv_weight * total_variation(images)
+        loss = feature_error(attack, images, sent) + tv_weight * total_variation(images)
         optimizer.zero_grad(set_to_none=True)
         loss.sum().backward()  # a sum of per-image losses: every image is optimised as if alone
         optimizer.step()
     return torch.sigmoid(logits).detach()
+
+
+def attacker_label(cfg):
+    """The attacker, named in every output: black-box (the device's half queried, its weights unknown) unless it
+    trained with the victim's weights in its loss (--feature_weight)."""
+    knowledge = (f'white-box (feature consistency {cfg["feature_weight"]:g})' if cfg.get('feature_weight')
+                 else 'black-box')
+    return f'{knowledge} {DecoderSpec.from_config(cfg).label()}'
 
 
 def train_noise(cfg):
@@ -386,7 +506,7 @@ def build_attack(cfg, device, calibration_images=None):
                          'is not the one this decoder was trained against; pass the same victim weights')
     torch.manual_seed(cfg['seed'])
     shape = feature_shape(victim, cfg['image_size'])
-    decoder = build_decoder(shape, cfg['image_size'], cfg['interpolation'], cfg['decoder_depth'])
+    decoder = build_decoder(shape, cfg['image_size'], DecoderSpec.from_config(cfg))
     attack = SplitAttack(victim, decoder, device, bf16=cfg['precision'] == 'bf16', compile=cfg.get('compile', False))
     if cfg['keep_channels'] is not None and cfg.get('channel_indices') is None:
         if calibration_images is None:

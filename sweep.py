@@ -8,13 +8,15 @@ import torch
 from data import load_splits
 from evaluate import (ATTACK_KEYS, ATTACKS, attack_plan, attack_slug, evaluate_and_report, load_trained_attack, msssim_note,
                       recover, utility_note)
-from models import SPLITS, build_attack, check_cut, probe_feature_shape, test_noise
+from models import (DECODERS, INTERPOLATIONS, SPLITS, DecoderSpec, attacker_label, build_attack, check_cut,
+                    probe_feature_shape, test_noise)
 from train import train
 from utils import RUN_KEYS, UsageError, atomic_write_bytes, fresh_run_dir, load_checkpoint, save_csv, save_json
-from visualize import plot_privacy_utility, plot_sweep, plot_sweep_samples, sample_indices
+from visualize import plot_privacy_utility, plot_sweep, plot_sweep_samples, plot_training_time, sample_indices
 
-SWEEPS = ('split', 'keep_channels', 'noise_var', 'attack', 'defence')
-DEFAULT_VALUES = {'keep_channels': ('1', '0.5', '0.25', '0.125', '0.0625'),
+SWEEPS = ('split', 'keep_channels', 'noise_var', 'attack', 'defence', 'decoder')
+DEFAULT_VALUES = {'decoder': ('original:transpose', 'original:upsample', 'residual'),
+                  'keep_channels': ('1', '0.5', '0.25', '0.125', '0.0625'),
                   'noise_var': ('0', '0.01', '0.05', '0.1', '0.5'),
                   'attack': ATTACKS,
                   'defence': ('none', 'noise:0.1', 'noise:1', 'keep_channels:0.5', 'keep_channels:0.25',
@@ -35,6 +37,15 @@ def parse_defence(value):
         return kind, float(strength) if strength else None
     except ValueError:
         raise UsageError(f'--sweep_values for --sweep defence: {value!r} needs a number after the colon') from None
+
+
+def parse_decoder(value):
+    """'original:upsample' -> ('original', 'upsample'); 'residual' -> ('residual', its default upsampling)."""
+    kind, _, interpolation = value.partition(':')
+    if kind not in DECODERS or (interpolation and interpolation not in INTERPOLATIONS[kind]):
+        raise UsageError(f'--sweep_values for --sweep decoder: {value!r} is not one of '
+                         + ', '.join(f'{k}[:{"|".join(i)}]' for k, i in INTERPOLATIONS.items()))
+    return kind, interpolation or INTERPOLATIONS[kind][0]
 
 
 def check_defence(cfg, kind, strength):
@@ -60,6 +71,10 @@ def parse_values(cfg):
                              f' (choose from {", ".join(valid)})')
         for split in raw if name == 'split' else ():
             check_cut(cfg['arch'], split, cfg['image_size'], cfg['keep_channels'])
+        return list(raw)
+    if name == 'decoder':
+        for value in raw:
+            parse_decoder(value)
         return list(raw)
     if name == 'defence':
         for value in raw:
@@ -96,6 +111,14 @@ def value_config(cfg, value):
         run.update(aug=value > 0, test_noise=value > 0, noise_var=value, test_noise_var=value)
     elif cfg['sweep'] == 'attack':
         run['attack'] = value
+    elif cfg['sweep'] == 'decoder':  # the same data, victim, recipe and budget (--minutes or --num_epochs)
+        kind, interpolation = parse_decoder(value)
+        own_family = cfg['decoder'] == kind  # the sweep's width and blocks are its own family's
+        run.update(decoder=kind, interpolation=interpolation,
+                   decoder_width=cfg['decoder_width'] if own_family else None,
+                   decoder_blocks=cfg['decoder_blocks'] if own_family else None)
+        spec = DecoderSpec.from_config(run)
+        run.update(decoder_width=spec.width, decoder_blocks=spec.blocks)
     else:  # one defence at a time, on while the (adaptive) attacker trains and when it is measured
         kind, strength = parse_defence(value)
         run = without_defences(run)
@@ -119,7 +142,9 @@ def decoder_run(cfg, run):
 
 
 def comparable(cfg):
-    return {k: v for k, v in cfg.items() if k not in IGNORED_KEYS}
+    """What must match for a finished value to be reused (with --minutes, the epochs are what the budget gave)."""
+    ignored = IGNORED_KEYS | ({'num_epochs'} if cfg.get('minutes') else set())
+    return {k: v for k, v in cfg.items() if k not in ignored}
 
 
 def read_json(path):
@@ -159,30 +184,49 @@ def table_row(cfg, value, result):
         labels = {'defence': kind, 'strength': '' if strength is None else f'{strength:g}'}
     else:
         labels = {cfg['sweep']: value_label(value)}
+    history = training_history(cfg, run)
     return {**labels, 'tensor': f'{channels}x{height}x{width}', 'channels_sent': sent,
             'psnr': metrics['psnr'], 'psnr_std': result['metrics']['psnr']['std'], 'ssim': metrics['ssim'],
-            'ms_ssim': metrics['ms_ssim'], 'mse': metrics['mse'], 'top1_agreement': metrics['top1_agreement'],
-            'top5_agreement': metrics['top5_agreement'], 'kl': metrics['kl'], 'n_images': result['n_images']}
+            'ms_ssim': metrics['ms_ssim'], 'lpips': metrics.get('lpips'), 'mse': metrics['mse'],
+            'top1_agreement': metrics['top1_agreement'], 'top5_agreement': metrics['top5_agreement'],
+            'kl': metrics['kl'], 'n_images': result['n_images'], 'epochs': len(history),
+            'train_minutes': sum(h['seconds'] for h in history) / 60}
+
+
+def training_history(cfg, run):
+    """The epochs of the decoder the value attacked with (none for the white-box attack alone)."""
+    if run['attack'] == 'optimize':
+        return []
+    metrics = read_json(os.path.join(decoder_run(cfg, run)['save_dir'], 'metrics.json'))
+    return metrics['history'] if metrics else []
 
 
 def row_label(cfg, row):
     return f'{row["defence"]} {row["strength"]}'.strip() if cfg['sweep'] == 'defence' else row[cfg['sweep']]
 
 
-def markdown_table(rows, cfg, description, reused=()):
+def markdown_table(rows, cfg, description, reused=(), decoder_runs=()):
     victim = 'ImageNet weights' if cfg['pretrained'] else ('--weights' if cfg['weights'] else 'random-initialised')
     label_columns = ('defence', 'strength') if cfg['sweep'] == 'defence' else (cfg['sweep'],)
+    attacker = '' if cfg['sweep'] == 'decoder' else f', {attacker_label(cfg)}'
+    budget = f'about {cfg["minutes"]:g} minutes of training each' if cfg['minutes'] else f'{cfg["num_epochs"]} epochs'
     lines = [f'Sweep of `{cfg["sweep"]}`: {cfg["arch"]} ({victim})'
              + (f' cut at {cfg["split"]}' if cfg['sweep'] != 'split' else '')
-             + f', {cfg["interpolation"]} decoder ({cfg["decoder_depth"]}), {cfg["image_size"]} px, '
-             f'{cfg["num_epochs"]} epochs, seed {cfg["seed"]}; {description}.', '',
-             f'| {" | ".join(label_columns)} | tensor | channels sent | PSNR (dB) | SSIM | MS-SSIM | top-1 agreement '
-             '| top-5 agreement | KL (nats) |', '|' + '---|' * (8 + len(label_columns))]
+             + f'{attacker}, {cfg["image_size"]} px, {budget}, seed {cfg["seed"]}; {description}.', '',
+             f'| {" | ".join(label_columns)} | tensor | channels sent | epochs | training (min) | PSNR (dB) | SSIM | '
+             'MS-SSIM | LPIPS | top-1 agreement | top-5 agreement | KL (nats) |', '|' + '---|' * (11 + len(label_columns))]
     for r in rows:
+        lpips_value = '—' if r['lpips'] is None else f'{r["lpips"]:.3f}'
         lines.append(f'| {" | ".join(r[c] for c in label_columns)} | {r["tensor"]} | {r["channels_sent"]} | '
-                     f'{r["psnr"]:.2f} ± {r["psnr_std"]:.2f} | {r["ssim"]:.3f} | {r["ms_ssim"]:.3f} | '
-                     f'{r["top1_agreement"]:.3f} | {r["top5_agreement"]:.3f} | {r["kl"]:.4f} |')
+                     f'{r["epochs"]} | {r["train_minutes"]:.1f} | {r["psnr"]:.2f} ± {r["psnr_std"]:.2f} | '
+                     f'{r["ssim"]:.3f} | {r["ms_ssim"]:.3f} | {lpips_value} | {r["top1_agreement"]:.3f} | '
+                     f'{r["top5_agreement"]:.3f} | {r["kl"]:.4f} |')
     notes = [msssim_note(cfg['image_size']), utility_note(cfg)]
+    if all(r['lpips'] is None for r in rows):
+        notes.append('LPIPS not scored: its AlexNet weights were not in the torch hub cache')
+    if cfg['sweep'] == 'decoder':
+        notes.append('decoders: ' + '; '.join(f'{value_label(v)} = {DecoderSpec.from_config(r).label()}'
+                                             for v, r in decoder_runs))
     if cfg['sweep'] in ('attack', 'defence'):
         notes.append(f'optimisation attacks: {cfg["attack_steps"]} Adam steps, lr {cfg["attack_lr"]:g}, '
                      f'TV weight {cfg["tv_weight"]:g}' if cfg['sweep'] == 'attack' else
@@ -275,13 +319,17 @@ def run_sweep(cfg, device):
     splits = value_splits(cfg, evaluated[0])
     description = f'validation split of {splits.description}'
     save_csv(rows, os.path.join(cfg['save_dir'], 'sweep.csv'))
-    atomic_write_bytes(os.path.join(cfg['save_dir'], 'sweep.md'), markdown_table(rows, cfg, description, reused).encode())
+    table = markdown_table(rows, cfg, description, reused, list(zip(values, evaluated)))
+    atomic_write_bytes(os.path.join(cfg['save_dir'], 'sweep.md'), table.encode())
     labels = [row_label(cfg, r) for r in rows]
     plot = plot_privacy_utility if cfg['sweep'] in ('attack', 'defence') else plot_sweep
     plot(rows, labels, cfg, os.path.join(cfg['save_dir'], 'sweep.png'))
+    if cfg['sweep'] == 'decoder':
+        plot_training_time([training_history(cfg, run) for run in evaluated], labels, cfg,
+                           os.path.join(cfg['save_dir'], 'sweep_time.png'))
     chosen = splits.val_idx[sample_indices(len(splits.val_idx), cfg['num_samples'])]
     images = splits.images[chosen]
     plot_sweep_samples(images, sample_reconstructions(cfg, evaluated, images, device), labels,
                        [splits.names[i] for i in chosen], cfg, os.path.join(cfg['save_dir'], 'sweep_samples.png'))
-    print(markdown_table(rows, cfg, description, reused))
+    print(table)
     return rows

@@ -4,19 +4,27 @@ import os
 import signal
 import threading
 import time
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
+from pytorch_msssim import ssim
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from data import load_splits
 from evaluate import evaluate, format_summary, mean_image_baseline, msssim_note, summarise
-from models import build_attack, test_noise, train_noise
-from utils import Interrupted, RunError, UsageError, is_main_process, progress, rank_and_world, save_json, save_torch
+from models import attacker_label, build_attack, feature_error, test_noise, train_noise
+from utils import (Interrupted, RunError, UsageError, is_main_process, progress, rank_and_world, same_on_all_processes,
+                   save_json, save_torch)
 
-CHECKPOINT_FORMAT = 'recon-attack/2'  # 2: the images trained on and held out are recorded under 'data'
+CHECKPOINT_FORMAT = 'recon-attack/3'  # 2: the images trained on and held out are recorded; 3: --decoder and recipe
+LOSSES = ('mse', 'l1', 'ssim', 'mix')
+MIX_SSIM_SHARE = 0.84  # --loss mix: 0.84 (1 - SSIM) + 0.16 L1, the mix of Zhao et al. 2017 (IEEE TCI)
+AUGMENT_MIN_SCALE = 0.6  # --augment crops keep 60-100 % of the image side
 
 
 def make_optimizer(cfg, params, device):
@@ -27,10 +35,34 @@ def make_optimizer(cfg, params, device):
     return optimizer(params, lr=cfg['lr'], weight_decay=cfg['weight_decay'], **fused)
 
 
-def make_scheduler(cfg, optimizer):
+def steps_per_epoch(cfg, n_train):
+    return max(1, n_train // cfg['batch_size'])  # full batches only
+
+
+def make_scheduler(cfg, optimizer, n_train):
+    """`step`: stepped once per epoch; `cosine`: stepped every batch, a linear warm-up over --warmup_epochs then
+    cosine decay to zero at the last step."""
     if cfg['scheduler'] == 'step':
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg['step_size'], gamma=cfg['gamma'])
+    if cfg['scheduler'] == 'cosine':
+        per_epoch = steps_per_epoch(cfg, n_train)
+        warmup = cfg['warmup_epochs'] * per_epoch
+
+        def factor(step):  # reads num_epochs when called: --minutes sets it after the first epoch
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            total = cfg['num_epochs'] * per_epoch
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     return None
+
+
+def make_average(cfg, decoder):
+    """--ema: an exponential moving average of the decoder's weights (and BatchNorm statistics), which the attack
+    then uses; None when off."""
+    if not cfg['ema']:
+        return None
+    return AveragedModel(decoder, multi_avg_fn=get_ema_multi_avg_fn(cfg['ema']), use_buffers=True)
 
 
 @torch.no_grad()
@@ -49,12 +81,40 @@ def cache_features(attack, images, indices, batch_size, max_bytes):
     return cache
 
 
-def training_loss(recon, images, activations, cfg):
-    """Pixel MSE against the [0, 1] image, plus the --sparse L1 penalty on the decoder's activations."""
-    loss = F.mse_loss(recon, images)
+def reconstruction_loss(recon, images, kind):
+    """--loss against the [0, 1] image: pixel MSE, L1, 1 - SSIM, or 0.84 (1 - SSIM) + 0.16 L1."""
+    if kind == 'mse':
+        return F.mse_loss(recon, images)
+    l1 = F.l1_loss(recon, images) if kind != 'ssim' else 0
+    if kind == 'l1':
+        return l1
+    dissimilarity = 1 - ssim(recon.float(), images, data_range=1.0, win_size=11)
+    return dissimilarity if kind == 'ssim' else MIX_SSIM_SHARE * dissimilarity + (1 - MIX_SSIM_SHARE) * l1
+
+
+def training_loss(attack, recon, images, sent, activations, cfg):
+    """--loss, plus the white-box feature-consistency term (--feature_weight: the frozen victim re-encodes the
+    reconstruction, which should give back the sent tensor), plus the --sparse L1 penalty on the activations."""
+    loss = reconstruction_loss(recon, images, cfg['loss'])
+    if cfg['feature_weight']:
+        loss = loss + cfg['feature_weight'] * feature_error(attack, recon, sent).mean()
     if cfg['sparse']:
         loss = loss + cfg['sparse_reg'] * sum(a.abs().mean() for a in activations)
     return loss
+
+
+def augment(images, generator):
+    """The attacker's own data, varied: a random horizontal flip and a random square crop of 60-100 % of the
+    side resized back, per image (seeded, so a resumed run sees the same batches)."""
+    size = images.shape[-1]
+    draws = torch.rand(len(images), 4, generator=generator).tolist()
+    out = []
+    for image, (flip, scale, left, top) in zip(images, draws):
+        side = max(2, round(size * (AUGMENT_MIN_SCALE + (1 - AUGMENT_MIN_SCALE) * scale)))
+        crop = TF.resized_crop(image, int(top * (size - side)), int(left * (size - side)), side, side, [size, size],
+                               antialias=True)
+        out.append(crop.flip(-1) if flip < 0.5 else crop)
+    return torch.stack(out).clamp_(0, 1).contiguous(memory_format=torch.channels_last)
 
 
 def gather_from_processes(value):
@@ -114,14 +174,20 @@ class StoppedInEpoch(Exception):
         self.progress = progress
 
 
-def train_one_epoch(attack, splits, cache, cfg, optimizer, epoch, stop=None, resume=None):
+def batch_generator(cfg, epoch, step, rank):
+    """The random draws of one process's batch (--augment), seeded by its position: a resumed run redraws them."""
+    return torch.Generator().manual_seed(((cfg['seed'] * 1000 + epoch) * 100_000 + step) * 64 + rank)
+
+
+def train_one_epoch(attack, splits, cache, cfg, optimizer, epoch, stop=None, resume=None, batch_scheduler=None,
+                    average=None):
     """One pass over the training split; returns the mean training loss.
 
     The data order is a permutation seeded by (seed, epoch) and the noise comes from a generator whose state is
     saved, so a run stopped mid-epoch (`stop`) continues (`resume`) with exactly the batches and noise it would
     have seen. Under torchrun every process draws the same permutation and takes every world-th image of each
     global batch (as DistributedSampler does); DDP averages the gradients, so the step is the one of the whole
-    --batch_size."""
+    --batch_size. `batch_scheduler` (cosine) steps after every batch; `average` (--ema) follows the weights."""
     attack.decoder.train()
     rank, world = rank_and_world()
     noise = train_noise(cfg)
@@ -140,16 +206,23 @@ def train_one_epoch(attack, splits, cache, cfg, optimizer, epoch, stop=None, res
         for step, start in enumerate(bar, start=first):
             positions = order[start:start + batch_size][rank::world]
             images = attack.to_images(splits.images[splits.train_idx[positions]])
+            if cfg['augment']:  # new images: the attacker queries the device's half for their features
+                images = augment(images, batch_generator(cfg, epoch, step, rank))
             if cache is None:
                 features = attack.encode(images, noise, noise_rng)
             else:
                 features = cache[positions.to(cache.device)].to(attack.device, non_blocking=True)
             features = attack.defend(features, noise, noise_rng)
             activations = [] if cfg['sparse'] else None
-            loss = training_loss(attack.decode(features, activations, training=True), images, activations, cfg)
+            recon = attack.decode(features, activations, training=True)
+            loss = training_loss(attack, recon, images, features, activations, cfg)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if batch_scheduler is not None:
+                batch_scheduler.step()
+            if average is not None:
+                average.update_parameters(attack.decoder)
             total += loss.detach()
             count += 1
             if step % 10 == 0 or step == len(starts) - 1:  # a host sync only now and then
@@ -166,20 +239,36 @@ def train_one_epoch(attack, splits, cache, cfg, optimizer, epoch, stop=None, res
     return mean_loss
 
 
-def checkpoint(attack, splits, cfg, history, epoch, optimizer=None, scheduler=None):
+class Trainer(NamedTuple):
+    """What training updates besides the decoder: saved in training checkpoints to go on exactly."""
+    optimizer: torch.optim.Optimizer
+    scheduler: object  # an LRScheduler or None
+    average: AveragedModel = None  # --ema
+
+
+def checkpoint(attack, splits, cfg, history, epoch, trainer, resumable=True):
+    """'decoder' holds the weights the attack uses (the average with --ema); a `resumable` one (ckpt_N.ckpt)
+    also holds what goes on training."""
+    average = trainer.average
     state = {'format': CHECKPOINT_FORMAT, 'config': cfg, 'epoch': epoch, 'history': history,
-             'decoder': attack.decoder.state_dict(), 'data': splits.record()}
-    if optimizer is not None:
-        state['optimizer'] = optimizer.state_dict()
-        state['scheduler'] = scheduler.state_dict() if scheduler is not None else None
+             'decoder': attacking_decoder(attack, average).state_dict(), 'data': splits.record()}
+    if resumable:
+        state['optimizer'] = trainer.optimizer.state_dict()
+        state['scheduler'] = trainer.scheduler.state_dict() if trainer.scheduler is not None else None
+        if average is not None:
+            state['trained_decoder'], state['average'] = attack.decoder.state_dict(), average.state_dict()
     return state
 
 
-def save_and_stop(attack, splits, cfg, history, epoch, optimizer, scheduler, progress, reason):
+def attacking_decoder(attack, average):
+    return average.module if average is not None else attack.decoder
+
+
+def save_and_stop(attack, splits, cfg, history, epoch, trainer, progress, reason):
     """interrupted.ckpt holds everything to go on exactly where training stopped (each process's running loss
     and noise generator included); then exit with the command."""
     path = os.path.join(cfg['save_dir'], 'interrupted.ckpt')
-    state = checkpoint(attack, splits, cfg, history, epoch, optimizer, scheduler)
+    state = checkpoint(attack, splits, cfg, history, epoch, trainer)
     state['partial_epoch'] = progress
     save_if_main(save_torch, state, path)
     where = f'in epoch {epoch + 1} after step {progress["step"]} of {progress["of"]}' if progress else f'after epoch {epoch}'
@@ -187,8 +276,10 @@ def save_and_stop(attack, splits, cfg, history, epoch, optimizer, scheduler, pro
                       f'python main.py --resume --model_path {path}')
 
 
-def validate(attack, splits, cfg):
-    """Validation metrics; under torchrun each process scores a slice and rank 0's summary covers them all."""
+def validate(attack, splits, cfg, average=None):
+    """Validation metrics of the decoder the attack uses (the average with --ema); under torchrun each process
+    scores a slice and rank 0's summary covers them all."""
+    attack = attack.using(attacking_decoder(attack, average))
     rank, world = rank_and_world()
     if world == 1:
         return summarise(evaluate(attack, splits.images, splits.val_idx, cfg['batch_size'], test_noise(cfg),
@@ -245,7 +336,8 @@ def check_processes(resume_state):
 
 
 def train(cfg, device, resume_state=None):
-    """Train (or resume) the decoder; writes metrics.json, ckpt_{epoch}.ckpt and model.pth into cfg['save_dir']."""
+    """Train (or resume) the decoder; writes metrics.json, ckpt_{epoch}.ckpt and model.pth into cfg['save_dir'].
+    Returns the attack with the decoder it attacks with (the average of the weights with --ema)."""
     save_dir = cfg['save_dir']
     os.makedirs(save_dir, exist_ok=True)
     check_processes(resume_state)
@@ -253,50 +345,73 @@ def train(cfg, device, resume_state=None):
     print(f'data: {splits.description}')
     attack = build_attack(cfg, device, splits.calibration_images(cfg['batch_size']))
     cfg['victim_fingerprint'] = attack.victim.fingerprint()
+    print(f'attacker: {attacker_label(cfg)}')
     distribute(attack, cfg)
     optimizer = make_optimizer(cfg, attack.decoder.parameters(), device)
-    scheduler = make_scheduler(cfg, optimizer)
+    trainer = Trainer(optimizer, make_scheduler(cfg, optimizer, len(splits.train_idx)),
+                      make_average(cfg, attack.decoder))
     baselines = {'mean_image': summarise(mean_image_baseline(splits)), 'untrained_decoder': validate(attack, splits, cfg)}
     history, start_epoch, partial = [], 0, None
     if resume_state is not None:
-        attack.decoder.load_state_dict(resume_state['decoder'])
-        optimizer.load_state_dict(resume_state['optimizer'])
-        if scheduler is not None and resume_state.get('scheduler'):
-            scheduler.load_state_dict(resume_state['scheduler'])
-        history, start_epoch = list(resume_state['history']), resume_state['epoch']
-        partial = resume_state.get('partial_epoch')
-        print(f'resuming epoch {start_epoch + 1} of {cfg["num_epochs"]}'
-              + (f' at step {partial["step"] + 1} of {partial["of"]}' if partial else ''))
+        history, start_epoch, partial = resume_training(attack, trainer, resume_state, cfg)
     print(f'baselines on validation: mean image: {format_summary(baselines["mean_image"])}')
     print(f'                         untrained decoder: {format_summary(baselines["untrained_decoder"])}')
     print(msssim_note(cfg['image_size']))
 
     no_input_noise = train_noise(cfg) is None or train_noise(cfg).at != 'input'
     cache = None
-    if no_input_noise and cfg['feature_cache_gb'] > 0 and start_epoch < cfg['num_epochs']:
+    if no_input_noise and not cfg['augment'] and cfg['feature_cache_gb'] > 0 and start_epoch < cfg['num_epochs']:
         cache = cache_features(attack, splits.images, splits.train_idx, cfg['batch_size'],
                                cfg['feature_cache_gb'] * 2**30)
     with StopRequest() as stop:
-        for epoch in range(start_epoch, cfg['num_epochs']):
+        epoch = start_epoch
+        while epoch < cfg['num_epochs']:  # --minutes may set num_epochs after the first epoch
             started = time.time()
             try:
-                train_loss = train_one_epoch(attack, splits, cache, cfg, optimizer, epoch, stop, partial)
+                train_loss = train_one_epoch(attack, splits, cache, cfg, optimizer, epoch, stop, partial,
+                                             trainer.scheduler if cfg['scheduler'] == 'cosine' else None,
+                                             trainer.average)
             except StoppedInEpoch as stopped:
-                save_and_stop(attack, splits, cfg, history, epoch, optimizer, scheduler, stopped.progress, stop.signal)
+                save_and_stop(attack, splits, cfg, history, epoch, trainer, stopped.progress, stop.signal)
             partial = None
-            if scheduler is not None:
-                scheduler.step()
-            summary = validate(attack, splits, cfg)
+            if cfg['scheduler'] == 'step':
+                trainer.scheduler.step()
+            summary = validate(attack, splits, cfg, trainer.average)
             history.append(history_row(epoch + 1, train_loss, summary, optimizer, time.time() - started))
             print(f'epoch {epoch + 1}/{cfg["num_epochs"]}: train loss {train_loss:.5f}  val loss '
                   f'{summary["mse"]["mean"]:.5f}  {format_summary(summary)}  ({time.time() - started:.1f}s)')
+            if epoch == 0 and cfg['minutes'] and resume_state is None:
+                fit_to_budget(cfg, history[0]['seconds'])
             save_if_main(save_json, {'config': cfg, 'baselines': baselines, 'history': history},
                          os.path.join(save_dir, 'metrics.json'))
             if (epoch + 1) % cfg['log_interval'] == 0 or epoch + 1 == cfg['num_epochs']:
-                save_if_main(save_torch, checkpoint(attack, splits, cfg, history, epoch + 1, optimizer, scheduler),
+                save_if_main(save_torch, checkpoint(attack, splits, cfg, history, epoch + 1, trainer),
                              os.path.join(save_dir, f'ckpt_{epoch + 1}.ckpt'))
             if epoch + 1 < cfg['num_epochs'] and stop.requested():
-                save_and_stop(attack, splits, cfg, history, epoch + 1, optimizer, scheduler, None, stop.signal)
-    save_if_main(save_torch, checkpoint(attack, splits, cfg, history, cfg['num_epochs']),
+                save_and_stop(attack, splits, cfg, history, epoch + 1, trainer, None, stop.signal)
+            epoch += 1
+    save_if_main(save_torch, checkpoint(attack, splits, cfg, history, cfg['num_epochs'], trainer, resumable=False),
                  os.path.join(save_dir, 'model.pth'))
-    return attack, splits, history, baselines
+    return attack.using(attacking_decoder(attack, trainer.average)), splits, history, baselines
+
+
+def fit_to_budget(cfg, epoch_seconds):
+    """--minutes: as many epochs as fit, judged by the first epoch's time (its training and validation); the
+    number is recorded in the configuration, so `--num_epochs N` repeats the run exactly."""
+    cfg['num_epochs'] = same_on_all_processes(max(1, int(cfg['minutes'] * 60 // epoch_seconds)))
+    print(f'--minutes {cfg["minutes"]:g}: the first epoch took {epoch_seconds:.1f}s, so {cfg["num_epochs"]} '
+          f'epochs in all (--num_epochs {cfg["num_epochs"]} repeats this run)')
+
+
+def resume_training(attack, trainer, state, cfg):
+    """Weights, optimizer, schedule and average as the checkpoint left them; returns (history, epoch, partial)."""
+    attack.decoder.load_state_dict(state['trained_decoder'] if trainer.average is not None else state['decoder'])
+    trainer.optimizer.load_state_dict(state['optimizer'])
+    if trainer.scheduler is not None and state.get('scheduler'):
+        trainer.scheduler.load_state_dict(state['scheduler'])
+    if trainer.average is not None:
+        trainer.average.load_state_dict(state['average'])
+    partial = state.get('partial_epoch')
+    print(f'resuming epoch {state["epoch"] + 1} of {cfg["num_epochs"]}'
+          + (f' at step {partial["step"] + 1} of {partial["of"]}' if partial else ''))
+    return list(state['history']), state['epoch'], partial

@@ -133,6 +133,12 @@ def fresh_run_dir(save_dir):
     return f'{save_dir.rstrip(os.sep)}_{n}'
 
 
+# Settings added by format 3 and the values that reproduce what a format-2 checkpoint's run did.
+FORMAT_2_SETTINGS = {'decoder': 'original', 'decoder_width': None, 'decoder_blocks': None, 'decoder_norm': 'none',
+                     'feature_weight': 0.0, 'loss': 'mse', 'augment': False, 'ema': 0.0, 'warmup_epochs': 0.0,
+                     'minutes': None}
+
+
 def load_checkpoint(path, need_optimizer=False):
     """A recon-attack checkpoint, loaded with weights_only=True: files from others are untrusted."""
     if not os.path.isfile(path):
@@ -151,6 +157,8 @@ def load_checkpoint(path, need_optimizer=False):
     if 'data' not in state:
         raise UsageError(f'--model_path {path}: written by an older recon-attack that did not record which images it '
                          f'trained on, so none can be scored as held out; train it again')
+    if state.get('format') == 'recon-attack/2':
+        state['config'] = {**FORMAT_2_SETTINGS, **state['config']}
     if need_optimizer and 'optimizer' not in state:
         raise UsageError(f'--model_path {path}: holds no optimizer state (a model.pth); resume from a ckpt_N.ckpt')
     return state

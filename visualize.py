@@ -8,9 +8,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torchvision.utils import save_image  # noqa: E402
 
-from evaluate import (AttackPlan, attack_slug, evaluate, evaluation_images, load_trained_attack,  # noqa: E402
-                      recover, score)
-from models import test_noise  # noqa: E402
+from evaluate import (WHITE_BOX_ALONE, AttackPlan, attack_slug, evaluate, evaluation_images,  # noqa: E402
+                      load_trained_attack, recover, score)
+from models import attacker_label, test_noise  # noqa: E402
 
 FEATURE_CHANNELS = 16  # highest-variance channels shown in feature_maps.png
 CHANNELS_PER_STAGE = 4  # decoder activations shown per stage
@@ -28,8 +28,9 @@ def describe(cfg):
     defences = ([f'{cfg["keep_channels"]:g} of channels ({cfg["channel_select"]})'] if cfg.get('keep_channels') else []) + \
         ([f'dropout p={cfg["defence_p"]:g}'] if cfg.get('defence') == 'dropout' else []) + \
         ([f'top-k {cfg["defence_k"]:g}'] if cfg.get('defence') == 'topk' else [])
-    return (f'{cfg["arch"]} ({victim}) cut at {cfg["split"]} | {cfg["interpolation"]} decoder, '
-            f'{cfg["decoder_depth"]} | {cfg["image_size"]}px | {noise_text}'
+    attacker = WHITE_BOX_ALONE if cfg.get('mode') == 'attack' else attacker_label(cfg)  # --attack optimize alone
+    return (f'{cfg["arch"]} ({victim}) cut at {cfg["split"]} | {attacker} | {cfg["image_size"]}px | '
+            f'{noise_text}'
             + (f' | defence: {", ".join(defences)}' if defences else ''))
 
 
@@ -218,8 +219,10 @@ def describe_sweep(cfg):
     cut_at = '' if cfg['sweep'] == 'split' else f' cut at {cfg["split"]}'
     optimisation = (f' | optimisation: {cfg["attack_steps"]} steps, TV {cfg["tv_weight"]:g}'
                     if cfg['sweep'] == 'attack' else '')
-    return (f'sweep of {cfg["sweep"]}: {cfg["arch"]} ({victim}){cut_at} | {cfg["interpolation"]} decoder, '
-            f'{cfg["decoder_depth"]} | {cfg["image_size"]}px | {cfg["num_epochs"]} epochs{optimisation}')
+    attacker = '' if cfg['sweep'] == 'decoder' else f' | {attacker_label(cfg)}'
+    budget = f'~{cfg["minutes"]:g} min each' if cfg['minutes'] else f'{cfg["num_epochs"]} epochs'
+    return (f'sweep of {cfg["sweep"]}: {cfg["arch"]} ({victim}){cut_at}{attacker} | {cfg["image_size"]}px | '
+            f'{budget}{optimisation}')
 
 
 def plot_sweep(rows, labels, cfg, path):
@@ -230,7 +233,7 @@ def plot_sweep(rows, labels, cfg, path):
                               label='attack PSNR (dB, ± std)')
     left.set(xlabel=cfg['sweep'], ylabel='validation PSNR (dB)', title='reconstruction vs victim utility')
     handles = [psnr_line]
-    if cfg['sweep'] != 'split':  # a defence: what it costs the victim
+    if cfg['sweep'] not in ('split', 'decoder'):  # a defence: what it costs the victim
         agreement = left.twinx()
         agreement.plot(x, [r['top1_agreement'] for r in rows], 's--', color='tab:red', label='victim top-1 agreement')
         agreement.plot(x, [r['top5_agreement'] for r in rows], '^:', color='tab:orange', label='victim top-5 agreement')
@@ -243,6 +246,19 @@ def plot_sweep(rows, labels, cfg, path):
     right.legend(fontsize=8)
     for ax in (left, right):
         ax.set_xticks(list(x), labels)
+    fig.suptitle(describe_sweep(cfg), fontsize=9)
+    return save_figure(fig, path)
+
+
+def plot_training_time(histories, labels, cfg, path):
+    """Validation PSNR against training minutes (epochs and their validation), one line per swept value: which
+    attacker is ahead at every budget, not only at the end."""
+    fig, ax = plt.subplots(figsize=(7, 4.2), layout='constrained')
+    for history, label in zip(histories, labels):
+        minutes = torch.tensor([h['seconds'] for h in history]).cumsum(0) / 60
+        ax.plot(minutes.tolist(), [h['psnr'] for h in history], 'o-', markersize=3, label=label)
+    ax.set(xlabel='training time (minutes)', ylabel='validation PSNR (dB)', title='PSNR against training time')
+    ax.legend(fontsize=8)
     fig.suptitle(describe_sweep(cfg), fontsize=9)
     return save_figure(fig, path)
 

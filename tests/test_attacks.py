@@ -112,7 +112,8 @@ def test_optimize_alone_is_a_run_that_needs_no_decoder(tmp_path):
     assert evaluation['attack']['kind'] == 'optimize' and evaluation['attack']['steps'] == 20
     assert (tmp_path / 'white_box' / 'samples_optimize.png').is_file()
     assert (tmp_path / 'white_box' / 'eval_optimize_per_image.csv').is_file()
-    assert 'optimize attack on 32 images' in result.stdout
+    assert "optimize attack (white-box rMLE with the victim's weights, no decoder) on 32 images" in result.stdout
+    assert evaluation['attacker'] == "white-box rMLE with the victim's weights, no decoder"
 
 
 @pytest.mark.parametrize('sweep, values, column, expected', [
@@ -129,5 +130,7 @@ def test_attack_and_defence_sweeps_write_the_comparison(tmp_path, sweep, values,
     assert [r[column] for r in rows] == expected
     if sweep == 'defence':
         assert float(rows[0]['top1_agreement']) == 1.0  # no defence, no cost
+    else:  # the white-box attack alone trains nothing; the others share one trained decoder
+        assert [r['epochs'] for r in rows] == [rows[0]['epochs'], '0', rows[0]['epochs']] and rows[0]['epochs'] != '0'
     again = run_cli(tmp_path, *args)
     assert again.stdout.count('already done') == len(values)

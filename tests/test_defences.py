@@ -161,7 +161,7 @@ def test_a_sweep_writes_its_table_and_figures_and_resumes(tmp_path):
         rows = list(csv.DictReader(f))
     assert [r['keep_channels'] for r in rows] == ['1', '0.25']
     assert [int(r['channels_sent']) for r in rows] == [128, 32]
-    assert '| keep_channels | tensor | channels sent | PSNR (dB)' in (folder / 'sweep.md').read_text()
+    assert '| keep_channels | tensor | channels sent | epochs | training (min) | PSNR (dB)' in (folder / 'sweep.md').read_text()
 
     first_model = (folder / 'keep_channels=1' / 'model.pth').read_bytes()
     os.remove(folder / 'keep_channels=0.25' / 'eval.json')  # as if the sweep had been stopped during that value

@@ -40,7 +40,7 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     for a, b in zip(one, two):
         assert b['val_loss'] == pytest.approx(a['val_loss'], rel=0.05)
         assert b['psnr'] == pytest.approx(a['psnr'], abs=0.25)
-        assert b['train_loss'] == pytest.approx(a['train_loss'], rel=0.08)
+        assert b['train_loss'] == pytest.approx(a['train_loss'], rel=0.12)
     assert (tmp_path / 'two' / 'model.pth').is_file() and (tmp_path / 'two' / 'samples.png').is_file()
 
 
@@ -95,9 +95,9 @@ def rank_process(rank, world, port, cwd, argv, stop_at_check):
     os.chdir(cwd)
     batches, real_loss = [], train_module.training_loss
 
-    def recording_loss(recon, images, activations, cfg):
+    def recording_loss(attack, recon, images, sent, activations, cfg):
         batches.append([fingerprint((image * 255).round().to(torch.uint8).cpu()) for image in images])
-        return real_loss(recon, images, activations, cfg)
+        return real_loss(attack, recon, images, sent, activations, cfg)
     train_module.training_loss = recording_loss
 
     class StopAt(train_module.StopRequest):

@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from main import build_parser, resolve_config
-from models import SPLITS, Decoder, SplitAttack, build_attack, build_decoder, build_victim, feature_shape, \
-    invert_features, nominal_stride
+from models import INTERPOLATIONS, SPLITS, Decoder, DecoderSpec, SplitAttack, build_attack, build_decoder, build_victim, \
+    feature_shape, invert_features, nominal_stride
 from utils import UsageError
 
 ARCH_SPLITS = [(arch, split) for arch, splits in SPLITS.items() for split in splits]
@@ -17,12 +17,14 @@ def test_every_arch_and_split_builds_and_decodes_to_the_input_shape(arch, split)
     torch.manual_seed(0)
     victim = build_victim(arch, split)
     images = torch.rand(2, 3, 64, 64)
-    for interpolation in ('transpose', 'upsample'):
-        decoder = build_decoder(feature_shape(victim, 64), 64, interpolation, 'light').eval()
-        with torch.no_grad():
-            out = decoder(victim.encode(images))
-        assert out.shape == images.shape
-        assert out.min() >= 0 and out.max() <= 1
+    for kind, interpolations in INTERPOLATIONS.items():
+        for interpolation in interpolations:
+            spec = DecoderSpec.from_config({'decoder': kind, 'interpolation': interpolation, 'decoder_depth': 'light'})
+            decoder = build_decoder(feature_shape(victim, 64), 64, spec).eval()
+            with torch.no_grad():
+                out = decoder(victim.encode(images))
+            assert out.shape == images.shape, spec.label()
+            assert out.min() >= 0 and out.max() <= 1
 
 
 @pytest.mark.parametrize('arch,split', ARCH_SPLITS)
@@ -93,7 +95,7 @@ def test_encoder_stays_frozen_through_training_steps():
 
 def test_decoder_rejects_a_stride_that_is_not_a_power_of_two():
     with pytest.raises(UsageError):
-        build_decoder((64, 5, 5), 64, 'transpose', 'medium')
+        build_decoder((64, 5, 5), 64, DecoderSpec())
 
 
 def test_weights_file_loads_into_the_victim_and_bad_files_are_named(tmp_path):
