@@ -28,7 +28,8 @@ from torch.utils.data import DataLoader, Dataset
 import main as cli
 from data import builtin_splits, list_images, load_splits
 from evaluate import evaluate
-from models import IMAGENET_MEAN, IMAGENET_STD, DecoderSpec, build_attack, build_victim
+from defences import build_attack
+from models import IMAGENET_MEAN, IMAGENET_STD, DecoderSpec, build_victim
 from train import cache_features, make_optimizer, train_one_epoch
 from utils import UsageError, fresh_run_dir, pick_device, progress, save_json
 

@@ -209,6 +209,12 @@ def write_cache(root, names, size, array_path, index_path, num_workers):
                                                'fingerprints': fingerprints}).encode())
 
 
+def full_batches(n, batch_size):
+    """Where each batch of an epoch starts: full batches only (for BatchNorm, and the statistics of a batch), or
+    one short batch when there are fewer images than that."""
+    return range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size)
+
+
 def split_counts(n_total, batch_size, num_batches):
     """(n_train, n_val): 10:1 as in the original work (validation = num_batches // 11 batches)."""
     if num_batches is None:

@@ -12,7 +12,8 @@ from pytorch_msssim import ms_ssim, ssim
 from pytorch_msssim.ssim import _fspecial_gauss_1d, _ssim
 
 from data import held_out_images
-from models import attacker_label, build_attack, invert_features, test_noise
+from defences import build_attack, victim_agreement
+from models import attacker_label, invert_features, test_noise
 from utils import UsageError, progress, save_csv, save_json
 
 MSSSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. 2003, as in pytorch-msssim
@@ -86,16 +87,6 @@ def score(recon, target, perceptual=None):
     return scores
 
 
-def victim_agreement(clean_logits, defended_logits):
-    """Per image: does the defended victim still predict the undefended top-1 class (at top-1, within its top-5),
-    and KL(undefended || defended) between the two output distributions, in nats."""
-    reference = clean_logits.argmax(1, keepdim=True)
-    top5 = defended_logits.topk(min(5, defended_logits.shape[1]), dim=1).indices
-    kl = F.kl_div(defended_logits.log_softmax(1), clean_logits.log_softmax(1), log_target=True, reduction='none')
-    return {'top1_agreement': (defended_logits.argmax(1, keepdim=True) == reference).float().squeeze(1),
-            'top5_agreement': (top5 == reference).any(1).float(), 'kl': kl.sum(1)}
-
-
 def msssim_note(image_size):
     scales = msssim_scales(image_size)
     if scales == len(MSSSIM_WEIGHTS):
@@ -103,7 +94,10 @@ def msssim_note(image_size):
     return f'MS-SSIM: {scales} of 5 scales at {image_size}px (the coarser ones need >160 px), weights renormalised'
 
 
-ATTACKS = ('decoder', 'optimize', 'decoder+optimize')
+# Each attack (--attack) and what it does: how the attacker turns the sent tensor into an image.
+ATTACKS = {'decoder': 'the trained decoder',
+           'optimize': 'white-box rMLE, no decoder needed (alone it is its own mode)',
+           'decoder+optimize': "rMLE started from the decoder's output"}
 
 
 class AttackPlan(NamedTuple):
@@ -120,6 +114,12 @@ WHITE_BOX_ALONE = "white-box rMLE with the victim's weights, no decoder"  # the 
 
 def attack_plan(cfg):
     return AttackPlan(*(cfg.get(key, default) for key, default in zip(ATTACK_KEYS, AttackPlan())))
+
+
+def attacker_name(cfg, kind):
+    """The attacker named in every output: the white-box optimisation alone, or the decoder (and its knowledge)
+    that the other attacks start from."""
+    return WHITE_BOX_ALONE if kind == 'optimize' else attacker_label(cfg)
 
 
 def attack_slug(kind):
@@ -154,7 +154,7 @@ def evaluate(attack, images, indices, batch_size, noise=None, desc='evaluating',
         measured = score(recover(attack, sent, plan, target.shape), target, perceptual)
         if utility:  # against the undefended tensor: what was encoded, unless the input itself was noised
             undefended = attack.encode(target) if noise is not None and noise.at == 'input' else encoded
-            measured.update(victim_agreement(attack.classify(undefended), attack.classify(sent)))
+            measured.update(victim_agreement(attack.undefended_logits(target, undefended), attack.classify(sent)))
         for name, values in measured.items():
             results.setdefault(name, []).append(values.cpu())
     return {m: torch.cat(v) for m, v in results.items()}
@@ -176,6 +176,9 @@ def format_utility(summary):
 
 
 def utility_note(cfg):
+    if cfg.get('victim_defence'):
+        return ('victim utility: agreement of the defended victim\'s predictions with the original victim\'s '
+                '(before defence training) on the same images (no labels needed)')
     if cfg['pretrained'] or cfg['weights']:
         return 'victim utility: agreement of its predictions with vs without the defence (no labels needed)'
     return 'victim utility: the victim is random-initialised, so its agreement figures are not meaningful'
@@ -224,7 +227,7 @@ def evaluate_and_report(attack, images, indices, names, cfg, description, extra=
     eval{_attack}_per_image.csv."""
     per_image = evaluate(attack, images, indices, cfg['batch_size'], test_noise(cfg), utility=True, plan=plan,
                          perceptual=load_lpips(attack.device))
-    attacker = WHITE_BOX_ALONE if plan.kind == 'optimize' else attacker_label(cfg)
+    attacker = attacker_name(cfg, plan.kind)
     settings = {**(extra or {}), 'attack': plan._asdict(), 'attacker': attacker, 'data': description,
                 'msssim': msssim_note(cfg['image_size']), 'utility': utility_note(cfg), 'config': cfg}
     summary = write_evaluation(per_image, names, settings, cfg['save_dir'], 'eval' + attack_slug(plan.kind))

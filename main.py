@@ -8,10 +8,11 @@ import sys
 
 import torch
 
+import defences
 from data import load_splits
 from evaluate import ATTACKS, AttackPlan, attack_plan, evaluate_and_report, evaluation_images, load_trained_attack
 from models import (ARCHS, DECODER_DEPTHS, DECODERS, DEFAULT_SPLIT, INTERPOLATIONS, NORMS, RESIDUAL_DEPTHS, SPLITS,
-                    DecoderSpec, build_attack, check_cut)
+                    DecoderSpec, check_cut)
 from sweep import SWEEPS, run_sweep
 from train import LOSSES, train
 from utils import (RUN_KEYS, RunError, UsageError, fresh_run_dir, init_distributed, is_main_process, load_checkpoint,
@@ -20,9 +21,8 @@ from visualize import draw_all, plot_samples, run_visualize, sample_indices
 
 # Flags that define the attack's model: they must agree with a checkpoint that is being loaded.
 MODEL_KEYS = ('arch', 'split', 'pretrained', 'decoder', 'interpolation', 'decoder_depth', 'decoder_width',
-              'decoder_blocks', 'decoder_norm', 'image_size', 'keep_channels', 'channel_select', 'defence', 'defence_p',
-              'defence_k')
-MODES = ('train', 'resume', 'eval_pth', 'eval_ckpt', 'visualize', 'sweep')
+              'decoder_blocks', 'decoder_norm', 'image_size') + defences.FIXED_KEYS
+MODES = ('train', 'resume', 'eval_pth', 'eval_ckpt', 'visualize', 'sweep', 'defend')
 # Taken from this command, never from the checkpoint (the rest of RUN_KEYS only when given).
 CURRENT_KEYS = {'mode', 'model_path', 'device', 'save_dir', 'overwrite', 'num_samples', 'num_workers', 'cache_dir',
                 'eval_split'}
@@ -98,25 +98,12 @@ def build_parser():
     noise.add_argument('--noise_at', choices=('input', 'features'), default='input',
                        help='on the image before the victim, or on the intercepted tensor (a defence)')
 
-    defence = p.add_argument_group('defences (on the device, before the tensor is sent)')
-    defence.add_argument('--keep_channels', type=float,
-                         help='send only K channels (a fraction in (0, 1] or a count above 1), the rest as zeros')
-    defence.add_argument('--channel_select', choices=('first', 'random', 'topvar'), default='topvar',
-                         help='which channels: the first K, K at random (seeded), or the K of highest variance '
-                              'over a calibration batch of training images')
-
-    defence.add_argument('--defence', choices=('none', 'dropout', 'topk'), default='none',
-                         help='dropout: zero each element with probability --defence_p (survivors scaled by '
-                              '1/(1-p)); topk: keep the --defence_k largest-magnitude elements of each sample')
-    defence.add_argument('--defence_p', type=float, default=0.5, help='dropout probability, in [0, 1)')
-    defence.add_argument('--defence_k', type=float, default=0.1,
-                         help='elements kept by topk: a fraction in (0, 1] of C*H*W, or a count above 1')
+    defences.add_arguments(p)
 
     attack = p.add_argument_group('attacks (how the sent tensor is turned into an image when evaluating)')
     plan = AttackPlan()
     attack.add_argument('--attack', choices=ATTACKS, default=plan.kind,
-                        help='decoder: the trained decoder; optimize: white-box rMLE, no decoder needed (alone it '
-                             'is its own mode); decoder+optimize: rMLE started from the decoder\'s output')
+                        help='; '.join(f'{kind}: {what}' for kind, what in ATTACKS.items()))
     attack.add_argument('--attack_steps', type=int, default=plan.steps, help='Adam steps of the optimisation attack')
     attack.add_argument('--attack_lr', type=float, default=plan.lr, help="learning rate of the optimisation attack")
     attack.add_argument('--tv_weight', type=float, default=plan.tv_weight,
@@ -208,14 +195,9 @@ def check_flags(parser, cfg):
         parser.error('argument --image_size: at least 16 pixels are needed (SSIM uses an 11-pixel window)')
     if cfg['num_batches'] is not None and cfg['num_batches'] < 2:
         parser.error('argument --num_batches: at least 2 (one batch is kept for validation)')
-    if not 0 <= cfg['defence_p'] < 1:
-        parser.error(f'argument --defence_p: a dropout probability in [0, 1), got {cfg["defence_p"]}')
-    if cfg['defence_k'] <= 0 or (cfg['defence_k'] > 1 and cfg['defence_k'] != int(cfg['defence_k'])):
-        parser.error(f'argument --defence_k: a fraction in (0, 1] or a whole count, got {cfg["defence_k"]}')
-    if cfg['keep_channels'] is not None and cfg['keep_channels'] <= 0:
-        parser.error(f'argument --keep_channels: must be positive, got {cfg["keep_channels"]}')
     try:
-        check_cut(cfg['arch'], cfg['split'], cfg['image_size'], cfg['keep_channels'])
+        check_cut(cfg['arch'], cfg['split'], cfg['image_size'])
+        defences.check_flags(cfg)
     except UsageError as e:
         parser.error(str(e))
 
@@ -236,7 +218,7 @@ def resolve_config(parser, args, argv):
     if 'eval_split' in given and cfg['mode'] not in ('eval_pth', 'eval_ckpt', 'visualize'):
         parser.error('--eval_split is for --eval_pth, --eval_ckpt and --visualize')
     state = None
-    if cfg['mode'] not in ('train', 'sweep', 'attack'):
+    if cfg['mode'] not in ('train', 'sweep', 'attack', 'defend'):
         if not cfg['model_path']:
             parser.error(f'--{cfg["mode"]} needs --model_path FILE')
         if cfg['mode'] == 'resume' and not cfg['model_path'].endswith('.ckpt'):
@@ -258,10 +240,7 @@ def resolve_config(parser, args, argv):
     else:
         cfg['split'] = cfg['split'] or DEFAULT_SPLIT[cfg['arch']]
         cfg['image_size'] = cfg['image_size'] or (USER_IMAGE_SIZE if cfg['data_dir'] else BUILTIN_IMAGE_SIZE)
-        spec = DecoderSpec.from_config(cfg)  # the defaults that depend on --decoder, written down
-        cfg['interpolation'] = spec.interpolation
-        if spec.kind == 'residual':
-            cfg.update(decoder_width=spec.width, decoder_blocks=spec.blocks)
+        cfg.update(DecoderSpec.from_config(cfg).settings())
     check_flags(parser, cfg)
     return cfg, state
 
@@ -289,7 +268,7 @@ def run(argv):
                              f'the {world} processes')
         if not is_main_process():
             sys.stdout = open(os.devnull, 'w')  # rank 0 speaks for all
-    if cfg['mode'] in ('train', 'attack') and not cfg['overwrite']:
+    if cfg['mode'] in ('train', 'attack', 'defend') and not cfg['overwrite']:
         chosen = same_on_all_processes(fresh_run_dir(cfg['save_dir']))
         if chosen != cfg['save_dir']:
             print(f'{cfg["save_dir"]} already holds a run: writing to {chosen} (--overwrite to reuse it)')
@@ -321,10 +300,12 @@ def dispatch(cfg, state, device):
             run_attack(attack, splits.images, splits.val_idx, splits.val_names, cfg, description)
     elif cfg['mode'] == 'attack':
         splits = load_splits(cfg)
-        attack = build_attack(cfg, device, splits.calibration_images(cfg['batch_size']))
+        attack = defences.build_attack(cfg, device, splits.calibration_images(cfg['batch_size']))
         run_attack(attack, splits.images, splits.val_idx, splits.val_names, cfg, f'validation split of {splits.description}')
     elif cfg['mode'] == 'sweep':
         run_sweep(cfg, device)
+    elif cfg['mode'] == 'defend':
+        defences.train_defence(cfg, device)
     elif cfg['mode'] in ('eval_pth', 'eval_ckpt'):
         images, indices, names, description = evaluation_images(cfg, state)
         print(f'evaluating {cfg["model_path"]} (epoch {state["epoch"]}) on {description}')

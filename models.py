@@ -42,15 +42,17 @@ MIN_WIDTH = 32  # the residual decoder halves its width at each x2 stage, down t
 class SplitVictim(nn.Module):
     """The victim cut in two: `encoder` runs on the device, `tail` (the rest and the head) on the server.
 
-    It is frozen whatever the caller does: no gradients to its weights and always in eval mode, so its
-    BatchNorm statistics never move."""
+    Always in eval mode, so its BatchNorm statistics never move, and frozen (no gradients to its weights) unless
+    built with frozen=False, as defence training builds its own copy. `defended` is the record of a defended victim's
+    file (defences.train_defence), None for a victim as torchvision ships it."""
 
-    def __init__(self, encoder, tail):
+    def __init__(self, encoder, tail, defended=None, frozen=True):
         super().__init__()
-        self.encoder, self.tail = encoder, tail
+        self.encoder, self.tail, self.defended = encoder, tail, defended
         self.register_buffer('mean', torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer('std', torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-        self.requires_grad_(False)
+        if frozen:
+            self.requires_grad_(False)
         self.train(False)
 
     def train(self, mode=True):
@@ -83,19 +85,43 @@ def load_torchvision(arch, pretrained):
                          f'{cache}/ (torch hub cache, moved with TORCH_HOME) or pass --weights PATH') from None
 
 
-def load_victim_weights(net, path):
+DEFENDED_FORMAT = 'recon-attack/defended-victim/1'
+
+
+def read_victim_weights(path):
+    """A state dict file for the victim, or a defended victim's file (DEFENDED_FORMAT): (state dict, record or None)."""
     try:
         state = torch.load(path, map_location='cpu', weights_only=True)
     except FileNotFoundError:
         raise UsageError(f'--weights {path}: no such file') from None
     except Exception as e:
         raise UsageError(f'--weights {path}: not a loadable state dict ({type(e).__name__})') from None
-    state = state.get('state_dict', state) if isinstance(state, dict) else state
+    if isinstance(state, dict) and state.get('format') == DEFENDED_FORMAT:
+        return state['state_dict'], state
+    return (state.get('state_dict', state) if isinstance(state, dict) else state), None
+
+
+def load_victim_weights(net, path, state):
     try:
         net.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as e:
         raise UsageError(f'--weights {path} does not fit {type(net).__name__}: '
                          f'{str(e).splitlines()[0]}') from None
+
+
+def bottleneck(channels, narrow):
+    """A learned narrow cut: a 1x1 conv to `narrow` channels on the device, one back to `channels` on the server."""
+    return nn.Conv2d(channels, narrow, 1), nn.Conv2d(narrow, channels, 1)
+
+
+def with_bottleneck(encoder, tail, squeeze, expand):
+    return nn.Sequential(encoder, squeeze), nn.Sequential(expand, tail)
+
+
+def check_defended(record, path, arch, split):
+    if record['arch'] != arch or record['split'] != split:
+        raise UsageError(f'--weights {path} is a {record["arch"]} defended at its {record["split"]} cut; pass '
+                         f'--arch {record["arch"]} --split {record["split"]}')
 
 
 def cut(net, arch, split):
@@ -116,13 +142,31 @@ def cut(net, arch, split):
     return nn.Sequential(*encoder), nn.Sequential(*rest, nn.AdaptiveAvgPool2d(1), nn.Flatten(1), net.classifier)
 
 
-def build_victim(arch, split, pretrained=False, weights_path=None, seed=0):
+def load_network(arch, pretrained=False, weights_path=None, seed=0):
+    """The whole torchvision classifier: torchvision's weights (or random ones from `seed`), or a --weights file;
+    and the file's record where it is a defended victim (else None)."""
+    state, record = read_victim_weights(weights_path) if weights_path else (None, None)
     with torch.random.fork_rng(devices=[]):  # a random-initialised victim is a pure function of the seed
         torch.manual_seed(seed)
-        net = load_torchvision(arch, pretrained)
-    if weights_path:
-        load_victim_weights(net, weights_path)
-    return SplitVictim(*cut(net, arch, split))
+        net = load_torchvision(arch, pretrained and state is None)
+    if state is not None:
+        load_victim_weights(net, weights_path, state)
+    return net, record
+
+
+def build_victim(arch, split, pretrained=False, weights_path=None, seed=0):
+    """The victim cut at `split` (a defended victim's file with its bottleneck, if it has one)."""
+    net, record = load_network(arch, pretrained, weights_path, seed)
+    encoder, tail = cut(net, arch, split)
+    if record is not None:
+        check_defended(record, weights_path, arch, split)
+        if record['bottleneck'] is not None:
+            squeeze, expand = bottleneck(record['bottleneck']['channels'], record['bottleneck']['narrow'])
+            squeeze.load_state_dict(record['bottleneck']['squeeze'])
+            expand.load_state_dict(record['bottleneck']['expand'])
+            encoder, tail = with_bottleneck(encoder, tail, squeeze, expand)
+        record = {k: v for k, v in record.items() if k not in ('state_dict', 'bottleneck')}
+    return SplitVictim(encoder, tail, record)
 
 
 def probe_feature_shape(arch, split, image_size):
@@ -137,18 +181,12 @@ def nominal_stride(arch, split):
     return 256 // probe_feature_shape(arch, split, 256)[1]
 
 
-def check_cut(arch, split, image_size, keep_channels=None):
-    """Flags that cannot work with this cut, caught before anything is built."""
+def check_cut(arch, split, image_size):
+    """An image size that cannot work with this cut, caught before anything is built."""
     stride = nominal_stride(arch, split)
     if image_size % stride:
         raise UsageError(f'--image_size {image_size}: {arch} cut at {split} has stride {stride}, so the image side must '
                          f'be a multiple of {stride} (e.g. {max(stride, image_size // stride * stride)})')
-    channels = probe_feature_shape(arch, split, image_size)[0]
-    if keep_channels is not None:
-        if keep_channels > 1 and keep_channels != int(keep_channels):
-            raise UsageError(f'--keep_channels {keep_channels}: a fraction in (0, 1] or a whole number of channels')
-        if keep_count(keep_channels, channels) > channels:
-            raise UsageError(f'--keep_channels {keep_channels:g}: {arch} cut at {split} sends only {channels} channels')
 
 
 @torch.no_grad()
@@ -178,6 +216,11 @@ class DecoderSpec:
                        cfg.get('decoder_blocks') if cfg.get('decoder_blocks') is not None else blocks,
                        cfg.get('decoder_norm', 'batch'))
         return spec
+
+    def settings(self):
+        """The configuration keys the defaults that depend on --decoder resolved to, written down."""
+        widths = {'decoder_width': self.width, 'decoder_blocks': self.blocks} if self.kind == 'residual' else {}
+        return {'interpolation': self.interpolation, **widths}
 
     def check(self):
         if self.interpolation not in INTERPOLATIONS[self.kind]:
@@ -381,6 +424,7 @@ class SplitAttack:
         self.decoder_step = torch.compile(self.decoder) if compile else self.decoder
         self.channel_mask = None  # (1, C, 1, 1) of 0 / 1 when the device sends a subset of the channels
         self.sparsify = None  # a Sparsify defence, or None
+        self.reference = None  # for a defended victim: the original one, what its predictions are charged against
 
     def using(self, decoder):
         """The same attack (victim, defences) with another decoder, e.g. the average of the trained weights."""
@@ -441,6 +485,15 @@ class SplitAttack:
         with torch.autocast(self.device.type, enabled=False):
             return self.victim.classify(features.float())
 
+    @torch.no_grad()
+    def undefended_logits(self, images, undefended):
+        """What the victim would predict without any defence: from the `undefended` tensor, or, for a defended
+        victim, the original victim's prediction of the images themselves."""
+        if self.reference is None:
+            return self.classify(undefended)
+        with torch.autocast(self.device.type, enabled=False):
+            return self.reference.classify(self.reference.encode(images.float()))
+
 
 def total_variation(images):
     """Per image: the mean absolute difference between vertically and between horizontally adjacent pixels."""
@@ -491,32 +544,3 @@ def train_noise(cfg):
 
 def test_noise(cfg):
     return Noise(cfg['noise_at'], cfg['test_noise_mean'], cfg['test_noise_var']) if cfg['test_noise'] else None
-
-
-def build_attack(cfg, device, calibration_images=None):
-    """Victim, decoder and defences as the configuration describes them; decoder initialised from cfg['seed'].
-
-    --keep_channels' channels are chosen once per run, on `calibration_images` (uint8, training images), and
-    stored in cfg['channel_indices'], so that every attack of the run and every later evaluation sees the same
-    sent tensor."""
-    victim = build_victim(cfg['arch'], cfg['split'], cfg['pretrained'], cfg['weights'], cfg['seed'])
-    expected = cfg.get('victim_fingerprint')
-    if expected is not None and not math.isclose(victim.fingerprint(), expected, rel_tol=1e-6):
-        raise UsageError('the victim rebuilt from the checkpoint\'s settings (arch, --use_pretrained/--weights, seed) '
-                         'is not the one this decoder was trained against; pass the same victim weights')
-    torch.manual_seed(cfg['seed'])
-    shape = feature_shape(victim, cfg['image_size'])
-    decoder = build_decoder(shape, cfg['image_size'], DecoderSpec.from_config(cfg))
-    attack = SplitAttack(victim, decoder, device, bf16=cfg['precision'] == 'bf16', compile=cfg.get('compile', False))
-    if cfg['keep_channels'] is not None and cfg.get('channel_indices') is None:
-        if calibration_images is None:
-            raise ValueError('--keep_channels needs calibration images to choose its channels')
-        calibration = attack.encode(attack.to_images(calibration_images)).cpu()
-        count = keep_count(cfg['keep_channels'], shape[0])
-        cfg['channel_indices'] = select_channels(cfg['channel_select'], count, calibration, cfg['seed'])
-        print(f'defence: the device sends {count} of {shape[0]} channels ({cfg["channel_select"]}), the rest as zeros')
-    if cfg.get('channel_indices') is not None:
-        attack.keep_only(cfg['channel_indices'], shape[0])
-    if cfg.get('defence', 'none') != 'none':
-        attack.sparsify = Sparsify(cfg['defence'], cfg['defence_p'] if cfg['defence'] == 'dropout' else cfg['defence_k'])
-    return attack

@@ -6,10 +6,11 @@ import os
 import torch
 
 from data import load_splits
+from defences import (DEFENCE_RECORD, DEFENCES, DEFENDED_FILE, KEEP_CHANNELS, build_attack, check_sweep_value,
+                       parse_sweep_value, train_defence, training_keys, without_defences)
 from evaluate import (ATTACK_KEYS, ATTACKS, attack_plan, attack_slug, evaluate_and_report, load_trained_attack, msssim_note,
                       recover, utility_note)
-from models import (DECODERS, INTERPOLATIONS, SPLITS, DecoderSpec, attacker_label, build_attack, check_cut,
-                    probe_feature_shape, test_noise)
+from models import DECODERS, INTERPOLATIONS, SPLITS, DecoderSpec, attacker_label, check_cut, probe_feature_shape, test_noise
 from train import train
 from utils import RUN_KEYS, UsageError, atomic_write_bytes, fresh_run_dir, load_checkpoint, save_csv, save_json
 from visualize import plot_privacy_utility, plot_sweep, plot_sweep_samples, plot_training_time, sample_indices
@@ -18,25 +19,13 @@ SWEEPS = ('split', 'keep_channels', 'noise_var', 'attack', 'defence', 'decoder')
 DEFAULT_VALUES = {'decoder': ('original:transpose', 'original:upsample', 'residual'),
                   'keep_channels': ('1', '0.5', '0.25', '0.125', '0.0625'),
                   'noise_var': ('0', '0.01', '0.05', '0.1', '0.5'),
-                  'attack': ATTACKS,
+                  'attack': tuple(ATTACKS),
                   'defence': ('none', 'noise:0.1', 'noise:1', 'keep_channels:0.5', 'keep_channels:0.25',
-                              'dropout:0.25', 'dropout:0.5', 'dropout:0.75', 'topk:0.5', 'topk:0.1')}
-DEFENCES = ('none', 'noise', 'keep_channels', 'dropout', 'topk')  # --sweep defence values: kind:strength
+                              'dropout:0.25', 'dropout:0.5', 'dropout:0.75', 'topk:0.5', 'topk:0.1', 'nopeek:1',
+                              'adversarial:1', 'bottleneck:0.125')}
 # Not compared when a finished value is recognised: how runs are carried out, and what a run derives itself.
-DERIVED_KEYS = ('channel_indices', 'victim_fingerprint')
+DERIVED_KEYS = ('channel_indices', 'victim_fingerprint', 'victim_defence', 'sent_shape')
 IGNORED_KEYS = RUN_KEYS | set(DERIVED_KEYS) | {'sweep_values'}
-
-
-def parse_defence(value):
-    """'dropout:0.5' -> ('dropout', 0.5); 'none' -> ('none', None)."""
-    kind, _, strength = value.partition(':')
-    if kind not in DEFENCES or (kind == 'none') != (strength == ''):
-        raise UsageError(f'--sweep_values for --sweep defence: {value!r} is not one of none, noise:VAR, '
-                         'keep_channels:K, dropout:P, topk:K')
-    try:
-        return kind, float(strength) if strength else None
-    except ValueError:
-        raise UsageError(f'--sweep_values for --sweep defence: {value!r} needs a number after the colon') from None
 
 
 def parse_decoder(value):
@@ -46,17 +35,6 @@ def parse_decoder(value):
         raise UsageError(f'--sweep_values for --sweep decoder: {value!r} is not one of '
                          + ', '.join(f'{k}[:{"|".join(i)}]' for k, i in INTERPOLATIONS.items()))
     return kind, interpolation or INTERPOLATIONS[kind][0]
-
-
-def check_defence(cfg, kind, strength):
-    if kind == 'noise' and strength < 0:
-        raise UsageError(f'--sweep_values: noise:{strength:g}: a variance cannot be negative')
-    if kind == 'dropout' and not 0 <= strength < 1:
-        raise UsageError(f'--sweep_values: dropout:{strength:g}: a probability in [0, 1)')
-    if kind in ('keep_channels', 'topk') and strength <= 0:
-        raise UsageError(f'--sweep_values: {kind}:{strength:g} must be positive')
-    if kind == 'keep_channels':
-        check_cut(cfg['arch'], cfg['split'], cfg['image_size'], strength)
 
 
 def parse_values(cfg):
@@ -70,7 +48,9 @@ def parse_values(cfg):
             raise UsageError(f'--sweep_values: {", ".join(unknown)} not {"a split of " + cfg["arch"] if name == "split" else "an attack"}'
                              f' (choose from {", ".join(valid)})')
         for split in raw if name == 'split' else ():
-            check_cut(cfg['arch'], split, cfg['image_size'], cfg['keep_channels'])
+            check_cut(cfg['arch'], split, cfg['image_size'])
+            if cfg['keep_channels'] is not None:
+                KEEP_CHANNELS.check({**cfg, 'split': split}, cfg['keep_channels'], f'--keep_channels (at {split})')
         return list(raw)
     if name == 'decoder':
         for value in raw:
@@ -78,25 +58,19 @@ def parse_values(cfg):
         return list(raw)
     if name == 'defence':
         for value in raw:
-            kind, strength = parse_defence(value)
-            if strength is not None:
-                check_defence(cfg, kind, strength)
+            check_sweep_value(cfg, value)
         return list(raw)
     try:
         values = [float(v) for v in raw]
     except ValueError:
         raise UsageError(f'--sweep_values for --sweep {name} must be numbers, got {" ".join(raw)}') from None
     for value in values:
-        check_defence(cfg, 'noise' if name == 'noise_var' else name, value)
+        DEFENCES['noise' if name == 'noise_var' else name].check(cfg, value, f'--sweep_values {value:g}')
     return values
 
 
 def value_label(value):
     return value if isinstance(value, str) else f'{value:g}'
-
-
-def without_defences(cfg):
-    return {**cfg, 'aug': False, 'test_noise': False, 'keep_channels': None, 'defence': 'none'}
 
 
 def value_config(cfg, value):
@@ -117,21 +91,28 @@ def value_config(cfg, value):
         run.update(decoder=kind, interpolation=interpolation,
                    decoder_width=cfg['decoder_width'] if own_family else None,
                    decoder_blocks=cfg['decoder_blocks'] if own_family else None)
-        spec = DecoderSpec.from_config(run)
-        run.update(decoder_width=spec.width, decoder_blocks=spec.blocks)
+        run.update(DecoderSpec.from_config(run).settings())
     else:  # one defence at a time, on while the (adaptive) attacker trains and when it is measured
-        kind, strength = parse_defence(value)
+        defence, strength = parse_sweep_value(value)
         run = without_defences(run)
-        if kind == 'noise':
-            run.update(aug=True, test_noise=True, noise_at='features', noise_var=strength, test_noise_var=strength,
-                       noise_mean=0.0, test_noise_mean=0.0)
-        elif kind == 'keep_channels':
-            run['keep_channels'] = strength
-        elif kind == 'dropout':
-            run.update(defence='dropout', defence_p=strength)
-        elif kind == 'topk':
-            run.update(defence='topk', defence_k=strength)
+        run.update(defence.settings(strength) if defence else {})
+        if defence and defence.trained:  # the attacker trains from scratch against the value's defended victim
+            run['weights'] = os.path.join(run['save_dir'], 'victim', DEFENDED_FILE)
     return run
+
+
+def defence_training_config(cfg, run):
+    """The --defend run that writes the defended victim a trained-defence value attacks: the original victim."""
+    return {**run, 'mode': 'defend', 'weights': cfg['weights'], 'save_dir': os.path.dirname(run['weights'])}
+
+
+def defended_victim(cfg, run, device):
+    """Train the value's defended victim unless one trained with these settings is on disk; its defence.json."""
+    trainee = defence_training_config(cfg, run)
+    record = read_json(os.path.join(trainee['save_dir'], DEFENCE_RECORD))
+    if record is None or comparable(record['config']) != comparable(trainee) or not os.path.isfile(run['weights']):
+        record = train_defence(trainee, device)
+    return record
 
 
 def decoder_run(cfg, run):
@@ -142,8 +123,10 @@ def decoder_run(cfg, run):
 
 
 def comparable(cfg):
-    """What must match for a finished value to be reused (with --minutes, the epochs are what the budget gave)."""
-    ignored = IGNORED_KEYS | ({'num_epochs'} if cfg.get('minutes') else set())
+    """What must match for a finished value to be reused (with --minutes, the epochs are what the budget gave;
+    defence training's flags only where a defended victim is trained)."""
+    ignored = IGNORED_KEYS | ({'num_epochs'} if cfg.get('minutes') else set()) | (
+        set() if cfg.get('defend') else training_keys())
     return {k: v for k, v in cfg.items() if k not in ignored}
 
 
@@ -174,14 +157,19 @@ def sweep_dir(cfg):
     return chosen
 
 
+def family(defence):
+    return '' if defence is None else ('trained' if defence.trained else 'fixed')
+
+
 def table_row(cfg, value, result):
     run = result['config']
-    channels, height, width = probe_feature_shape(run['arch'], run['split'], run['image_size'])
+    channels, height, width = run.get('sent_shape') or probe_feature_shape(run['arch'], run['split'], run['image_size'])
     sent = len(run['channel_indices']) if run.get('channel_indices') else channels
     metrics = {name: stats['mean'] for name, stats in result['metrics'].items()}
     if cfg['sweep'] == 'defence':
-        kind, strength = parse_defence(value)
-        labels = {'defence': kind, 'strength': '' if strength is None else f'{strength:g}'}
+        defence, strength = parse_sweep_value(value)
+        labels = {'defence': defence.name if defence else 'none', 'family': family(defence),
+                  'strength': '' if strength is None else f'{strength:g}'}
     else:
         labels = {cfg['sweep']: value_label(value)}
     history = training_history(cfg, run)
@@ -190,7 +178,17 @@ def table_row(cfg, value, result):
             'ms_ssim': metrics['ms_ssim'], 'lpips': metrics.get('lpips'), 'mse': metrics['mse'],
             'top1_agreement': metrics['top1_agreement'], 'top5_agreement': metrics['top5_agreement'],
             'kl': metrics['kl'], 'n_images': result['n_images'], 'epochs': len(history),
-            'train_minutes': sum(h['seconds'] for h in history) / 60}
+            'train_minutes': sum(h['seconds'] for h in history) / 60, **defence_cost(cfg, run)}
+
+
+def defence_cost(cfg, run):
+    """A trained defence's training minutes (from its defence.json), for the table's notes."""
+    if cfg['sweep'] != 'defence':
+        return {}
+    if not run.get('defend'):
+        return {'defence_minutes': None}
+    record = read_json(os.path.join(os.path.dirname(run['weights']), DEFENCE_RECORD))
+    return {'defence_minutes': record['minutes'] if record else float('nan')}
 
 
 def training_history(cfg, run):
@@ -207,7 +205,7 @@ def row_label(cfg, row):
 
 def markdown_table(rows, cfg, description, reused=(), decoder_runs=()):
     victim = 'ImageNet weights' if cfg['pretrained'] else ('--weights' if cfg['weights'] else 'random-initialised')
-    label_columns = ('defence', 'strength') if cfg['sweep'] == 'defence' else (cfg['sweep'],)
+    label_columns = ('defence', 'family', 'strength') if cfg['sweep'] == 'defence' else (cfg['sweep'],)
     attacker = '' if cfg['sweep'] == 'decoder' else f', {attacker_label(cfg)}'
     budget = f'about {cfg["minutes"]:g} minutes of training each' if cfg['minutes'] else f'{cfg["num_epochs"]} epochs'
     lines = [f'Sweep of `{cfg["sweep"]}`: {cfg["arch"]} ({victim})'
@@ -233,6 +231,14 @@ def markdown_table(rows, cfg, description, reused=(), decoder_runs=()):
                      'each defence is on while the decoder trains and when it is measured (an adaptive attacker); '
                      'noise is on the intercepted tensor, variance as given; dropout scales survivors by 1/(1-p); '
                      'topk keeps that fraction of the elements of each sample')
+    trained = [r for r in rows if r.get('family') == 'trained']
+    if trained:
+        notes.append(f'trained defences: the victim fine-tuned for {cfg["defend_epochs"]} epochs (Adam, lr '
+                     f'{cfg["defend_lr"]:g}, {"both halves" if cfg["defend_server"] else "the device half"}) to keep '
+                     'the original victim\'s predictions (KL) beside its privacy term, in '
+                     + ', '.join(f'{r["defence"]} {r["strength"]} {r["defence_minutes"]:.1f} min' for r in trained)
+                     + '; each then attacked by a decoder trained from scratch against it; its agreement and KL are '
+                     'against the original victim')
     if reused:
         notes.append(f'rows read from an earlier, unfinished run of this sweep, not re-run: {", ".join(reused)}')
     lines += ['', '. '.join(notes) + '.', '']
@@ -281,6 +287,8 @@ def sample_reconstructions(cfg, runs, images, device):
 def run_value(cfg, run, device):
     """Train the decoder this value needs unless a finished one is shared, then evaluate the value's attack;
     returns its eval json."""
+    if run.get('defend'):
+        defended_victim(cfg, run, device)
     if run['attack'] != 'optimize':  # the white-box attack needs no decoder
         trainee = decoder_run(cfg, run)
         if trainee is run or finished_result(trainee) is None:

@@ -15,9 +15,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from data import load_splits
+from data import full_batches, load_splits
 from evaluate import evaluate, format_summary, mean_image_baseline, msssim_note, summarise
-from models import attacker_label, build_attack, feature_error, test_noise, train_noise
+from defences import build_attack
+from models import attacker_label, feature_error, test_noise, train_noise
 from utils import (Interrupted, RunError, UsageError, is_main_process, progress, rank_and_world, same_on_all_processes,
                    save_json, save_torch)
 
@@ -36,7 +37,7 @@ def make_optimizer(cfg, params, device):
 
 
 def steps_per_epoch(cfg, n_train):
-    return max(1, n_train // cfg['batch_size'])  # full batches only
+    return len(full_batches(n_train, cfg['batch_size']))
 
 
 def make_scheduler(cfg, optimizer, n_train):
@@ -195,7 +196,7 @@ def train_one_epoch(attack, splits, cache, cfg, optimizer, epoch, stop=None, res
     noise_rng = attack.noise_generator(cfg['seed'] * 1000 + epoch + 100_003 * rank)
     batch_size, n = cfg['batch_size'], len(splits.train_idx)
     order = torch.randperm(n, generator=data_order)
-    starts = range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size)  # full batches for BatchNorm
+    starts = full_batches(n, batch_size)
     total, count, first = torch.zeros((), device=attack.device), 0, 0
     if resume is not None:  # each process goes on from its own running loss and noise generator
         mine = resume['processes'][rank]

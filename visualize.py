@@ -8,8 +8,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torchvision.utils import save_image  # noqa: E402
 
-from evaluate import (WHITE_BOX_ALONE, AttackPlan, attack_slug, evaluate, evaluation_images,  # noqa: E402
+from evaluate import (AttackPlan, attack_slug, attacker_name, evaluate, evaluation_images,  # noqa: E402
                       load_trained_attack, recover, score)
+from defences import describe as describe_defences  # noqa: E402
 from models import attacker_label, test_noise  # noqa: E402
 
 FEATURE_CHANNELS = 16  # highest-variance channels shown in feature_maps.png
@@ -20,18 +21,15 @@ def victim_label(cfg):
     return 'ImageNet' if cfg['pretrained'] else ('weights file' if cfg['weights'] else f'random seed {cfg["seed"]}')
 
 
-def describe(cfg):
-    """One line that makes a figure explain itself: victim, cut, decoder, defences, noise."""
+def describe(cfg, kind='decoder'):
+    """One line that makes a figure explain itself: victim, cut, attacker (of attack `kind`), defences, noise."""
     victim = victim_label(cfg)
     noise = test_noise(cfg)
-    noise_text = f'test noise on {noise.at} (mean {noise.mean:g}, var {noise.var:g})' if noise else 'no test noise'
-    defences = ([f'{cfg["keep_channels"]:g} of channels ({cfg["channel_select"]})'] if cfg.get('keep_channels') else []) + \
-        ([f'dropout p={cfg["defence_p"]:g}'] if cfg.get('defence') == 'dropout' else []) + \
-        ([f'top-k {cfg["defence_k"]:g}'] if cfg.get('defence') == 'topk' else [])
-    attacker = WHITE_BOX_ALONE if cfg.get('mode') == 'attack' else attacker_label(cfg)  # --attack optimize alone
+    input_noise = [f'noise on the input (mean {noise.mean:g}, var {noise.var:g})'] if noise and noise.at == 'input' else []
+    defences = input_noise + describe_defences(cfg)
+    attacker = attacker_name(cfg, kind)
     return (f'{cfg["arch"]} ({victim}) cut at {cfg["split"]} | {attacker} | {cfg["image_size"]}px | '
-            f'{noise_text}'
-            + (f' | defence: {", ".join(defences)}' if defences else ''))
+            + (f'defence: {", ".join(defences)}' if defences else 'no defence'))
 
 
 def save_figure(fig, path):
@@ -107,7 +105,7 @@ def plot_samples(attack, images, names, cfg, save_dir, plan=AttackPlan()):
         stem = os.path.splitext(name.replace(os.sep, '_'))[0]
         for (_, batch), suffix in zip(rows, suffixes):
             save_image(batch[c].clamp(0, 1), os.path.join(samples_dir, f'{stem}_{suffix}.png'))
-    title = describe(cfg) + ('' if plan.kind == 'decoder' else
+    title = describe(cfg, plan.kind) + ('' if plan.kind == 'decoder' else
                              f'\n{plan.kind} attack: {plan.steps} Adam steps, lr {plan.lr:g}, TV weight {plan.tv_weight:g}')
     return plot_image_grid(rows, names, title, os.path.join(save_dir, f'samples{slug}.png'))
 
@@ -263,16 +261,40 @@ def plot_training_time(histories, labels, cfg, path):
     return save_figure(fig, path)
 
 
+FAMILIES = {'': ('k', '*', 'no defence'), 'fixed': ('tab:blue', 'o', 'fixed defences'),
+            'trained': ('tab:red', 's', 'trained defences')}
+
+
+def frontier(points):
+    """The privacy-utility frontier of (agreement, PSNR) points: those no other point beats at once on utility
+    (higher agreement) and privacy (lower PSNR), by agreement."""
+    return sorted(p for p in points if not any(q != p and q[0] >= p[0] and q[1] <= p[1] for q in points))
+
+
 def plot_privacy_utility(rows, labels, cfg, path):
     """Attacks and defences side by side: attack PSNR against the victim's top-1 agreement (a defence wants
-    the bottom right: low PSNR at full agreement), and each row's PSNR and SSIM."""
+    the bottom right: low PSNR at full agreement), fixed and trained defences as separate series with their
+    frontiers; and each row's PSNR and SSIM."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8), layout='constrained')
-    for row, label in zip(rows, labels):
-        left.errorbar(row['top1_agreement'], row['psnr'], yerr=row['psnr_std'], fmt='o', capsize=3, label=label)
-        left.annotate(label, (row['top1_agreement'], row['psnr']), textcoords='offset points', xytext=(5, 4),
-                      fontsize=7)
-    left.set(xlabel="victim top-1 agreement with the undefended victim", ylabel='attack PSNR (dB, ± std)',
-             xlim=(-0.05, 1.1), title='privacy vs utility')
+    by_family = 'family' in rows[0]  # a defence sweep; an attack sweep has one point per attack
+    series = ([(FAMILIES[f], [(r, label) for r, label in zip(rows, labels) if r['family'] == f]) for f in FAMILIES]
+              if by_family else [((None, 'o', label), [(r, label)]) for r, label in zip(rows, labels)])
+    for (colour, marker, name), members in series:
+        if not members:
+            continue
+        points = [(row['top1_agreement'], row['psnr']) for row, _ in members]
+        left.errorbar(*zip(*points), yerr=[row['psnr_std'] for row, _ in members], fmt=marker, color=colour,
+                      capsize=3, label=name)
+        if by_family and len(points) > 1:
+            left.plot(*zip(*frontier(points)), '--', color=colour, linewidth=1)
+        for (agreement, psnr_value), (_, label) in zip(points, members):
+            left.annotate(label, (agreement, psnr_value), textcoords='offset points', xytext=(5, 4), fontsize=7)
+    undefended = [row['psnr'] for row in rows if by_family and row['family'] == '']
+    if undefended:  # what each defence costs the attacker is the drop below this line
+        left.axhline(undefended[0], color='k', linestyle=':', linewidth=1)
+    left.set(xlabel='victim top-1 agreement with the original, undefended victim', ylabel='attack PSNR (dB, ± std)',
+             xlim=(-0.05, 1.1), title='privacy vs utility' + (" (dashed: each family's frontier)" if by_family else ''))
+    left.legend(fontsize=8)
     x = range(len(rows))
     psnr_bars = right.bar([i - 0.2 for i in x], [r['psnr'] for r in rows], width=0.4, label='PSNR (dB)',
                           color='tab:blue')

@@ -11,7 +11,8 @@ from pytorch_msssim import ssim
 
 import evaluate
 from conftest import tiny_config
-from models import DecoderSpec, build_attack, feature_error
+from defences import build_attack
+from models import DecoderSpec, feature_error
 from train import (AUGMENT_MIN_SCALE, MIX_SSIM_SHARE, augment, fit_to_budget, make_scheduler, reconstruction_loss,
                    train)
 from utils import load_checkpoint
@@ -75,8 +76,10 @@ def test_augmentation_flips_and_crops_each_image_reproducibly():
     assert first.shape == images.shape and 0 <= first.min() and first.max() <= 1
     changed = [not torch.allclose(a, b) for a, b in zip(first, images)]
     assert sum(changed) >= 12
-    # a crop keeps at least AUGMENT_MIN_SCALE of the side: never a blow-up of a tiny patch
-    assert AUGMENT_MIN_SCALE >= 0.5
+    # on a left-to-right ramp, a crop's span is the share of the side it kept: at least AUGMENT_MIN_SCALE
+    ramp = torch.linspace(0, 1, 32).expand(16, 3, 32, 32)
+    spans = [(row.max() - row.min()).item() for row in augment(ramp, torch.Generator().manual_seed(3))[:, 0, 16]]
+    assert min(spans) >= AUGMENT_MIN_SCALE - 0.05 and min(spans) < 0.9
 
 
 def test_feature_consistency_is_zero_for_the_true_image_and_leaves_the_victim_frozen(tmp_path):

@@ -10,7 +10,8 @@ import main as cli
 from conftest import run_cli, tiny_config
 from data import load_splits
 from evaluate import AttackPlan, evaluate, mean_image_baseline, summarise
-from models import Sparsify, build_attack, invert_features, sparsify, total_variation
+from defences import build_attack
+from models import Sparsify, invert_features, sparsify, total_variation
 
 CPU = torch.device('cpu')
 TINY = ('--image_size', '32', '--batch_size', '16', '--num_batches', '22', '--num_epochs', '1',

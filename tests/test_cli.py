@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from conftest import run_cli, tiny_config
-from models import build_attack
+from defences import build_attack
 from visualize import capture_decoder_activations
 
 TINY = ('--image_size', '32', '--batch_size', '16', '--num_batches', '22', '--decoder_depth', 'light',
@@ -131,7 +131,7 @@ def test_running_the_main_command_twice_keeps_the_first_run(workdir):
     (('--resume', '--model_path', 'run/model.pth'), '--resume needs a training checkpoint'),
     (('--train', '--batch_size', '0'), '--batch_size: must be at least 1'),
     (('--train', '--split', 'layer3', '--image_size', '40'), 'has stride 16, so the image side must be a multiple of 16'),
-    (('--train', '--keep_channels', '500'), '--keep_channels 500: resnet18 cut at layer2 sends only 128 channels'),
+    (('--train', '--keep_channels', '500'), '--keep_channels: resnet18 cut at layer2 sends only 128 channels, got 500'),
     (('--sweep', 'split', '--sweep_values', 'layer1', 'block3'), 'block3 not a split of resnet18'),
     (('--train', '--sweep_values', '1'), '--sweep_values needs --sweep'),
     (('--resume', '--model_path', 'run/ckpt_1.ckpt', '--lr', '0.1'),

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import main as cli
 from conftest import ROOT, run_cli, tiny_config
 from data import fingerprint, load_splits
-from models import build_attack
+from defences import build_attack
 from utils import Interrupted
 
 TINY = ('--train', '--image_size', '32', '--batch_size', '16', '--num_batches', '22', '--num_epochs', '2',

@@ -5,8 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from main import build_parser, resolve_config
-from models import INTERPOLATIONS, SPLITS, Decoder, DecoderSpec, SplitAttack, build_attack, build_decoder, build_victim, \
-    feature_shape, invert_features, nominal_stride
+from defences import build_attack
+from models import INTERPOLATIONS, SPLITS, Decoder, DecoderSpec, SplitAttack, build_decoder, build_victim, feature_shape, \
+    invert_features, nominal_stride
 from utils import UsageError
 
 ARCH_SPLITS = [(arch, split) for arch, splits in SPLITS.items() for split in splits]
