@@ -1,20 +1,16 @@
 """Defences: what the device does to the tensor before sending it. Each defence is one object in DEFENCES that owns
 its flags, their checks, the settings that switch it on, what it does and its name in outputs; main, sweep,
 evaluate and visualize ask it. Fixed defences are arithmetic on the sent tensor. Trained ones fine-tune the device's
-half of the victim (--defend) into a defended victim that --weights loads and the normal attack then attacks from
-scratch; they are charged against the original victim's predictions."""
+half of the victim (--defend, run by train.train_defence) into a defended victim that --weights loads and the
+normal attack then attacks from scratch; they are charged against the original victim's predictions."""
 import math
-import os
-import time
 
 import torch
 import torch.nn.functional as F
 
-from data import full_batches, load_splits
-from models import (DEFENDED_FORMAT, DecoderSpec, SplitAttack, Sparsify, SplitVictim, bottleneck,
-                    build_decoder, build_victim, cut, feature_shape, keep_count, load_network, probe_feature_shape,
-                    select_channels, with_bottleneck)
-from utils import UsageError, progress, save_json, save_torch
+from models import (DecoderSpec, SplitAttack, Sparsify, SplitVictim, bottleneck, build_decoder, build_victim,
+                    feature_shape, keep_count, probe_feature_shape, select_channels, with_bottleneck)
+from utils import UsageError
 
 DEFENDED_FILE, DEFENCE_RECORD = 'defended_victim.pth', 'defence.json'
 TRAINING_KEYS = ('defend_epochs', 'defend_lr', 'defend_server')  # defence training's own flags
@@ -37,10 +33,10 @@ class Defence:
         pass
 
     def strength(self, cfg):
-        return None
+        raise NotImplementedError
 
     def check(self, cfg, strength, source):
-        pass
+        raise NotImplementedError
 
     def check_flags(self, cfg):
         """Its flags as given (a bad value is a mistake even where the defence is off)."""
@@ -48,10 +44,10 @@ class Defence:
             self.check(cfg, cfg[self.flag], f'argument --{self.flag}')
 
     def settings(self, strength):
-        return {}
+        raise NotImplementedError
 
     def describe(self, cfg):
-        return f'{self.name} {self.strength(cfg):g}'
+        raise NotImplementedError
 
     def apply(self, attack, cfg, calibration_images):
         """Switch the defence on in a built attack (fixed defences whose arithmetic SplitAttack.defend does)."""
@@ -114,7 +110,7 @@ class KeepChannels(Defence):
     def apply(self, attack, cfg, calibration_images):
         """The channels are chosen once per run, on `calibration_images` (uint8, training images), and stored in
         cfg['channel_indices'], so that every attack of the run and every later evaluation sees the same tensor."""
-        channels = attack.feature_shape[0]
+        channels = cfg['sent_shape'][0]
         if cfg.get('channel_indices') is None:
             if calibration_images is None:
                 raise ValueError('--keep_channels needs calibration images to choose its channels')
@@ -326,7 +322,7 @@ def build_attack(cfg, device, calibration_images=None):
     shape = feature_shape(victim, cfg['image_size'])
     decoder = build_decoder(shape, cfg['image_size'], DecoderSpec.from_config(cfg))
     attack = SplitAttack(victim, decoder, device, bf16=cfg['precision'] == 'bf16', compile=cfg.get('compile', False))
-    attack.feature_shape, cfg['sent_shape'] = shape, list(shape)
+    cfg['sent_shape'] = list(shape)
     for defence, _ in active(cfg):
         defence.apply(attack, cfg, calibration_images)
     if victim.defended is not None:
@@ -384,134 +380,9 @@ class SimulatedAttacker:
         return -self.weight * F.mse_loss(self.decoder(sent), images)
 
     @torch.no_grad()
-    def psnr(self, images, sent):
-        """Per image: its own reconstruction's PSNR (not a privacy measure: the defence was trained against it)."""
+    def reconstruct(self, sent):
+        """Its reconstruction in eval mode (not a privacy measure: the defence was trained against it)."""
         self.decoder.eval()
-        mse = (self.decoder(sent) - images).pow(2).flatten(1).mean(1)
+        recon = self.decoder(sent)
         self.decoder.train()
-        return 10 * torch.log10(1 / mse.clamp_min(1e-10))
-
-
-def trainable_victim(cfg):
-    """A copy of the victim to fine-tune (gradients to the device's half, and the server's with --defend_server)
-    and its frozen original, the reference for agreement."""
-    reference = build_victim(cfg['arch'], cfg['split'], cfg['pretrained'], cfg['weights'], cfg['seed'])
-    if reference.defended is not None:
-        raise UsageError(f'--weights {cfg["weights"]} is already a defended victim; defend the original instead')
-    net = load_network(cfg['arch'], cfg['pretrained'], cfg['weights'], cfg['seed'])[0]
-    student = SplitVictim(*cut(net, cfg['arch'], cfg['split']), frozen=False)
-    student.tail.requires_grad_(cfg['defend_server'])
-    return net, student, reference
-
-
-def parameter_groups(student, net, lr):
-    """The victim's own weights (`net`'s) at --defend_lr; layers the defence adds, new, at 10x."""
-    inherited = {id(p) for p in net.parameters()}
-    trainable = [p for p in student.parameters() if p.requires_grad]
-    return [{'params': [p for p in trainable if id(p) in inherited], 'lr': lr},
-            {'params': [p for p in trainable if id(p) not in inherited], 'lr': 10 * lr}]
-
-
-def kl_to_reference(logits, reference_logits):
-    """KL(original || defended) per batch, in nats: the distillation term, with no labels needed."""
-    return F.kl_div(logits.log_softmax(1), reference_logits.log_softmax(1), log_target=True, reduction='batchmean')
-
-
-def defence_epoch(student, reference, term, optimizer, splits, cfg, device, generator, desc='defence training'):
-    """One pass over the training split in full batches; the mean distillation and privacy losses."""
-    order = splits.train_idx[torch.randperm(len(splits.train_idx), generator=generator)]
-    starts = full_batches(len(order), cfg['batch_size'])
-    totals = torch.zeros(2, device=device)  # summed on the device: no host sync per step
-    for start in progress(starts, desc=desc):
-        images = splits.images[order[start:start + cfg['batch_size']]].to(device).float() / 255
-        with torch.no_grad():
-            target = reference.classify(reference.encode(images))
-        sent = student.encode(images)
-        kl = kl_to_reference(student.classify(sent), target)
-        privacy = term(images, sent) if term is not None else torch.zeros((), device=device)
-        optimizer.zero_grad(set_to_none=True)
-        (kl + privacy).backward()
-        optimizer.step()
-        totals += torch.stack([kl.detach(), privacy.detach()])
-    kl, privacy = (totals / len(starts)).tolist()
-    return {'kl': kl, 'privacy': privacy}
-
-
-def victim_agreement(clean_logits, defended_logits):
-    """Per image: does the defended victim still predict the undefended top-1 class (at top-1, within its top-5),
-    and KL(undefended || defended) between the two output distributions, in nats."""
-    reference = clean_logits.argmax(1, keepdim=True)
-    top5 = defended_logits.topk(min(5, defended_logits.shape[1]), dim=1).indices
-    kl = F.kl_div(defended_logits.log_softmax(1), clean_logits.log_softmax(1), log_target=True, reduction='none')
-    return {'top1_agreement': (defended_logits.argmax(1, keepdim=True) == reference).float().squeeze(1),
-            'top5_agreement': (top5 == reference).any(1).float(), 'kl': kl.sum(1)}
-
-
-@torch.no_grad()
-def held_out_utility(student, reference, splits, cfg, device, attacker=None):
-    """Means over the held-out images: the defended victim's agreement with the original, the distance
-    correlation between those images and the tensor it sends (batch by batch), and the PSNR of the adversarial
-    defence's own `attacker` where given."""
-    measured = {}
-    for start in range(0, len(splits.val_idx), cfg['batch_size']):
-        images = splits.images[splits.val_idx[start:start + cfg['batch_size']]].to(device).float() / 255
-        sent = student.encode(images)
-        scores = victim_agreement(reference.classify(reference.encode(images)), student.classify(sent))
-        scores['distance_correlation'] = distance_correlation(images, sent).expand(len(images))
-        if attacker is not None:
-            scores['simulated_attacker_psnr'] = attacker.psnr(images, sent)
-        for name, values in scores.items():
-            measured.setdefault(name, []).append(values.cpu())
-    return {name: torch.cat(values).mean().item() for name, values in measured.items()}
-
-
-def defended_record(cfg, defence, net, student):
-    """What --weights loads: the fine-tuned network, any bottleneck, and what was done (with the original victim,
-    the reference its predictions are charged against)."""
-    narrow = student.encoder[1] if defence.name == 'bottleneck' else None
-    return {'format': DEFENDED_FORMAT, 'arch': cfg['arch'], 'split': cfg['split'], 'state_dict': net.state_dict(),
-            'bottleneck': None if narrow is None else {
-                'channels': narrow.in_channels, 'narrow': narrow.out_channels, 'squeeze': narrow.state_dict(),
-                'expand': student.tail[0].state_dict()},
-            'kind': defence.name, 'strength': cfg[defence.flag], 'label': f'trained defence: {defence.describe(cfg)}',
-            'reference': {'pretrained': cfg['pretrained'], 'seed': cfg['seed'],
-                          'weights': os.path.abspath(cfg['weights']) if cfg['weights'] else None}}
-
-
-def train_defence(cfg, device):
-    """--defend KIND: fine-tune the victim with the defence's privacy term beside distillation to the original,
-    then write defended_victim.pth (for --weights) and defence.json (settings, per-epoch losses, held-out
-    utility, time). Its privacy is measured by attacking it afresh, never by its own simulated attacker."""
-    defence = DEFENCES[cfg['defend']]
-    splits = load_splits(cfg)
-    net, student, reference = trainable_victim(cfg)
-    reference, student = reference.to(device), student.to(device)
-    calibration = student.encode(splits.images[splits.train_idx[:256]].to(device).float() / 255).detach()
-    student = defence.prepare(student, cfg[defence.flag], calibration)
-    shape = tuple(student.encode(torch.zeros(1, 3, cfg['image_size'], cfg['image_size'], device=device)).shape[1:])
-    term = defence.privacy_term(cfg, shape, device)
-    optimizer = torch.optim.Adam(parameter_groups(student, net, cfg['defend_lr']))
-    generator, history, started = torch.Generator().manual_seed(cfg['seed']), [], time.perf_counter()
-    before = held_out_utility(student, reference, splits, cfg, device)
-    for epoch in range(1, cfg['defend_epochs'] + 1):
-        losses = defence_epoch(student, reference, term, optimizer, splits, cfg, device, generator,
-                               f'{defence.name} defence, epoch {epoch}/{cfg["defend_epochs"]}')
-        history.append({'epoch': epoch, **losses, 'seconds': time.perf_counter() - started})
-    after = held_out_utility(student, reference, splits, cfg, device,
-                             term if isinstance(term, SimulatedAttacker) else None)
-    os.makedirs(cfg['save_dir'], exist_ok=True)
-    path = os.path.join(cfg['save_dir'], DEFENDED_FILE)
-    save_torch(defended_record(cfg, defence, net, student), path)
-    record = {'defence': defence.describe(cfg), 'sent_shape': list(shape), 'minutes': history[-1]['seconds'] / 60,
-              'held_out': {'before': before, 'after': after, 'data': splits.description}, 'history': history,
-              'config': cfg, 'weights': path}
-    if isinstance(term, SimulatedAttacker):
-        record['simulated_attacker_note'] = ('held_out.after.simulated_attacker_psnr is the decoder it was trained '
-                                             'against: not a privacy measure; attack the defended victim afresh')
-    save_json(record, os.path.join(cfg['save_dir'], DEFENCE_RECORD))
-    print(f'{defence.describe(cfg)}: {cfg["defend_epochs"]} epochs in {record["minutes"]:.1f} min; held-out top-1 '
-          f'agreement with the original {after["top1_agreement"]:.3f}, KL {after["kl"]:.4f} nats, distance '
-          f'correlation {before["distance_correlation"]:.3f} -> {after["distance_correlation"]:.3f}')
-    print(f'defended victim: {path}; attack it with --train --arch {cfg["arch"]} --split {cfg["split"]} '
-          f'--weights {path}')
-    return record
+        return recon

@@ -12,7 +12,7 @@ from pytorch_msssim import ms_ssim, ssim
 from pytorch_msssim.ssim import _fspecial_gauss_1d, _ssim
 
 from data import held_out_images
-from defences import build_attack, victim_agreement
+from defences import build_attack
 from models import attacker_label, invert_features, test_noise
 from utils import UsageError, progress, save_csv, save_json
 
@@ -85,6 +85,16 @@ def score(recon, target, perceptual=None):
     if perceptual is not None:
         scores[PERCEPTUAL] = perceptual(recon, target, normalize=True).flatten()
     return scores
+
+
+def victim_agreement(clean_logits, defended_logits):
+    """Per image: does the defended victim still predict the undefended top-1 class (at top-1, within its top-5),
+    and KL(undefended || defended) between the two output distributions, in nats."""
+    reference = clean_logits.argmax(1, keepdim=True)
+    top5 = defended_logits.topk(min(5, defended_logits.shape[1]), dim=1).indices
+    kl = F.kl_div(defended_logits.log_softmax(1), clean_logits.log_softmax(1), log_target=True, reduction='none')
+    return {'top1_agreement': (defended_logits.argmax(1, keepdim=True) == reference).float().squeeze(1),
+            'top5_agreement': (top5 == reference).any(1).float(), 'kl': kl.sum(1)}
 
 
 def msssim_note(image_size):

@@ -14,7 +14,7 @@ from evaluate import ATTACKS, AttackPlan, attack_plan, evaluate_and_report, eval
 from models import (ARCHS, DECODER_DEPTHS, DECODERS, DEFAULT_SPLIT, INTERPOLATIONS, NORMS, RESIDUAL_DEPTHS, SPLITS,
                     DecoderSpec, check_cut)
 from sweep import SWEEPS, run_sweep
-from train import LOSSES, train
+from train import LOSSES, train, train_defence
 from utils import (RUN_KEYS, RunError, UsageError, fresh_run_dir, init_distributed, is_main_process, load_checkpoint,
                    make_deterministic, pick_device, rank_and_world, same_on_all_processes)
 from visualize import draw_all, plot_samples, run_visualize, sample_indices
@@ -305,7 +305,7 @@ def dispatch(cfg, state, device):
     elif cfg['mode'] == 'sweep':
         run_sweep(cfg, device)
     elif cfg['mode'] == 'defend':
-        defences.train_defence(cfg, device)
+        train_defence(cfg, device)
     elif cfg['mode'] in ('eval_pth', 'eval_ckpt'):
         images, indices, names, description = evaluation_images(cfg, state)
         print(f'evaluating {cfg["model_path"]} (epoch {state["epoch"]}) on {description}')

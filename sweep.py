@@ -7,11 +7,11 @@ import torch
 
 from data import load_splits
 from defences import (DEFENCE_RECORD, DEFENCES, DEFENDED_FILE, KEEP_CHANNELS, build_attack, check_sweep_value,
-                       parse_sweep_value, train_defence, training_keys, without_defences)
+                       parse_sweep_value, training_keys, without_defences)
 from evaluate import (ATTACK_KEYS, ATTACKS, attack_plan, attack_slug, evaluate_and_report, load_trained_attack, msssim_note,
                       recover, utility_note)
 from models import DECODERS, INTERPOLATIONS, SPLITS, DecoderSpec, attacker_label, check_cut, probe_feature_shape, test_noise
-from train import train
+from train import train, train_defence
 from utils import RUN_KEYS, UsageError, atomic_write_bytes, fresh_run_dir, load_checkpoint, save_csv, save_json
 from visualize import plot_privacy_utility, plot_sweep, plot_sweep_samples, plot_training_time, sample_indices
 
@@ -106,13 +106,12 @@ def defence_training_config(cfg, run):
     return {**run, 'mode': 'defend', 'weights': cfg['weights'], 'save_dir': os.path.dirname(run['weights'])}
 
 
-def defended_victim(cfg, run, device):
-    """Train the value's defended victim unless one trained with these settings is on disk; its defence.json."""
+def ensure_defended_victim(cfg, run, device):
+    """Train the value's defended victim unless one trained with these settings is on disk."""
     trainee = defence_training_config(cfg, run)
     record = read_json(os.path.join(trainee['save_dir'], DEFENCE_RECORD))
     if record is None or comparable(record['config']) != comparable(trainee) or not os.path.isfile(run['weights']):
-        record = train_defence(trainee, device)
-    return record
+        train_defence(trainee, device)
 
 
 def decoder_run(cfg, run):
@@ -288,7 +287,7 @@ def run_value(cfg, run, device):
     """Train the decoder this value needs unless a finished one is shared, then evaluate the value's attack;
     returns its eval json."""
     if run.get('defend'):
-        defended_victim(cfg, run, device)
+        ensure_defended_victim(cfg, run, device)
     if run['attack'] != 'optimize':  # the white-box attack needs no decoder
         trainee = decoder_run(cfg, run)
         if trainee is run or finished_result(trainee) is None:

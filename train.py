@@ -1,4 +1,6 @@
-"""Training the attacker's decoder on what crosses the cut; checkpoints carry all that rebuilds the attack."""
+"""Training: the attacker's decoder on what crosses the cut (checkpoints carry all that rebuilds the attack), and
+--defend's defended victims."""
+import copy
 import math
 import os
 import signal
@@ -16,9 +18,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from data import full_batches, load_splits
-from evaluate import evaluate, format_summary, mean_image_baseline, msssim_note, summarise
-from defences import build_attack
-from models import attacker_label, feature_error, test_noise, train_noise
+from defences import DEFENCE_RECORD, DEFENCES, DEFENDED_FILE, SimulatedAttacker, build_attack, distance_correlation
+from evaluate import evaluate, format_summary, mean_image_baseline, msssim_note, psnr, summarise, victim_agreement
+from models import (DEFENDED_FORMAT, SplitVictim, attacker_label, cut, feature_error, feature_shape, load_network,
+                    test_noise, train_noise)
 from utils import (Interrupted, RunError, UsageError, is_main_process, progress, rank_and_world, same_on_all_processes,
                    save_json, save_torch)
 
@@ -416,3 +419,119 @@ def resume_training(attack, trainer, state, cfg):
     print(f'resuming epoch {state["epoch"] + 1} of {cfg["num_epochs"]}'
           + (f' at step {partial["step"] + 1} of {partial["of"]}' if partial else ''))
     return list(state['history']), state['epoch'], partial
+
+
+def trainable_victim(cfg):
+    """A copy of the victim to fine-tune (gradients to the device's half, and the server's with --defend_server)
+    and its frozen original, the reference for agreement."""
+    net, record = load_network(cfg['arch'], cfg['pretrained'], cfg['weights'], cfg['seed'])
+    if record is not None:
+        raise UsageError(f'--weights {cfg["weights"]} is already a defended victim; defend the original instead')
+    reference = SplitVictim(*cut(copy.deepcopy(net), cfg['arch'], cfg['split']))
+    student = SplitVictim(*cut(net, cfg['arch'], cfg['split']), frozen=False)
+    student.tail.requires_grad_(cfg['defend_server'])
+    return net, student, reference
+
+
+def parameter_groups(student, net, lr):
+    """The victim's own weights (`net`'s) at --defend_lr; layers the defence adds, new, at 10x."""
+    inherited = {id(p) for p in net.parameters()}
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    return [{'params': [p for p in trainable if id(p) in inherited], 'lr': lr},
+            {'params': [p for p in trainable if id(p) not in inherited], 'lr': 10 * lr}]
+
+
+def kl_to_reference(logits, reference_logits):
+    """KL(original || defended) per batch, in nats: the distillation term, with no labels needed."""
+    return F.kl_div(logits.log_softmax(1), reference_logits.log_softmax(1), log_target=True, reduction='batchmean')
+
+
+def defence_epoch(student, reference, term, optimizer, splits, cfg, device, generator, desc='defence training'):
+    """One pass over the training split in full batches; the mean distillation and privacy losses."""
+    order = splits.train_idx[torch.randperm(len(splits.train_idx), generator=generator)]
+    starts = full_batches(len(order), cfg['batch_size'])
+    totals = torch.zeros(2, device=device)  # summed on the device: no host sync per step
+    for start in progress(starts, desc=desc):
+        images = splits.images[order[start:start + cfg['batch_size']]].to(device).float() / 255
+        with torch.no_grad():
+            target = reference.classify(reference.encode(images))
+        sent = student.encode(images)
+        kl = kl_to_reference(student.classify(sent), target)
+        privacy = term(images, sent) if term is not None else torch.zeros((), device=device)
+        optimizer.zero_grad(set_to_none=True)
+        (kl + privacy).backward()
+        optimizer.step()
+        totals += torch.stack([kl.detach(), privacy.detach()])
+    kl, privacy = (totals / len(starts)).tolist()
+    return {'kl': kl, 'privacy': privacy}
+
+
+@torch.no_grad()
+def held_out_utility(student, reference, splits, cfg, device, attacker=None):
+    """Means over the held-out images: the defended victim's agreement with the original, the distance
+    correlation between those images and the tensor it sends (batch by batch), and the PSNR of the adversarial
+    defence's own `attacker` where given."""
+    measured = {}
+    for start in range(0, len(splits.val_idx), cfg['batch_size']):
+        images = splits.images[splits.val_idx[start:start + cfg['batch_size']]].to(device).float() / 255
+        sent = student.encode(images)
+        scores = victim_agreement(reference.classify(reference.encode(images)), student.classify(sent))
+        scores['distance_correlation'] = distance_correlation(images, sent).expand(len(images))
+        if attacker is not None:
+            scores['simulated_attacker_psnr'] = psnr(attacker.reconstruct(sent), images)
+        for name, values in scores.items():
+            measured.setdefault(name, []).append(values.cpu())
+    return {name: torch.cat(values).mean().item() for name, values in measured.items()}
+
+
+def defended_record(cfg, defence, net, student):
+    """What --weights loads: the fine-tuned network, any bottleneck, and what was done (with the original victim,
+    the reference its predictions are charged against)."""
+    narrow = student.encoder[1] if defence.name == 'bottleneck' else None
+    return {'format': DEFENDED_FORMAT, 'arch': cfg['arch'], 'split': cfg['split'], 'state_dict': net.state_dict(),
+            'bottleneck': None if narrow is None else {
+                'channels': narrow.in_channels, 'narrow': narrow.out_channels, 'squeeze': narrow.state_dict(),
+                'expand': student.tail[0].state_dict()},
+            'kind': defence.name, 'strength': cfg[defence.flag], 'label': f'trained defence: {defence.describe(cfg)}',
+            'reference': {'pretrained': cfg['pretrained'], 'seed': cfg['seed'],
+                          'weights': os.path.abspath(cfg['weights']) if cfg['weights'] else None}}
+
+
+def train_defence(cfg, device):
+    """--defend KIND: fine-tune the victim with the defence's privacy term beside distillation to the original,
+    then write defended_victim.pth (for --weights) and defence.json (settings, per-epoch losses, held-out
+    utility, time). Its privacy is measured by attacking it afresh, never by its own simulated attacker."""
+    defence = DEFENCES[cfg['defend']]
+    splits = load_splits(cfg)
+    net, student, reference = trainable_victim(cfg)
+    reference, student = reference.to(device), student.to(device)
+    with torch.no_grad():
+        calibration = student.encode(splits.calibration_images(256).to(device).float() / 255)
+    student = defence.prepare(student, cfg[defence.flag], calibration)
+    shape = feature_shape(student, cfg['image_size'])
+    term = defence.privacy_term(cfg, shape, device)
+    optimizer = torch.optim.Adam(parameter_groups(student, net, cfg['defend_lr']))
+    generator, history, started = torch.Generator().manual_seed(cfg['seed']), [], time.perf_counter()
+    before = held_out_utility(student, reference, splits, cfg, device)
+    for epoch in range(1, cfg['defend_epochs'] + 1):
+        losses = defence_epoch(student, reference, term, optimizer, splits, cfg, device, generator,
+                               f'{defence.name} defence, epoch {epoch}/{cfg["defend_epochs"]}')
+        history.append({'epoch': epoch, **losses, 'seconds': time.perf_counter() - started})
+    after = held_out_utility(student, reference, splits, cfg, device,
+                             term if isinstance(term, SimulatedAttacker) else None)
+    os.makedirs(cfg['save_dir'], exist_ok=True)
+    path = os.path.join(cfg['save_dir'], DEFENDED_FILE)
+    save_torch(defended_record(cfg, defence, net, student), path)
+    record = {'defence': defence.describe(cfg), 'sent_shape': list(shape), 'minutes': history[-1]['seconds'] / 60,
+              'held_out': {'before': before, 'after': after, 'data': splits.description}, 'history': history,
+              'config': cfg, 'weights': path}
+    if isinstance(term, SimulatedAttacker):
+        record['simulated_attacker_note'] = ('held_out.after.simulated_attacker_psnr is the decoder it was trained '
+                                             'against: not a privacy measure; attack the defended victim afresh')
+    save_json(record, os.path.join(cfg['save_dir'], DEFENCE_RECORD))
+    print(f'{defence.describe(cfg)}: {cfg["defend_epochs"]} epochs in {record["minutes"]:.1f} min; held-out top-1 '
+          f'agreement with the original {after["top1_agreement"]:.3f}, KL {after["kl"]:.4f} nats, distance '
+          f'correlation {before["distance_correlation"]:.3f} -> {after["distance_correlation"]:.3f}')
+    print(f'defended victim: {path}; attack it with --train --arch {cfg["arch"]} --split {cfg["split"]} '
+          f'--weights {path}')
+    return record

@@ -6,8 +6,7 @@ import torch
 from pytorch_msssim import ms_ssim
 from scipy.signal import convolve2d
 
-from defences import victim_agreement
-from evaluate import MIN_MSE, MSSSIM_WEIGHTS, ms_ssim_per_image, msssim_scales, psnr, score
+from evaluate import MIN_MSE, MSSSIM_WEIGHTS, ms_ssim_per_image, msssim_scales, psnr, score, victim_agreement
 
 
 def test_psnr_of_identical_images_is_capped():

@@ -8,10 +8,10 @@ import torch
 
 from conftest import tiny_config
 from data import load_splits
-from defences import (DEFENCES, TRAINED, active, build_attack, defence_epoch, defended_record, distance_correlation,
-                      initialise_by_pca, train_defence, trainable_victim)
-from models import bottleneck, build_victim
+from defences import DEFENCES, TRAINED, active, build_attack, distance_correlation, initialise_by_pca
+from models import bottleneck, build_victim, feature_shape
 from sweep import comparable, value_config
+from train import defence_epoch, defended_record, train_defence, trainable_victim
 from utils import UsageError, save_torch
 from visualize import frontier
 
@@ -66,7 +66,7 @@ def test_defence_training_leaves_the_original_victim_bit_identical(tmp_path, kin
     splits = load_splits(cfg)
     original = {k: v.clone() for k, v in reference.state_dict().items()}
     student = DEFENCES[kind].prepare(student, cfg[DEFENCES[kind].flag], student.encode(torch.rand(8, 3, 32, 32)).detach())
-    term = DEFENCES[kind].privacy_term(cfg, (128, 4, 4) if kind != 'bottleneck' else (16, 4, 4), CPU)
+    term = DEFENCES[kind].privacy_term(cfg, feature_shape(student, 32), CPU)
     optimizer = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=1e-3)
     defence_epoch(student, reference, term, optimizer, splits, cfg, CPU, torch.Generator().manual_seed(0))
     assert all(torch.equal(original[k], v) for k, v in reference.state_dict().items())
