@@ -59,6 +59,14 @@ def fingerprint(image):
     return hashlib.blake2b(image.numpy().tobytes(), digest_size=8).hexdigest()
 
 
+def content_fingerprint(images, indices):
+    """One hash of the content of images[indices], in any order: runs scored on the same images share it."""
+    digest = hashlib.blake2b(digest_size=8)
+    for image_hash in sorted(fingerprint(images[i]) for i in indices.tolist()):
+        digest.update(image_hash.encode())
+    return digest.hexdigest()
+
+
 def list_images(data_dir):
     """(source, names): `source` is a folder or a zip path; names are relative paths inside it, sorted."""
     if not os.path.exists(data_dir):

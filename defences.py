@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from models import (DecoderSpec, SplitAttack, Sparsify, SplitVictim, bottleneck, build_decoder, build_victim,
                     feature_shape, keep_count, probe_feature_shape, select_channels, with_bottleneck)
-from utils import UsageError
+from utils import UsageError, setting
 
 DEFENDED_FILE, DEFENCE_RECORD = 'defended_victim.pth', 'defence.json'
 TRAINING_KEYS = ('defend_epochs', 'defend_lr', 'defend_server')  # defence training's own flags
@@ -254,8 +254,7 @@ def add_arguments(parser):
         defence.add_arguments(trained if defence.trained else fixed)
     trained.add_argument('--defend_epochs', type=int, default=10, help='epochs of defence training')
     trained.add_argument('--defend_lr', type=float, default=1e-4, help='Adam learning rate of defence training')
-    trained.add_argument('--defend_server', action='store_true',
-                         help="fine-tune the server's half too (a real deployment retrains both)")
+    setting(trained, '--defend_server', "fine-tune the server's half too (a real deployment retrains both)")
 
 
 def training_keys():
@@ -283,6 +282,23 @@ def describe(cfg):
     victim's training (recorded when its file was loaded)."""
     return [d.describe(cfg) for d, _ in active(cfg) if not d.trained] + (
         [cfg['victim_defence']] if cfg.get('victim_defence') else [])
+
+
+def family(cfg):
+    """'trained' for a defended victim, 'fixed' for defences on the sent tensor, '' for none: a frontier each."""
+    if cfg.get('victim_defence') or any(d.trained for d, _ in active(cfg)):
+        return 'trained'
+    return 'fixed' if active(cfg) else ''
+
+
+def idle_keys(cfg):
+    """The flags of the defences the configuration leaves off (defence training's too where it trains none): set
+    or not, they changed nothing in the run."""
+    def flags(defence):
+        return {k for k in (*defence.keys, defence.flag) if k}
+    used = set().union(*(flags(d) for d, _ in active(cfg)))
+    idle = set().union(*(flags(d) for d in DEFENCES.values())) - used
+    return idle | (set() if family(cfg) == 'trained' else set(TRAINING_KEYS))
 
 
 def parse_sweep_value(value):

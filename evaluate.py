@@ -11,7 +11,7 @@ import torchvision
 from pytorch_msssim import ms_ssim, ssim
 from pytorch_msssim.ssim import _fspecial_gauss_1d, _ssim
 
-from data import held_out_images
+from data import content_fingerprint, held_out_images
 from defences import build_attack
 from models import attacker_label, invert_features, test_noise
 from utils import UsageError, progress, save_csv, save_json
@@ -194,6 +194,24 @@ def utility_note(cfg):
     return 'victim utility: the victim is random-initialised, so its agreement figures are not meaningful'
 
 
+def result_columns(result):
+    """An eval{_attack}.json's figures as a table row: each metric's mean, the PSNR's std, the images scored."""
+    means = {name: stats['mean'] for name, stats in result['metrics'].items()}
+    return {'psnr': means['psnr'], 'psnr_std': result['metrics']['psnr']['std'], 'ssim': means['ssim'],
+            'ms_ssim': means['ms_ssim'], 'lpips': means.get(PERCEPTUAL), 'mse': means['mse'],
+            **{name: means[name] for name in UTILITY}, 'n_images': result['n_images']}
+
+
+RESULT_HEADER = 'PSNR (dB) | SSIM | MS-SSIM | LPIPS | top-1 agreement | top-5 agreement | KL (nats)'
+
+
+def result_cells(row):
+    """The Markdown cells of RESULT_HEADER for a row of `result_columns`."""
+    lpips_value = '—' if row['lpips'] is None else f'{row["lpips"]:.3f}'
+    return (f'{row["psnr"]:.2f} ± {row["psnr_std"]:.2f} | {row["ssim"]:.3f} | {row["ms_ssim"]:.3f} | {lpips_value} | '
+            f'{row["top1_agreement"]:.3f} | {row["top5_agreement"]:.3f} | {row["kl"]:.4f}')
+
+
 def write_evaluation(per_image, names, extra, save_dir, prefix='eval'):
     """`{prefix}.json` (means, stds, settings) and `{prefix}_per_image.csv`; returns the summary."""
     summary = summarise(per_image)
@@ -239,7 +257,8 @@ def evaluate_and_report(attack, images, indices, names, cfg, description, extra=
                          perceptual=load_lpips(attack.device))
     attacker = attacker_name(cfg, plan.kind)
     settings = {**(extra or {}), 'attack': plan._asdict(), 'attacker': attacker, 'data': description,
-                'msssim': msssim_note(cfg['image_size']), 'utility': utility_note(cfg), 'config': cfg}
+                'held_out': content_fingerprint(images, indices), 'msssim': msssim_note(cfg['image_size']),
+                'utility': utility_note(cfg), 'config': cfg}
     summary = write_evaluation(per_image, names, settings, cfg['save_dir'], 'eval' + attack_slug(plan.kind))
     print(f'{plan.kind} attack ({attacker}) on {len(names)} images: {format_summary(summary)}')
     print(f'{format_utility(summary)}\n{utility_note(cfg)}\n{msssim_note(cfg["image_size"])}')

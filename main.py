@@ -4,6 +4,7 @@ main.py only parses flags, resolves them against a checkpoint, and dispatches.""
 import argparse
 import copy
 import os
+import shlex
 import sys
 
 import torch
@@ -13,25 +14,64 @@ from data import load_splits
 from evaluate import ATTACKS, AttackPlan, attack_plan, evaluate_and_report, evaluation_images, load_trained_attack
 from models import (ARCHS, DECODER_DEPTHS, DECODERS, DEFAULT_SPLIT, INTERPOLATIONS, NORMS, RESIDUAL_DEPTHS, SPLITS,
                     DecoderSpec, check_cut)
+from report import write_report
 from sweep import SWEEPS, run_sweep
 from train import LOSSES, train, train_defence
 from utils import (RUN_KEYS, RunError, UsageError, fresh_run_dir, init_distributed, is_main_process, load_checkpoint,
-                   make_deterministic, pick_device, rank_and_world, same_on_all_processes)
+                   make_deterministic, pick_device, rank_and_world, same_on_all_processes, setting)
 from visualize import draw_all, plot_samples, run_visualize, sample_indices
 
 # Flags that define the attack's model: they must agree with a checkpoint that is being loaded.
 MODEL_KEYS = ('arch', 'split', 'pretrained', 'decoder', 'interpolation', 'decoder_depth', 'decoder_width',
               'decoder_blocks', 'decoder_norm', 'image_size') + defences.FIXED_KEYS
-MODES = ('train', 'resume', 'eval_pth', 'eval_ckpt', 'visualize', 'sweep', 'defend')
+MODES = ('train', 'resume', 'eval_pth', 'eval_ckpt', 'visualize', 'sweep', 'defend', 'report')
 # Taken from this command, never from the checkpoint (the rest of RUN_KEYS only when given).
 CURRENT_KEYS = {'mode', 'model_path', 'device', 'save_dir', 'overwrite', 'num_samples', 'num_workers', 'cache_dir',
                 'eval_split'}
+# Flags that act only when another flag has a value: (flag, value) -> they.
+DEPENDENT_FLAGS = {('scheduler', 'cosine'): ('warmup_epochs',), ('scheduler', 'step'): ('step_size', 'gamma'),
+                   ('aug', True): ('noise_mean', 'noise_var'), ('test_noise', True): ('test_noise_mean', 'test_noise_var'),
+                   ('sparse', True): ('sparse_reg',)}
 BUILTIN_IMAGE_SIZE, USER_IMAGE_SIZE = 64, 320
+PRESETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'presets')
+PRESET_SUFFIX = '.args'
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse reading `@FILE` arguments (presets): flags as on the command line, one or more a line, `#` comments."""
+
+    def convert_arg_line_to_args(self, line):
+        return find_presets(shlex.split(line, comments=True))
+
+
+def presets():
+    """The names of this tool's presets (presets/NAME.args)."""
+    return sorted(f[:-len(PRESET_SUFFIX)] for f in os.listdir(PRESETS_DIR) if f.endswith(PRESET_SUFFIX))
+
+
+def find_presets(argv):
+    """`@FILE` arguments as paths argparse can open: the file as given, else this tool's preset of that name
+    (`@original` and `@presets/original.args` work from any folder)."""
+    found = []
+    for arg in argv:
+        if not arg.startswith('@'):
+            found.append(arg)
+            continue
+        name = arg[1:]
+        stem = os.path.basename(name).removesuffix(PRESET_SUFFIX)
+        path = next((p for p in (name, os.path.join(PRESETS_DIR, stem + PRESET_SUFFIX)) if os.path.isfile(p)), None)
+        if path is None:
+            raise UsageError(f'{arg}: no such file; the presets are {", ".join(presets())} (@presets/NAME.args or '
+                             f'@NAME)')
+        found.append('@' + path)
+    return found
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description=__doc__.splitlines()[0], allow_abbrev=False, fromfile_prefix_chars='@',
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+               epilog='@FILE reads flags from FILE (one or more a line, # comments); a flag after it overrides it. '
+                      'Presets of published settings: ' + ', '.join(f'@{n}' for n in presets()) + ' (presets/)')
     mode = p.add_argument_group('what to do (one of)')
     mode.add_argument('--train', action='store_true', help='train a decoder (then evaluate and draw figures)')
     mode.add_argument('--resume', action='store_true', help='continue training from --model_path X.ckpt')
@@ -39,6 +79,8 @@ def build_parser():
     mode.add_argument('--eval_ckpt', action='store_true', help='evaluate the .ckpt at --model_path')
     mode.add_argument('--visualize', action='store_true', help='draw the figures for --model_path (.pth or .ckpt)')
     mode.add_argument('--sweep', choices=SWEEPS, help='train and evaluate one decoder per --sweep_values value')
+    mode.add_argument('--report', nargs='+', metavar='RUN',
+                      help='one table and figure across finished runs and sweeps (folders or globs) into --save_dir')
     mode.add_argument('--model_path', help='a model.pth or ckpt_N.ckpt written by --train')
     mode.add_argument('--eval_split', choices=('val', 'test'), default='val',
                       help="what --eval_pth / --eval_ckpt / --visualize score on the training data: the images held "
@@ -47,8 +89,8 @@ def build_parser():
     victim = p.add_argument_group('victim (frozen, cut at --split)')
     victim.add_argument('--arch', choices=ARCHS, default='resnet18', help='torchvision classifier the device runs')
     victim.add_argument('--split', help='cut point; default: ' + ', '.join(f'{a} {s}' for a, s in DEFAULT_SPLIT.items()))
-    victim.add_argument('--use_pretrained', dest='pretrained', action='store_true',
-                        help="ImageNet weights (IMAGENET1K_V1) through torchvision's hub cache")
+    setting(victim, '--use_pretrained', "ImageNet weights (IMAGENET1K_V1) through torchvision's hub cache",
+            dest='pretrained')
     victim.add_argument('--weights', help='a local state-dict file for the victim instead')
 
     attacker = p.add_argument_group('attacker (decoder)')
@@ -89,10 +131,10 @@ def build_parser():
                       help="cache the victim's clean features up to this size (0: off)")
 
     noise = p.add_argument_group('noise (variance, not std)')
-    noise.add_argument('--aug', action='store_true', help='add Gaussian noise during training')
+    setting(noise, '--aug', 'add Gaussian noise during training')
     noise.add_argument('--noise_mean', type=float, default=0.0, help='mean of the training noise')
     noise.add_argument('--noise_var', type=float, default=0.01, help='variance of the training noise')
-    noise.add_argument('--test_noise', action='store_true', help='add Gaussian noise at evaluation / visualisation')
+    setting(noise, '--test_noise', 'add Gaussian noise at evaluation / visualisation')
     noise.add_argument('--test_noise_mean', type=float, default=0.0, help='mean of the test noise')
     noise.add_argument('--test_noise_var', type=float, default=0.01, help='variance of the test noise')
     noise.add_argument('--noise_at', choices=('input', 'features'), default='input',
@@ -127,9 +169,8 @@ def build_parser():
     train.add_argument('--gamma', type=float, default=0.1, help='learning-rate factor at each drop (step)')
     train.add_argument('--loss', choices=LOSSES, default='mse',
                        help='reconstruction loss: mse, l1, ssim (1 - SSIM), mix (0.84 (1 - SSIM) + 0.16 L1)')
-    train.add_argument('--augment', action='store_true',
-                       help="random flips and crops of the attacker's training images (each batch then queries "
-                            "the device's half for its features, so the feature cache is off)")
+    setting(train, '--augment', "random flips and crops of the attacker's training images (each batch then "
+            "queries the device's half for its features, so the feature cache is off)")
     train.add_argument('--ema', type=float, default=0.0,
                        help='decay of an exponential moving average of the decoder weights that the attack then '
                             'uses (e.g. 0.99; 0: off)')
@@ -137,21 +178,22 @@ def build_parser():
     train.add_argument('--minutes', type=float,
                        help='train for about this many minutes instead: the first epoch is timed and --num_epochs '
                             'set to what fits (recorded); compares attackers at equal wall-clock time')
-    train.add_argument('--sparse', action='store_true', help="L1 penalty on the decoder's activations")
+    setting(train, '--sparse', "L1 penalty on the decoder's activations")
     train.add_argument('--sparse_reg', type=float, default=1e-4, help='weight of the --sparse penalty')
-    train.add_argument('--log_interval', type=int, default=5, help='epochs between ckpt_{epoch}.ckpt files')
+    train.add_argument('--log_interval', type=int, default=5,
+                       help='epochs between ckpt_{epoch}.ckpt files (and --tensorboard image grids)')
     train.add_argument('--seed', type=int, default=0, help='seeds the split, the random victim, the decoder and the noise')
     train.add_argument('--device', choices=('auto', 'cuda', 'cpu'), default='auto', help='auto: CUDA when available')
-    train.add_argument('--deterministic', action='store_true',
-                       help='deterministic CUDA kernels (torch.use_deterministic_algorithms, cuBLAS workspace '
-                            'setting, no cuDNN autotuning): runs repeat bit for bit on a GPU too, somewhat slower')
+    setting(train, '--deterministic', 'deterministic CUDA kernels (torch.use_deterministic_algorithms, cuBLAS '
+            'workspace setting, no cuDNN autotuning): runs repeat bit for bit on a GPU too, somewhat slower')
     train.add_argument('--precision', choices=('bf16', 'fp32'), default='bf16',
                        help='bf16: bf16 autocast where the hardware has bf16 arithmetic (CUDA; CPUs with '
                             'AVX512-BF16 or AMX), else fp32; metrics are always computed in fp32')
-    train.add_argument('--compile', action='store_true',
-                       help="torch.compile the victim's encoder and the decoder's training step")
+    setting(train, '--compile', "torch.compile the victim's encoder and the decoder's training step")
     train.add_argument('--save_dir', default='results', help='outputs; a folder holding a run gets a fresh _N sibling')
-    train.add_argument('--overwrite', action='store_true', help='write into --save_dir even if it holds a run')
+    setting(train, '--overwrite', 'write into --save_dir even if it holds a run')
+    setting(train, '--tensorboard', 'also log the training curves and validation reconstructions (every '
+            '--log_interval epochs) for TensorBoard, in --save_dir: tensorboard --logdir RUNS')
 
     p.add_argument('--num_samples', type=int, default=8, help='images in the sample grid')
     return p
@@ -213,6 +255,12 @@ def resolve_config(parser, args, argv):
         parser.error(f'choose exactly one of {", ".join("--" + m for m in MODES)}, or --attack optimize alone '
                      f'(got {", ".join("--" + m for m in modes) or "none"})')
     cfg['mode'] = modes[0]
+    if cfg['mode'] == 'report':
+        extra = given - {'report'} - RUN_KEYS  # how a run is carried out does not matter here
+        if extra:
+            parser.error(f'--report reads finished runs: it takes folders, --save_dir and --overwrite, not '
+                         f'{", ".join("--" + k for k in sorted(extra))}')
+        return cfg, None
     if cfg['sweep_values'] and cfg['mode'] != 'sweep':
         parser.error('--sweep_values needs --sweep')
     if 'eval_split' in given and cfg['mode'] not in ('eval_pth', 'eval_ckpt', 'visualize'):
@@ -245,6 +293,13 @@ def resolve_config(parser, args, argv):
     return cfg, state
 
 
+def idle_flags(cfg):
+    """The flags that made no difference to a run: the mode flags, and those its other flags leave without effect
+    (so that a table of runs shows only settings that acted)."""
+    dependent = {k for (flag, value), keys in DEPENDENT_FLAGS.items() if cfg.get(flag) != value for k in keys}
+    return set(MODES) | dependent | defences.idle_keys(cfg)
+
+
 def same_setting(key, given, saved):
     """A flag agrees with the checkpoint; paths by the folder they name (data, ./data and data/ agree)."""
     if key in ('data_dir', 'weights') and given and saved:
@@ -254,6 +309,8 @@ def same_setting(key, given, saved):
 
 def run(argv):
     parser = build_parser()
+    named = [a for a in argv if a.startswith('@')]
+    argv = find_presets(argv)
     args = parser.parse_args(argv)
     cfg, state = resolve_config(parser, args, argv)
     if cfg['deterministic']:
@@ -268,13 +325,20 @@ def run(argv):
                              f'the {world} processes')
         if not is_main_process():
             sys.stdout = open(os.devnull, 'w')  # rank 0 speaks for all
-    if cfg['mode'] in ('train', 'attack', 'defend') and not cfg['overwrite']:
+    if cfg['mode'] in ('train', 'attack', 'defend', 'report') and not cfg['overwrite']:
         chosen = same_on_all_processes(fresh_run_dir(cfg['save_dir']))
         if chosen != cfg['save_dir']:
             print(f'{cfg["save_dir"]} already holds a run: writing to {chosen} (--overwrite to reuse it)')
         cfg['save_dir'] = chosen
+    if cfg['mode'] == 'report':
+        write_report(cfg['report'], cfg['save_dir'], vars(parser.parse_args([])), idle_flags)
+        print(f'outputs written to {os.path.abspath(cfg["save_dir"])}')
+        return
     if cfg['data_dir'] is None:
         print('data: built-in sample photos (no --data_dir); for CelebA pass --data_dir /path/to/celeba')
+        for preset in named:
+            print(f'note: {preset} describes a published setting on its own data; the built-in photos stand in for '
+                  f'it here, so this is a smoke run, not that setting\'s figures')
     if not cfg['pretrained'] and not cfg['weights']:
         print(f'victim: {cfg["arch"]} random-initialised from --seed {cfg["seed"]} (--use_pretrained for ImageNet weights)')
     try:

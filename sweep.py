@@ -1,19 +1,20 @@
 """Sweeps: one decoder per value of a setting, trained with the same budget and seed, then one comparison table
 (sweep.csv, sweep.md) and figures (sweep.png, sweep_samples.png). Finished values are read back from disk."""
-import json
 import os
 
 import torch
 
 from data import load_splits
-from defences import (DEFENCE_RECORD, DEFENCES, DEFENDED_FILE, KEEP_CHANNELS, build_attack, check_sweep_value,
+from defences import (DEFENCE_RECORD, DEFENCES, DEFENDED_FILE, KEEP_CHANNELS, build_attack, check_sweep_value, family,
                        parse_sweep_value, training_keys, without_defences)
-from evaluate import (ATTACK_KEYS, ATTACKS, attack_plan, attack_slug, evaluate_and_report, load_trained_attack, msssim_note,
-                      recover, utility_note)
+from evaluate import (ATTACK_KEYS, ATTACKS, RESULT_HEADER, attack_plan, attack_slug, evaluate_and_report,
+                      load_trained_attack, msssim_note, recover, result_cells, result_columns, utility_note)
 from models import DECODERS, INTERPOLATIONS, SPLITS, DecoderSpec, attacker_label, check_cut, probe_feature_shape, test_noise
 from train import train, train_defence
-from utils import RUN_KEYS, UsageError, atomic_write_bytes, fresh_run_dir, load_checkpoint, save_csv, save_json
-from visualize import plot_privacy_utility, plot_sweep, plot_sweep_samples, plot_training_time, sample_indices
+from utils import (RUN_KEYS, UsageError, atomic_write_bytes, fresh_run_dir, load_checkpoint, read_json, save_csv,
+                   save_json)
+from visualize import (describe_sweep, plot_privacy_utility, plot_sweep, plot_sweep_samples, plot_training_time,
+                       sample_indices)
 
 SWEEPS = ('split', 'keep_channels', 'noise_var', 'attack', 'defence', 'decoder')
 DEFAULT_VALUES = {'decoder': ('original:transpose', 'original:upsample', 'residual'),
@@ -129,14 +130,6 @@ def comparable(cfg):
     return {k: v for k, v in cfg.items() if k not in ignored}
 
 
-def read_json(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
 def finished_result(run):
     """The eval{_attack}.json of a value already done with exactly this configuration, else None."""
     result = read_json(os.path.join(run['save_dir'], f'eval{attack_slug(run["attack"])}.json'))
@@ -156,28 +149,24 @@ def sweep_dir(cfg):
     return chosen
 
 
-def family(defence):
-    return '' if defence is None else ('trained' if defence.trained else 'fixed')
+def tensor_columns(run):
+    """The sent tensor's shape and how many of its channels are sent, from a run's configuration."""
+    channels, height, width = run.get('sent_shape') or probe_feature_shape(run['arch'], run['split'], run['image_size'])
+    return {'tensor': f'{channels}x{height}x{width}',
+            'channels_sent': len(run['channel_indices']) if run.get('channel_indices') else channels}
 
 
 def table_row(cfg, value, result):
     run = result['config']
-    channels, height, width = run.get('sent_shape') or probe_feature_shape(run['arch'], run['split'], run['image_size'])
-    sent = len(run['channel_indices']) if run.get('channel_indices') else channels
-    metrics = {name: stats['mean'] for name, stats in result['metrics'].items()}
     if cfg['sweep'] == 'defence':
         defence, strength = parse_sweep_value(value)
-        labels = {'defence': defence.name if defence else 'none', 'family': family(defence),
+        labels = {'defence': defence.name if defence else 'none', 'family': family(run),
                   'strength': '' if strength is None else f'{strength:g}'}
     else:
         labels = {cfg['sweep']: value_label(value)}
     history = training_history(cfg, run)
-    return {**labels, 'tensor': f'{channels}x{height}x{width}', 'channels_sent': sent,
-            'psnr': metrics['psnr'], 'psnr_std': result['metrics']['psnr']['std'], 'ssim': metrics['ssim'],
-            'ms_ssim': metrics['ms_ssim'], 'lpips': metrics.get('lpips'), 'mse': metrics['mse'],
-            'top1_agreement': metrics['top1_agreement'], 'top5_agreement': metrics['top5_agreement'],
-            'kl': metrics['kl'], 'n_images': result['n_images'], 'epochs': len(history),
-            'train_minutes': sum(h['seconds'] for h in history) / 60, **defence_cost(cfg, run)}
+    return {**labels, **tensor_columns(run), **result_columns(result),
+            'epochs': len(history), 'train_minutes': sum(h['seconds'] for h in history) / 60, **defence_cost(cfg, run)}
 
 
 def defence_cost(cfg, run):
@@ -210,14 +199,11 @@ def markdown_table(rows, cfg, description, reused=(), decoder_runs=()):
     lines = [f'Sweep of `{cfg["sweep"]}`: {cfg["arch"]} ({victim})'
              + (f' cut at {cfg["split"]}' if cfg['sweep'] != 'split' else '')
              + f'{attacker}, {cfg["image_size"]} px, {budget}, seed {cfg["seed"]}; {description}.', '',
-             f'| {" | ".join(label_columns)} | tensor | channels sent | epochs | training (min) | PSNR (dB) | SSIM | '
-             'MS-SSIM | LPIPS | top-1 agreement | top-5 agreement | KL (nats) |', '|' + '---|' * (11 + len(label_columns))]
+             f'| {" | ".join(label_columns)} | tensor | channels sent | epochs | training (min) | {RESULT_HEADER} |',
+             '|' + '---|' * (11 + len(label_columns))]
     for r in rows:
-        lpips_value = '—' if r['lpips'] is None else f'{r["lpips"]:.3f}'
         lines.append(f'| {" | ".join(r[c] for c in label_columns)} | {r["tensor"]} | {r["channels_sent"]} | '
-                     f'{r["epochs"]} | {r["train_minutes"]:.1f} | {r["psnr"]:.2f} ± {r["psnr_std"]:.2f} | '
-                     f'{r["ssim"]:.3f} | {r["ms_ssim"]:.3f} | {lpips_value} | {r["top1_agreement"]:.3f} | '
-                     f'{r["top5_agreement"]:.3f} | {r["kl"]:.4f} |')
+                     f'{r["epochs"]} | {r["train_minutes"]:.1f} | {result_cells(r)} |')
     notes = [msssim_note(cfg['image_size']), utility_note(cfg)]
     if all(r['lpips'] is None for r in rows):
         notes.append('LPIPS not scored: its AlexNet weights were not in the torch hub cache')
@@ -329,8 +315,10 @@ def run_sweep(cfg, device):
     table = markdown_table(rows, cfg, description, reused, list(zip(values, evaluated)))
     atomic_write_bytes(os.path.join(cfg['save_dir'], 'sweep.md'), table.encode())
     labels = [row_label(cfg, r) for r in rows]
-    plot = plot_privacy_utility if cfg['sweep'] in ('attack', 'defence') else plot_sweep
-    plot(rows, labels, cfg, os.path.join(cfg['save_dir'], 'sweep.png'))
+    if cfg['sweep'] in ('attack', 'defence'):
+        plot_privacy_utility(rows, labels, describe_sweep(cfg), os.path.join(cfg['save_dir'], 'sweep.png'))
+    else:
+        plot_sweep(rows, labels, cfg, os.path.join(cfg['save_dir'], 'sweep.png'))
     if cfg['sweep'] == 'decoder':
         plot_training_time([training_history(cfg, run) for run in evaluated], labels, cfg,
                            os.path.join(cfg['save_dir'], 'sweep_time.png'))

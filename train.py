@@ -24,11 +24,16 @@ from models import (DEFENDED_FORMAT, SplitVictim, attacker_label, cut, feature_e
                     test_noise, train_noise)
 from utils import (Interrupted, RunError, UsageError, is_main_process, progress, rank_and_world, same_on_all_processes,
                    save_json, save_torch)
+from visualize import live_curves, sample_indices
 
 CHECKPOINT_FORMAT = 'recon-attack/3'  # 2: the images trained on and held out are recorded; 3: --decoder and recipe
 LOSSES = ('mse', 'l1', 'ssim', 'mix')
 MIX_SSIM_SHARE = 0.84  # --loss mix: 0.84 (1 - SSIM) + 0.16 L1, the mix of Zhao et al. 2017 (IEEE TCI)
 AUGMENT_MIN_SCALE = 0.6  # --augment crops keep 60-100 % of the image side
+# --tensorboard's scalar of each column of the training history
+CURVES = {'train_loss': 'loss/train', 'val_loss': 'loss/validation_mse', 'psnr': 'validation/psnr_db',
+          'ssim': 'validation/ssim', 'ms_ssim': 'validation/ms_ssim', 'lr': 'learning_rate',
+          'seconds': 'time/epoch_seconds'}
 
 
 def make_optimizer(cfg, params, device):
@@ -367,7 +372,8 @@ def train(cfg, device, resume_state=None):
     if no_input_noise and not cfg['augment'] and cfg['feature_cache_gb'] > 0 and start_epoch < cfg['num_epochs']:
         cache = cache_features(attack, splits.images, splits.train_idx, cfg['batch_size'],
                                cfg['feature_cache_gb'] * 2**30)
-    with StopRequest() as stop:
+    grid_images = splits.images[splits.val_idx[sample_indices(len(splits.val_idx), cfg['num_samples'])]]
+    with StopRequest() as stop, live_curves(cfg, grid_images, start_epoch) as curves:
         epoch = start_epoch
         while epoch < cfg['num_epochs']:  # --minutes may set num_epochs after the first epoch
             started = time.time()
@@ -382,6 +388,9 @@ def train(cfg, device, resume_state=None):
                 trainer.scheduler.step()
             summary = validate(attack, splits, cfg, trainer.average)
             history.append(history_row(epoch + 1, train_loss, summary, optimizer, time.time() - started))
+            if curves is not None:
+                curves.log(epoch + 1, {tag: history[-1][key] for key, tag in CURVES.items()})
+                curves.reconstructions(epoch + 1, attack.using(attacking_decoder(attack, trainer.average)))
             print(f'epoch {epoch + 1}/{cfg["num_epochs"]}: train loss {train_loss:.5f}  val loss '
                   f'{summary["mse"]["mean"]:.5f}  {format_summary(summary)}  ({time.time() - started:.1f}s)')
             if epoch == 0 and cfg['minutes'] and resume_state is None:
@@ -513,10 +522,13 @@ def train_defence(cfg, device):
     optimizer = torch.optim.Adam(parameter_groups(student, net, cfg['defend_lr']))
     generator, history, started = torch.Generator().manual_seed(cfg['seed']), [], time.perf_counter()
     before = held_out_utility(student, reference, splits, cfg, device)
-    for epoch in range(1, cfg['defend_epochs'] + 1):
-        losses = defence_epoch(student, reference, term, optimizer, splits, cfg, device, generator,
-                               f'{defence.name} defence, epoch {epoch}/{cfg["defend_epochs"]}')
-        history.append({'epoch': epoch, **losses, 'seconds': time.perf_counter() - started})
+    with live_curves(cfg, images=None) as curves:
+        for epoch in range(1, cfg['defend_epochs'] + 1):
+            losses = defence_epoch(student, reference, term, optimizer, splits, cfg, device, generator,
+                                   f'{defence.name} defence, epoch {epoch}/{cfg["defend_epochs"]}')
+            history.append({'epoch': epoch, **losses, 'seconds': time.perf_counter() - started})
+            if curves is not None:
+                curves.log(epoch, {f'defence/{name}': value for name, value in losses.items()})
     after = held_out_utility(student, reference, splits, cfg, device,
                              term if isinstance(term, SimulatedAttacker) else None)
     os.makedirs(cfg['save_dir'], exist_ok=True)

@@ -1,4 +1,5 @@
 """Small shared helpers: errors the CLI reports in one line, atomic file writes, devices, run folders."""
+import argparse
 import csv
 import io
 import json
@@ -14,7 +15,8 @@ from tqdm import tqdm
 # Settings of how a run is carried out, not of what it computes: they may differ from a checkpoint's (resume,
 # evaluation) and between a sweep and its resume.
 RUN_KEYS = frozenset({'mode', 'model_path', 'device', 'save_dir', 'overwrite', 'num_samples', 'num_workers',
-                      'cache_dir', 'feature_cache_gb', 'log_interval', 'compile', 'deterministic', 'eval_split'})
+                      'cache_dir', 'feature_cache_gb', 'log_interval', 'compile', 'deterministic', 'eval_split',
+                      'tensorboard'})
 
 
 class UsageError(Exception):
@@ -29,6 +31,11 @@ class RunError(Exception):
 class Interrupted(RunError):
     """Ctrl-C or SIGTERM: training stopped after a step and saved where it was; exit status 130."""
     exit_code = 130
+
+
+def setting(group, flag, help, dest=None):
+    """An on / off flag: `--flag` and `--no-flag`, so a flag after a preset (@FILE) can turn its setting off."""
+    group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=False, help=help)
 
 
 def atomic_write_bytes(path, data):
@@ -56,6 +63,15 @@ def save_torch(obj, path):
 
 def save_json(obj, path):
     atomic_write_bytes(path, (json.dumps(obj, indent=2) + '\n').encode())
+
+
+def read_json(path):
+    """The JSON file's content, or None where it is missing or unreadable (a run that did not finish)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 def save_csv(rows, path):

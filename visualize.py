@@ -1,4 +1,6 @@
-"""Figures a researcher looks at before trusting a number; headless (Agg), every figure closed after saving."""
+"""Figures a researcher looks at before trusting a number; headless (Agg), every figure closed after saving; and
+the live curves of --tensorboard."""
+import contextlib
 import os
 
 import matplotlib
@@ -6,12 +8,13 @@ import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from torchvision.utils import save_image  # noqa: E402
+from torchvision.utils import make_grid, save_image  # noqa: E402
 
 from evaluate import (AttackPlan, attack_slug, attacker_name, evaluate, evaluation_images,  # noqa: E402
                       load_trained_attack, recover, score)
 from defences import describe as describe_defences  # noqa: E402
 from models import attacker_label, test_noise  # noqa: E402
+from utils import is_main_process  # noqa: E402
 
 FEATURE_CHANNELS = 16  # highest-variance channels shown in feature_maps.png
 CHANNELS_PER_STAGE = 4  # decoder activations shown per stage
@@ -271,7 +274,7 @@ def frontier(points):
     return sorted(p for p in points if not any(q != p and q[0] >= p[0] and q[1] <= p[1] for q in points))
 
 
-def plot_privacy_utility(rows, labels, cfg, path):
+def plot_privacy_utility(rows, labels, title, path):
     """Attacks and defences side by side: attack PSNR against the victim's top-1 agreement (a defence wants
     the bottom right: low PSNR at full agreement), fixed and trained defences as separate series with their
     frontiers; and each row's PSNR and SSIM."""
@@ -290,7 +293,7 @@ def plot_privacy_utility(rows, labels, cfg, path):
         for (agreement, psnr_value), (_, label) in zip(points, members):
             left.annotate(label, (agreement, psnr_value), textcoords='offset points', xytext=(5, 4), fontsize=7)
     undefended = [row['psnr'] for row in rows if by_family and row['family'] == '']
-    if undefended:  # what each defence costs the attacker is the drop below this line
+    if len(undefended) == 1:  # what each defence costs the attacker is the drop below this line
         left.axhline(undefended[0], color='k', linestyle=':', linewidth=1)
     left.set(xlabel='victim top-1 agreement with the original, undefended victim', ylabel='attack PSNR (dB, ± std)',
              xlim=(-0.05, 1.1), title='privacy vs utility' + (" (dashed: each family's frontier)" if by_family else ''))
@@ -305,7 +308,7 @@ def plot_privacy_utility(rows, labels, cfg, path):
     ssim_axis.set(ylabel='SSIM', ylim=(0, 1))
     right.set_xticks(list(x), labels, rotation=30, ha='right', fontsize=8)
     right.legend(handles=[psnr_bars, ssim_bars], loc='upper right', fontsize=8)
-    fig.suptitle(describe_sweep(cfg), fontsize=9)
+    fig.suptitle(title, fontsize=9)
     return save_figure(fig, path)
 
 
@@ -314,3 +317,43 @@ def plot_sweep_samples(images, reconstructions, labels, names, cfg, path):
     rows = [('original', images.float() / 255)] + [(f'{cfg["sweep"]}={label}', recon)
                                                    for label, recon in zip(labels, reconstructions)]
     return plot_image_grid(rows, names, describe_sweep(cfg), path)
+
+
+class LiveCurves:
+    """--tensorboard: scalars per epoch and a grid of fixed validation images over their reconstructions, as
+    TensorBoard event files in the run's folder, so `tensorboard --logdir` over a sweep shows its values as
+    comparable runs. A resumed run drops the events after the epoch it resumes from."""
+
+    def __init__(self, cfg, images, first_epoch=0):
+        from torch.utils.tensorboard import SummaryWriter  # loads the tensorboard package (seconds): only when asked
+        self.writer = SummaryWriter(cfg['save_dir'], purge_step=first_epoch + 1 if first_epoch else None)
+        self.cfg, self.images = cfg, images
+        if not first_epoch:
+            self.writer.add_text('config', '\n'.join(f'    {k}: {v}' for k, v in cfg.items()))  # a code block
+
+    def log(self, epoch, scalars):
+        for tag, value in scalars.items():
+            self.writer.add_scalar(tag, value, epoch)
+        self.writer.flush()
+
+    @torch.no_grad()
+    def reconstructions(self, epoch, attack):
+        """The first epoch's, every --log_interval epochs' and the last epoch's reconstructions by `attack`."""
+        if epoch != 1 and epoch % self.cfg['log_interval'] and epoch != self.cfg['num_epochs']:
+            return
+        attack.decoder.eval()
+        target = attack.to_images(self.images)
+        recon = attack.decode(attack.send(target, test_noise(self.cfg), attack.noise_generator(0))).clamp(0, 1)
+        grid = make_grid(torch.cat([target, recon]).float().cpu(), nrow=len(target))
+        self.writer.add_image('validation/reconstructions', grid, epoch)
+        self.writer.flush()
+
+    def close(self):
+        self.writer.close()
+
+
+def live_curves(cfg, images, first_epoch=0):
+    """A LiveCurves closed on exit when --tensorboard is on (rank 0 only), else nothing (None)."""
+    if not cfg['tensorboard'] or not is_main_process():
+        return contextlib.nullcontext()
+    return contextlib.closing(LiveCurves(cfg, images, first_epoch))

@@ -1,0 +1,144 @@
+"""One table and figure across finished runs and sweeps (--report): the settings that differ between them, the
+attack's quality and the victim's utility, and which runs were scored on the same held-out images."""
+import glob
+import json
+import os
+import string
+
+from defences import describe as describe_defences, family
+from evaluate import ATTACK_KEYS, ATTACKS, RESULT_HEADER, attack_slug, msssim_note, result_cells, result_columns
+from sweep import DERIVED_KEYS, tensor_columns
+from utils import RUN_KEYS, UsageError, atomic_write_bytes, read_json, save_csv
+from visualize import plot_privacy_utility
+
+EVALUATIONS = {f'eval{attack_slug(kind)}.json': kind for kind in ATTACKS}  # file -> the attack it scored
+# Not settings of what a run computes: how it ran and what it derived.
+HIDDEN_KEYS = RUN_KEYS | set(DERIVED_KEYS) | {'sweep_values'}
+# Named above the table when every run shares them.
+SUMMARY_KEYS = ('arch', 'split', 'pretrained', 'weights', 'data_dir', 'image_size', 'decoder', 'interpolation',
+                'decoder_depth', 'num_epochs', 'batch_size', 'seed')
+
+
+def find_evaluations(patterns):
+    """(folder, file name) of every eval{_attack}.json in or below the given folders (or globs), in the order
+    given, each once."""
+    found, seen = [], set()
+    for pattern in patterns:
+        folders = sorted(glob.glob(os.path.expanduser(pattern)))
+        if not folders:
+            raise UsageError(f'--report {pattern}: no such folder')
+        for folder in folders:
+            if not os.path.isdir(folder):
+                raise UsageError(f'--report {folder}: not a folder (give the folder of a run or a sweep)')
+            inside = [(root, name) for root, dirs, files in sorted(os.walk(folder)) for name in sorted(files)
+                      if name in EVALUATIONS]
+            if not inside:
+                raise UsageError(f'--report {folder}: no finished run in it (no eval.json or eval_*.json in it or below)')
+            for root, name in inside:
+                if os.path.realpath(os.path.join(root, name)) not in seen:
+                    seen.add(os.path.realpath(os.path.join(root, name)))
+                    found.append((root, name))
+    return found
+
+
+def run_settings(result, kind, defaults, idle_flags):
+    """What the run computed with: its configuration (flags newer than the run at their defaults), those that
+    made no difference to it (`idle_flags`, and the optimisation's for the decoder alone) as None, the attack this
+    evaluation scored, and the defences named as every output names them."""
+    config = {**defaults, **result['config']}
+    idle = HIDDEN_KEYS | idle_flags(config) | (set(ATTACK_KEYS) if kind == 'decoder' else set())
+    return {**{k: None if k in idle else v for k, v in config.items() if k not in HIDDEN_KEYS}, 'attack': kind,
+            'defence': '; '.join(describe_defences(config)) or 'none'}, config
+
+
+def training_columns(folder, kind):
+    """Epochs and minutes of the decoder trained in `folder` (none for the white-box attack alone)."""
+    metrics = read_json(os.path.join(folder, 'metrics.json')) if kind != 'optimize' else None
+    history = metrics['history'] if metrics else []
+    return {'epochs': len(history), 'train_minutes': sum(h['seconds'] for h in history) / 60}
+
+
+def setting_text(key, value):
+    if value is None:
+        return 'built-in photos' if key == 'data_dir' else '—'
+    if isinstance(value, bool):
+        return 'yes' if value else 'no'
+    if isinstance(value, float):
+        return f'{value:g}'
+    if isinstance(value, list):
+        return ' '.join(map(str, value))
+    return str(value)
+
+
+def differing(settings):
+    """The settings whose values are not the same in every run, in the order the flags are defined."""
+    keys = list(dict.fromkeys(k for s in settings for k in s))
+    return [k for k in keys if len({json.dumps(s.get(k), sort_keys=True) for s in settings}) > 1]
+
+
+def held_out_sets(results):
+    """A letter (a number after Z) per distinct set of scored images, by their content fingerprint; '?' where
+    the evaluation was written before fingerprints were recorded."""
+    names = {}
+    for result in results:
+        if result.get('held_out') and result['held_out'] not in names:
+            names[result['held_out']] = string.ascii_uppercase[len(names)] if len(names) < 26 else str(len(names) + 1)
+    return [names.get(result.get('held_out'), '?') for result in results]
+
+
+def build_rows(evaluations, defaults, idle_flags):
+    results = [read_json(os.path.join(folder, name)) for folder, name in evaluations]
+    for (folder, name), result in zip(evaluations, results):
+        if result is None or 'config' not in result or 'metrics' not in result:
+            raise UsageError(f'--report: {os.path.join(folder, name)} is not an evaluation written by recon-attack')
+    settings, configs = zip(*(run_settings(r, EVALUATIONS[name], defaults, idle_flags)
+                              for (_, name), r in zip(evaluations, results)))
+    columns = ['attack'] + [k for k in differing(settings) if k != 'attack']
+    rows = []
+    for i, ((folder, name), result, setting, config, images) in enumerate(
+            zip(evaluations, results, settings, configs, held_out_sets(results)), start=1):
+        rows.append({'#': i, 'run': os.path.relpath(folder), **{k: setting_text(k, setting.get(k)) for k in columns},
+                     'family': family(config), **tensor_columns(config), **training_columns(folder, EVALUATIONS[name]),
+                     **result_columns(result), 'held_out_set': images})
+    return rows, columns, settings, configs
+
+
+def markdown_report(rows, columns, settings, configs, patterns):
+    shared = [k for k in SUMMARY_KEYS if k not in columns and k in settings[0]
+              and (settings[0][k] is not None or k == 'data_dir')]
+    lines = [f'Report of {len(rows)} evaluations from {", ".join(patterns)}.', '',
+             'Same in every run: ' + ', '.join(f'{k} {setting_text(k, settings[0][k])}' for k in shared) + '.', '',
+             f'| # | run | {" | ".join(columns)} | tensor | epochs | training (min) | {RESULT_HEADER} | held-out set |',
+             '|' + '---|' * (len(columns) + 13)]
+    for r in rows:
+        lines.append(f'| {r["#"]} | {r["run"]} | {" | ".join(r[k] for k in columns)} | {r["tensor"]} | {r["epochs"]} | '
+                     f'{r["train_minutes"]:.1f} | {result_cells(r)} | {r["held_out_set"]} |')
+    sets = sorted({r['held_out_set'] for r in rows})
+    notes = []
+    if len(sets) > 1:
+        notes.append('WARNING: these rows were not scored on the same held-out images (' + '; '.join(
+            f'set {s}: rows {", ".join(str(r["#"]) for r in rows if r["held_out_set"] == s)}' for s in sets)
+            + '); compare rows only within a set' + (" ('?': written before evaluations recorded their images' "
+                                                     "fingerprint; evaluate it again to place it)" if '?' in sets else ''))
+    notes += sorted({msssim_note(c['image_size']) for c in configs})
+    if all(r['lpips'] is None for r in rows):
+        notes.append('LPIPS not scored: its AlexNet weights were not in the torch hub cache')
+    if not all(c['pretrained'] or c['weights'] for c in configs):
+        notes.append('rows with a random-initialised victim: their agreement figures are not meaningful')
+    return '\n'.join(lines + ['', '. '.join(notes) + '.', ''])
+
+
+def write_report(patterns, save_dir, defaults, idle_flags):
+    """report.csv, report.md and report.png in `save_dir` for every evaluation under `patterns`; `defaults` are
+    the flags' defaults, `idle_flags(config)` the flags that made no difference to a run. Returns the rows."""
+    rows, columns, settings, configs = build_rows(find_evaluations(patterns), defaults, idle_flags)
+    os.makedirs(save_dir, exist_ok=True)
+    save_csv(rows, os.path.join(save_dir, 'report.csv'))
+    table = markdown_report(rows, columns, settings, configs, patterns)
+    atomic_write_bytes(os.path.join(save_dir, 'report.md'), table.encode())
+    sets = sorted({r['held_out_set'] for r in rows})
+    plot_privacy_utility(rows, [str(r['#']) for r in rows], f'report of {len(rows)} evaluations (points: the rows '
+                         f'of report.md)' + (f' | NOT COMPARABLE: held-out sets {", ".join(sets)}' if len(sets) > 1 else ''),
+                         os.path.join(save_dir, 'report.png'))
+    print(table)
+    return rows
