@@ -41,7 +41,7 @@ class Parser(argparse.ArgumentParser):
     """argparse reading `@FILE` arguments (presets): flags as on the command line, one or more a line, `#` comments."""
 
     def convert_arg_line_to_args(self, line):
-        return find_presets(shlex.split(line, comments=True))
+        return resolve_presets(shlex.split(line, comments=True))
 
 
 def presets():
@@ -49,22 +49,19 @@ def presets():
     return sorted(f[:-len(PRESET_SUFFIX)] for f in os.listdir(PRESETS_DIR) if f.endswith(PRESET_SUFFIX))
 
 
-def find_presets(argv):
+def resolve_presets(argv):
     """`@FILE` arguments as paths argparse can open: the file as given, else this tool's preset of that name
     (`@original` and `@presets/original.args` work from any folder)."""
-    found = []
-    for arg in argv:
-        if not arg.startswith('@'):
-            found.append(arg)
-            continue
-        name = arg[1:]
-        stem = os.path.basename(name).removesuffix(PRESET_SUFFIX)
-        path = next((p for p in (name, os.path.join(PRESETS_DIR, stem + PRESET_SUFFIX)) if os.path.isfile(p)), None)
-        if path is None:
-            raise UsageError(f'{arg}: no such file; the presets are {", ".join(presets())} (@presets/NAME.args or '
-                             f'@NAME)')
-        found.append('@' + path)
-    return found
+    return [preset_path(arg) if arg.startswith('@') else arg for arg in argv]
+
+
+def preset_path(arg):
+    name = arg[1:]
+    stem = os.path.basename(name).removesuffix(PRESET_SUFFIX)
+    for path in (name, os.path.join(PRESETS_DIR, stem + PRESET_SUFFIX)):
+        if os.path.isfile(path):
+            return '@' + path
+    raise UsageError(f'{arg}: no such file; the presets are {", ".join(presets())} (@presets/NAME.args or @NAME)')
 
 
 def build_parser():
@@ -310,7 +307,7 @@ def same_setting(key, given, saved):
 def run(argv):
     parser = build_parser()
     named = [a for a in argv if a.startswith('@')]
-    argv = find_presets(argv)
+    argv = resolve_presets(argv)
     args = parser.parse_args(argv)
     cfg, state = resolve_config(parser, args, argv)
     if cfg['deterministic']:

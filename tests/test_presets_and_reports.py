@@ -9,7 +9,7 @@ import torch
 import torchvision
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from main import build_parser, find_presets, idle_flags, presets, resolve_config
+from main import build_parser, idle_flags, presets, resolve_config, resolve_presets
 from models import build_victim
 from train import CURVES
 
@@ -38,7 +38,7 @@ EXPECTED = {
 
 def parse(*argv):
     parser = build_parser()
-    argv = find_presets(list(argv))
+    argv = resolve_presets(list(argv))
     return resolve_config(parser, parser.parse_args(argv), argv)[0]
 
 
