@@ -137,8 +137,9 @@ def write_report(patterns, save_dir, defaults, idle_flags):
     table = markdown_report(rows, columns, settings, configs, patterns)
     atomic_write_bytes(os.path.join(save_dir, 'report.md'), table.encode())
     sets = sorted({r['held_out_set'] for r in rows})
-    plot_privacy_utility(rows, [str(r['#']) for r in rows], f'report of {len(rows)} evaluations (points: the rows '
-                         f'of report.md)' + (f' | NOT COMPARABLE: held-out sets {", ".join(sets)}' if len(sets) > 1 else ''),
-                         os.path.join(save_dir, 'report.png'))
+    labels = [f'{r["#"]}' + (f' ({r["held_out_set"]})' if len(sets) > 1 else '') for r in rows]
+    title = f'report of {len(rows)} evaluations (points: the rows of report.md' + (
+        f'; held-out set in brackets: NOT COMPARABLE across sets {", ".join(sets)})' if len(sets) > 1 else ')')
+    plot_privacy_utility(rows, labels, title, os.path.join(save_dir, 'report.png'))
     print(table)
     return rows
