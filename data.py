@@ -4,6 +4,7 @@ import json
 import os
 import zipfile
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -28,6 +29,16 @@ CELEBA_PARTITION = 'list_eval_partition.txt'  # the official train / val / test 
 PARTITIONS = {'train': '0', 'val': '1', 'test': '2'}
 
 
+class Scored(NamedTuple):
+    """The images an evaluation scores, images[indices]: their names, what they are, and one fingerprint of their
+    content (runs scored on the same images share it, whatever their names or order)."""
+    images: torch.Tensor
+    indices: torch.Tensor
+    names: list
+    description: str
+    fingerprint: str
+
+
 @dataclass
 class Splits:
     images: torch.Tensor  # uint8 (N, 3, S, S), possibly memory-mapped
@@ -43,6 +54,16 @@ class Splits:
     def val_names(self):
         return [self.names[i] for i in self.val_idx]
 
+    def scored(self, indices, description):
+        """images[indices] as an evaluation scores them (their content fingerprints are already computed)."""
+        digest = hashlib.blake2b(digest_size=8)
+        for image_hash in sorted(self.fingerprints[i] for i in indices.tolist()):
+            digest.update(image_hash.encode())
+        return Scored(self.images, indices, [self.names[i] for i in indices], description, digest.hexdigest())
+
+    def validation(self):
+        return self.scored(self.val_idx, f'validation split of {self.description}')
+
     def calibration_images(self, count):
         """Training images on which the device calibrates a defence (the channels --keep_channels keeps)."""
         return self.images[self.train_idx[:count]]
@@ -57,14 +78,6 @@ class Splits:
 def fingerprint(image):
     """A content hash of one decoded uint8 image."""
     return hashlib.blake2b(image.numpy().tobytes(), digest_size=8).hexdigest()
-
-
-def content_fingerprint(images, indices):
-    """One hash of the content of images[indices], in any order: runs scored on the same images share it."""
-    digest = hashlib.blake2b(digest_size=8)
-    for image_hash in sorted(fingerprint(images[i]) for i in indices.tolist()):
-        digest.update(image_hash.encode())
-    return digest.hexdigest()
 
 
 def list_images(data_dir):
@@ -374,7 +387,7 @@ def recorded_splits(data, record):
 
 
 def held_out_images(cfg, trained_cfg, record, split='val'):
-    """(images, indices, names, description) that an evaluation of a trained decoder may score.
+    """The Scored images an evaluation of a trained decoder may score.
 
     Never an image it trained on (by content, whatever the folder or file name); on the training data itself,
     exactly the recorded held-out images that are still there unchanged (whatever spelling of the path), or
@@ -401,4 +414,4 @@ def held_out_images(cfg, trained_cfg, record, split='val'):
     scored = without_training_content(data, candidates, trained, what)
     if not len(scored):
         raise UsageError(f'{where}: no image left that the decoder did not train on; evaluate on other images')
-    return data.images, scored, [data.names[i] for i in scored], f'{len(scored)} {what} of {where}'
+    return data.scored(scored, f'{len(scored)} {what} of {where}')

@@ -11,7 +11,7 @@ import torchvision
 from pytorch_msssim import ms_ssim, ssim
 from pytorch_msssim.ssim import _fspecial_gauss_1d, _ssim
 
-from data import content_fingerprint, held_out_images
+from data import held_out_images
 from defences import build_attack
 from models import attacker_label, invert_features, test_noise
 from utils import UsageError, progress, save_csv, save_json
@@ -236,7 +236,7 @@ def mean_image_baseline(splits, batch_size=256):
 
 
 def evaluation_images(cfg, state):
-    """(images, indices, names, description) a checkpoint may be scored on: held out from its training."""
+    """The Scored images a checkpoint may be scored on: held out from its training."""
     return held_out_images(cfg, state['config'], state['data'], cfg.get('eval_split', 'val'))
 
 
@@ -250,16 +250,16 @@ def load_trained_attack(cfg, state, device):
     return attack
 
 
-def evaluate_and_report(attack, images, indices, names, cfg, description, extra=None, plan=AttackPlan()):
-    """The full evaluation (quality and victim utility) printed and written as eval{_attack}.json and
-    eval{_attack}_per_image.csv."""
-    per_image = evaluate(attack, images, indices, cfg['batch_size'], test_noise(cfg), utility=True, plan=plan,
-                         perceptual=load_lpips(attack.device))
+def evaluate_and_report(attack, scored, cfg, extra=None, plan=AttackPlan()):
+    """The full evaluation (quality and victim utility) of the Scored images, printed and written as
+    eval{_attack}.json and eval{_attack}_per_image.csv."""
+    per_image = evaluate(attack, scored.images, scored.indices, cfg['batch_size'], test_noise(cfg), utility=True,
+                         plan=plan, perceptual=load_lpips(attack.device))
     attacker = attacker_name(cfg, plan.kind)
-    settings = {**(extra or {}), 'attack': plan._asdict(), 'attacker': attacker, 'data': description,
-                'held_out': content_fingerprint(images, indices), 'msssim': msssim_note(cfg['image_size']),
+    settings = {**(extra or {}), 'attack': plan._asdict(), 'attacker': attacker, 'data': scored.description,
+                'held_out': scored.fingerprint, 'msssim': msssim_note(cfg['image_size']),
                 'utility': utility_note(cfg), 'config': cfg}
-    summary = write_evaluation(per_image, names, settings, cfg['save_dir'], 'eval' + attack_slug(plan.kind))
-    print(f'{plan.kind} attack ({attacker}) on {len(names)} images: {format_summary(summary)}')
+    summary = write_evaluation(per_image, scored.names, settings, cfg['save_dir'], 'eval' + attack_slug(plan.kind))
+    print(f'{plan.kind} attack ({attacker}) on {len(scored.names)} images: {format_summary(summary)}')
     print(f'{format_utility(summary)}\n{utility_note(cfg)}\n{msssim_note(cfg["image_size"])}')
     return per_image, summary

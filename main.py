@@ -19,7 +19,7 @@ from sweep import SWEEPS, run_sweep
 from train import LOSSES, train, train_defence
 from utils import (RUN_KEYS, RunError, UsageError, fresh_run_dir, init_distributed, is_main_process, load_checkpoint,
                    make_deterministic, pick_device, rank_and_world, same_on_all_processes, setting)
-from visualize import draw_all, plot_samples, run_visualize, sample_indices
+from visualize import draw_all, plot_samples, run_visualize, samples
 
 # Flags that define the attack's model: they must agree with a checkpoint that is being loaded.
 MODEL_KEYS = ('arch', 'split', 'pretrained', 'decoder', 'interpolation', 'decoder_depth', 'decoder_width',
@@ -352,36 +352,34 @@ def dispatch(cfg, state, device):
         attack, splits, history, _ = train(cfg, device, state if cfg['mode'] == 'resume' else None)
         if not is_main_process():
             return
-        description = f'validation split of {splits.description}'
-        per_image, _ = evaluate_and_report(attack, splits.images, splits.val_idx, splits.val_names, cfg, description,
-                                           {'epoch': cfg['num_epochs']})
-        draw_all(attack, splits.images, splits.val_idx, splits.val_names, cfg, history, cfg['save_dir'],
-                 per_image['psnr'])
+        validation = splits.validation()
+        per_image, _ = evaluate_and_report(attack, validation, cfg, {'epoch': cfg['num_epochs']})
+        draw_all(attack, validation, cfg, history, cfg['save_dir'], per_image['psnr'])
         if cfg['attack'] != 'decoder':
-            run_attack(attack, splits.images, splits.val_idx, splits.val_names, cfg, description)
+            run_attack(attack, validation, cfg)
     elif cfg['mode'] == 'attack':
         splits = load_splits(cfg)
         attack = defences.build_attack(cfg, device, splits.calibration_images(cfg['batch_size']))
-        run_attack(attack, splits.images, splits.val_idx, splits.val_names, cfg, f'validation split of {splits.description}')
+        run_attack(attack, splits.validation(), cfg)
     elif cfg['mode'] == 'sweep':
         run_sweep(cfg, device)
     elif cfg['mode'] == 'defend':
         train_defence(cfg, device)
     elif cfg['mode'] in ('eval_pth', 'eval_ckpt'):
-        images, indices, names, description = evaluation_images(cfg, state)
-        print(f'evaluating {cfg["model_path"]} (epoch {state["epoch"]}) on {description}')
-        run_attack(load_trained_attack(cfg, state, device), images, indices, names, cfg, description,
+        scored = evaluation_images(cfg, state)
+        print(f'evaluating {cfg["model_path"]} (epoch {state["epoch"]}) on {scored.description}')
+        run_attack(load_trained_attack(cfg, state, device), scored, cfg,
                    {'model_path': os.path.abspath(cfg['model_path']), 'epoch': state['epoch']})
     else:
         run_visualize(cfg, state, device)
 
 
-def run_attack(attack, images, indices, names, cfg, description, extra=None):
-    """Evaluate the --attack chosen (eval{_attack}.json, per-image CSV) and draw its sample grid."""
+def run_attack(attack, scored, cfg, extra=None):
+    """Evaluate the --attack chosen on the Scored images (eval{_attack}.json, per-image CSV) and draw its sample
+    grid."""
     plan = attack_plan(cfg)
-    evaluate_and_report(attack, images, indices, names, cfg, description, extra, plan)
-    chosen = sample_indices(len(indices), cfg['num_samples'])
-    plot_samples(attack, images[indices[chosen]], [names[i] for i in chosen], cfg, cfg['save_dir'], plan)
+    evaluate_and_report(attack, scored, cfg, extra, plan)
+    plot_samples(attack, *samples(scored, cfg['num_samples']), cfg, cfg['save_dir'], plan)
 
 
 def main(argv=None):

@@ -35,8 +35,9 @@ def find_evaluations(patterns):
             if not inside:
                 raise UsageError(f'--report {folder}: no finished run in it (no eval.json or eval_*.json in it or below)')
             for root, name in inside:
-                if os.path.realpath(os.path.join(root, name)) not in seen:
-                    seen.add(os.path.realpath(os.path.join(root, name)))
+                path = os.path.realpath(os.path.join(root, name))
+                if path not in seen:
+                    seen.add(path)
                     found.append((root, name))
     return found
 
@@ -46,7 +47,7 @@ def run_settings(result, kind, defaults, idle_flags):
     made no difference to it (`idle_flags`, and the optimisation's for the decoder alone) as None, the attack this
     evaluation scored, and the defences named as every output names them."""
     config = {**defaults, **result['config']}
-    idle = HIDDEN_KEYS | idle_flags(config) | (set(ATTACK_KEYS) if kind == 'decoder' else set())
+    idle = idle_flags(config) | (set(ATTACK_KEYS) if kind == 'decoder' else set())
     return {**{k: None if k in idle else v for k, v in config.items() if k not in HIDDEN_KEYS}, 'attack': kind,
             'defence': '; '.join(describe_defences(config)) or 'none'}, config
 
@@ -103,7 +104,7 @@ def build_rows(evaluations, defaults, idle_flags):
     return rows, columns, settings, configs
 
 
-def markdown_report(rows, columns, settings, configs, patterns):
+def markdown_report(rows, columns, settings, configs, patterns, sets):
     shared = [k for k in SUMMARY_KEYS if k not in columns and k in settings[0]
               and (settings[0][k] is not None or k == 'data_dir')]
     lines = [f'Report of {len(rows)} evaluations from {", ".join(patterns)}.', '',
@@ -113,7 +114,6 @@ def markdown_report(rows, columns, settings, configs, patterns):
     for r in rows:
         lines.append(f'| {r["#"]} | {r["run"]} | {" | ".join(r[k] for k in columns)} | {r["tensor"]} | {r["epochs"]} | '
                      f'{r["train_minutes"]:.1f} | {result_cells(r)} | {r["held_out_set"]} |')
-    sets = sorted({r['held_out_set'] for r in rows})
     notes = []
     if len(sets) > 1:
         notes.append('WARNING: these rows were not scored on the same held-out images (' + '; '.join(
@@ -134,9 +134,9 @@ def write_report(patterns, save_dir, defaults, idle_flags):
     rows, columns, settings, configs = build_rows(find_evaluations(patterns), defaults, idle_flags)
     os.makedirs(save_dir, exist_ok=True)
     save_csv(rows, os.path.join(save_dir, 'report.csv'))
-    table = markdown_report(rows, columns, settings, configs, patterns)
-    atomic_write_bytes(os.path.join(save_dir, 'report.md'), table.encode())
     sets = sorted({r['held_out_set'] for r in rows})
+    table = markdown_report(rows, columns, settings, configs, patterns, sets)
+    atomic_write_bytes(os.path.join(save_dir, 'report.md'), table.encode())
     labels = [f'{r["#"]}' + (f' ({r["held_out_set"]})' if len(sets) > 1 else '') for r in rows]
     title = f'report of {len(rows)} evaluations (points: the rows of report.md' + (
         f'; held-out set in brackets: NOT COMPARABLE across sets {", ".join(sets)})' if len(sets) > 1 else ')')

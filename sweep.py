@@ -14,7 +14,7 @@ from train import train, train_defence
 from utils import (RUN_KEYS, UsageError, atomic_write_bytes, fresh_run_dir, load_checkpoint, read_json, save_csv,
                    save_json)
 from visualize import (describe_sweep, plot_privacy_utility, plot_sweep, plot_sweep_samples, plot_training_time,
-                       sample_indices)
+                       samples)
 
 SWEEPS = ('split', 'keep_channels', 'noise_var', 'attack', 'defence', 'decoder')
 DEFAULT_VALUES = {'decoder': ('original:transpose', 'original:upsample', 'residual'),
@@ -278,15 +278,12 @@ def run_value(cfg, run, device):
         trainee = decoder_run(cfg, run)
         if trainee is run or finished_result(trainee) is None:
             attack, splits, _, _ = train(trainee, device)
-            evaluate_and_report(attack, splits.images, splits.val_idx, splits.val_names, trainee,
-                                f'validation split of {splits.description}', {'sweep': cfg['sweep']},
-                                attack_plan(trainee))
+            evaluate_and_report(attack, splits.validation(), trainee, {'sweep': cfg['sweep']}, attack_plan(trainee))
             if trainee is run:
                 return finished_result(run)
     splits = value_splits(cfg, run)
     attack = value_attack(cfg, run, device, splits)
-    evaluate_and_report(attack, splits.images, splits.val_idx, splits.val_names, run,
-                        f'validation split of {splits.description}', {'sweep': cfg['sweep']}, attack_plan(run))
+    evaluate_and_report(attack, splits.validation(), run, {'sweep': cfg['sweep']}, attack_plan(run))
     return finished_result(run)
 
 
@@ -309,10 +306,9 @@ def run_sweep(cfg, device):
         results.append(result)
         rows.append(table_row(cfg, value, result))
     evaluated = [{**run, **result['config']} for run, result in zip(runs, results)]
-    splits = value_splits(cfg, evaluated[0])
-    description = f'validation split of {splits.description}'
+    validation = value_splits(cfg, evaluated[0]).validation()
     save_csv(rows, os.path.join(cfg['save_dir'], 'sweep.csv'))
-    table = markdown_table(rows, cfg, description, reused, list(zip(values, evaluated)))
+    table = markdown_table(rows, cfg, validation.description, reused, list(zip(values, evaluated)))
     atomic_write_bytes(os.path.join(cfg['save_dir'], 'sweep.md'), table.encode())
     labels = [row_label(cfg, r) for r in rows]
     if cfg['sweep'] in ('attack', 'defence'):
@@ -322,9 +318,8 @@ def run_sweep(cfg, device):
     if cfg['sweep'] == 'decoder':
         plot_training_time([training_history(cfg, run) for run in evaluated], labels, cfg,
                            os.path.join(cfg['save_dir'], 'sweep_time.png'))
-    chosen = splits.val_idx[sample_indices(len(splits.val_idx), cfg['num_samples'])]
-    images = splits.images[chosen]
-    plot_sweep_samples(images, sample_reconstructions(cfg, evaluated, images, device), labels,
-                       [splits.names[i] for i in chosen], cfg, os.path.join(cfg['save_dir'], 'sweep_samples.png'))
+    images, names = samples(validation, cfg['num_samples'])
+    plot_sweep_samples(images, sample_reconstructions(cfg, evaluated, images, device), labels, names, cfg,
+                       os.path.join(cfg['save_dir'], 'sweep_samples.png'))
     print(table)
     return rows

@@ -24,7 +24,7 @@ from models import (DEFENDED_FORMAT, SplitVictim, attacker_label, cut, feature_e
                     test_noise, train_noise)
 from utils import (Interrupted, RunError, UsageError, is_main_process, progress, rank_and_world, same_on_all_processes,
                    save_json, save_torch)
-from visualize import live_curves, sample_indices
+from visualize import live_curves
 
 CHECKPOINT_FORMAT = 'recon-attack/3'  # 2: the images trained on and held out are recorded; 3: --decoder and recipe
 LOSSES = ('mse', 'l1', 'ssim', 'mix')
@@ -372,8 +372,7 @@ def train(cfg, device, resume_state=None):
     if no_input_noise and not cfg['augment'] and cfg['feature_cache_gb'] > 0 and start_epoch < cfg['num_epochs']:
         cache = cache_features(attack, splits.images, splits.train_idx, cfg['batch_size'],
                                cfg['feature_cache_gb'] * 2**30)
-    grid_images = splits.images[splits.val_idx[sample_indices(len(splits.val_idx), cfg['num_samples'])]]
-    with StopRequest() as stop, live_curves(cfg, grid_images, start_epoch) as curves:
+    with StopRequest() as stop, live_curves(cfg, splits.validation(), start_epoch) as curves:
         epoch = start_epoch
         while epoch < cfg['num_epochs']:  # --minutes may set num_epochs after the first epoch
             started = time.time()
@@ -522,7 +521,7 @@ def train_defence(cfg, device):
     optimizer = torch.optim.Adam(parameter_groups(student, net, cfg['defend_lr']))
     generator, history, started = torch.Generator().manual_seed(cfg['seed']), [], time.perf_counter()
     before = held_out_utility(student, reference, splits, cfg, device)
-    with live_curves(cfg, images=None) as curves:
+    with live_curves(cfg, scored=None) as curves:
         for epoch in range(1, cfg['defend_epochs'] + 1):
             losses = defence_epoch(student, reference, term, optimizer, splits, cfg, device, generator,
                                    f'{defence.name} defence, epoch {epoch}/{cfg["defend_epochs"]}')

@@ -188,21 +188,27 @@ def plot_psnr_histogram(psnr_values, cfg, path):
     return save_figure(fig, path)
 
 
-def draw_all(attack, images, indices, names, cfg, history, save_dir, psnr_values=None):
-    """Every figure into save_dir; returns their paths. `psnr_values`: per-image validation PSNR if known."""
+def samples(scored, count):
+    """(images, names) of the same `count` of the Scored images every run."""
+    chosen = sample_indices(len(scored.indices), count)
+    return scored.images[scored.indices[chosen]], [scored.names[i] for i in chosen]
+
+
+def draw_all(attack, scored, cfg, history, save_dir, psnr_values=None):
+    """Every figure of the Scored images into save_dir; returns their paths. `psnr_values`: per-image PSNR if
+    known."""
     os.makedirs(save_dir, exist_ok=True)
     paths = []
     if history:
         paths.append(plot_history(history, cfg, os.path.join(save_dir, 'loss.png')))
     else:
         print('loss.png skipped: this file holds no training history')
-    chosen = sample_indices(len(indices), cfg['num_samples'])
-    sample_images = images[indices[chosen]]
-    paths.append(plot_samples(attack, sample_images, [names[i] for i in chosen], cfg, save_dir))
+    sample_images, sample_names = samples(scored, cfg['num_samples'])
+    paths.append(plot_samples(attack, sample_images, sample_names, cfg, save_dir))
     paths.append(plot_feature_maps(attack, sample_images[0], cfg, os.path.join(save_dir, 'feature_maps.png')))
     paths.append(plot_decoder_layers(attack, sample_images[0], cfg, os.path.join(save_dir, 'decoder_layers.png')))
     if psnr_values is None:
-        psnr_values = evaluate(attack, images, indices, cfg['batch_size'], test_noise(cfg))['psnr']
+        psnr_values = evaluate(attack, scored.images, scored.indices, cfg['batch_size'], test_noise(cfg))['psnr']
     paths.append(plot_psnr_histogram(psnr_values, cfg, os.path.join(save_dir, 'psnr_hist.png')))
     print(f'figures: {", ".join(os.path.basename(p) for p in paths)} and samples/ in {save_dir}')
     return paths
@@ -210,9 +216,9 @@ def draw_all(attack, images, indices, names, cfg, history, save_dir, psnr_values
 
 def run_visualize(cfg, state, device):
     attack = load_trained_attack(cfg, state, device)
-    images, indices, names, description = evaluation_images(cfg, state)
-    print(f'drawing {cfg["model_path"]} (epoch {state["epoch"]}) on {description}')
-    return draw_all(attack, images, indices, names, cfg, state.get('history'), cfg['save_dir'])
+    scored = evaluation_images(cfg, state)
+    print(f'drawing {cfg["model_path"]} (epoch {state["epoch"]}) on {scored.description}')
+    return draw_all(attack, scored, cfg, state.get('history'), cfg['save_dir'])
 
 
 def describe_sweep(cfg):
@@ -324,10 +330,11 @@ class LiveCurves:
     TensorBoard event files in the run's folder, so `tensorboard --logdir` over a sweep shows its values as
     comparable runs. A resumed run drops the events after the epoch it resumes from."""
 
-    def __init__(self, cfg, images, first_epoch=0):
+    def __init__(self, cfg, scored, first_epoch=0):
         from torch.utils.tensorboard import SummaryWriter  # loads the tensorboard package (seconds): only when asked
         self.writer = SummaryWriter(cfg['save_dir'], purge_step=first_epoch + 1 if first_epoch else None)
-        self.cfg, self.images = cfg, images
+        self.cfg = cfg
+        self.images = samples(scored, cfg['num_samples'])[0] if scored is not None else None  # the grid's
         if not first_epoch:
             self.writer.add_text('config', '\n'.join(f'    {k}: {v}' for k, v in cfg.items()))  # a code block
 
@@ -352,8 +359,9 @@ class LiveCurves:
         self.writer.close()
 
 
-def live_curves(cfg, images, first_epoch=0):
-    """A LiveCurves closed on exit when --tensorboard is on (rank 0 only), else nothing (None)."""
+def live_curves(cfg, scored, first_epoch=0):
+    """A LiveCurves (its grid: samples of the Scored images, if any) closed on exit when --tensorboard is on (rank 0
+    only), else nothing (None)."""
     if not cfg['tensorboard'] or not is_main_process():
         return contextlib.nullcontext()
-    return contextlib.closing(LiveCurves(cfg, images, first_epoch))
+    return contextlib.closing(LiveCurves(cfg, scored, first_epoch))

@@ -42,7 +42,7 @@ def test_evaluating_a_saved_file_reproduces_the_training_figures(trained, filena
     loaded = load_trained_attack({**state['config'], 'model_path': filename}, state, torch.device('cpu'))
     for key, value in attack.decoder.state_dict().items():
         assert torch.equal(value, loaded.decoder.state_dict()[key])
-    images, indices, _, _ = evaluation_images({**state['config'], 'cache_dir': cfg['cache_dir']}, state)
+    images, indices, *_ = evaluation_images({**state['config'], 'cache_dir': cfg['cache_dir']}, state)
     assert torch.equal(indices, splits.val_idx)
     summary = summarise(evaluate(loaded, images, indices, cfg['batch_size']))
     assert summary['psnr']['mean'] == pytest.approx(history[-1]['psnr'], abs=1e-4)
