@@ -62,6 +62,8 @@ def test_evaluation_reproduces_the_final_validation_metrics(workdir, mode, filen
     assert evaluation['metrics']['psnr']['mean'] == pytest.approx(final['psnr'], abs=1e-4)
     assert evaluation['metrics']['ssim']['mean'] == pytest.approx(final['ssim'], abs=1e-5)
     assert evaluation['metrics']['mse']['mean'] == pytest.approx(final['val_loss'], rel=1e-5)
+    # the same held-out images as the evaluation at the end of training: one content fingerprint, however reached
+    assert evaluation['held_out'] == json.loads((workdir / 'run' / 'eval.json').read_text())['held_out']
     with open(workdir / out / 'eval_per_image.csv') as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == evaluation['n_images'] == 32
