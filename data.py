@@ -12,7 +12,8 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from utils import UsageError, atomic_write_bytes, progress
+from models import defence_training_images
+from utils import RunError, UsageError, atomic_write_bytes, progress
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
 MIN_SOURCE_SIDE = 8  # smaller images (1-pixel thumbnails and the like) hold nothing to reconstruct
@@ -49,15 +50,22 @@ class Splits:
     source: str  # the data root's real path, or BUILTIN_SOURCE
     description: str
     partition: dict = None  # name -> 'train' | 'val' | 'test' for a CelebA root with its official partition
+    cache: str = None  # the decoded-image cache file `images` come from
 
     @property
     def val_names(self):
         return [self.names[i] for i in self.val_idx]
 
     def scored(self, indices, description):
-        """images[indices] as an evaluation scores them (their content fingerprints are already computed)."""
+        """images[indices] as an evaluation scores them, fingerprinted from the pixels that will be scored; refused
+        where those are not the pixels decoded from the files (a cache damaged in place)."""
         digest = hashlib.blake2b(digest_size=8)
-        for image_hash in sorted(self.fingerprints[i] for i in indices.tolist()):
+        hashes = [fingerprint(self.images[i]) for i in indices.tolist()]
+        for i, image_hash in zip(indices.tolist(), hashes):
+            if image_hash != self.fingerprints[i]:
+                raise RunError(f'the decoded-image cache {self.cache} is damaged: {self.names[i]} no longer holds the '
+                               f'pixels decoded from its file; delete it (it is rebuilt from the images) and run again')
+        for image_hash in sorted(hashes):
             digest.update(image_hash.encode())
         return Scored(self.images, indices, [self.names[i] for i in indices], description, digest.hexdigest())
 
@@ -166,7 +174,7 @@ def cache_key(root, names, size):
 
 def decode_into_cache(root, names, size, cache_dir, num_workers):
     """All images decoded once into a memory-mapped uint8 file, reused across epochs and runs; returns (images,
-    names, fingerprints) of the usable ones.
+    names, fingerprints) of the usable ones and the file.
 
     Unusable files are found here, once, and reported; the training loop never sees them."""
     key = cache_key(root, names, size)
@@ -180,7 +188,7 @@ def decode_into_cache(root, names, size, cache_dir, num_workers):
                         shape=(len(kept), 3, size, size))
     if images.nbytes < available_memory() // 4:  # in memory when it fits, else paged in from the file
         images = np.array(images)
-    return torch.from_numpy(images), kept, fingerprints
+    return torch.from_numpy(images), kept, fingerprints, array_path
 
 
 def available_memory():
@@ -323,10 +331,10 @@ def builtin_splits(image_size, batch_size, num_batches, seed):
 def load_images(data_dir, image_size, cache_dir, num_workers):
     """Every usable image under `data_dir`, as Splits with nothing assigned to training or validation yet."""
     root, names = list_images(data_dir)
-    images, kept, fingerprints = decode_into_cache(root, names, image_size, cache_dir, num_workers)
+    images, kept, fingerprints, cache = decode_into_cache(root, names, image_size, cache_dir, num_workers)
     partition = read_partition(data_dir) if os.path.isdir(data_dir) else None
     empty = torch.zeros(0, dtype=torch.long)
-    return Splits(images, empty, empty, kept, fingerprints, os.path.realpath(root), data_dir, partition)
+    return Splits(images, empty, empty, kept, fingerprints, os.path.realpath(root), data_dir, partition, cache)
 
 
 def load_data(cfg):
@@ -336,13 +344,20 @@ def load_data(cfg):
     return load_images(cfg['data_dir'], cfg['image_size'], cfg['cache_dir'], cfg['num_workers'])
 
 
-def without_training_content(data, candidates, trained_fingerprints, what):
-    """`candidates` less any image whose content is that of a training image (a duplicate file), said once."""
+def without_training_content(data, candidates, trained_fingerprints, what, trainee='the decoder'):
+    """`candidates` less any image whose content is one `trainee` trained on (a duplicate file too), said once."""
     kept = [i for i in candidates if data.fingerprints[i] not in trained_fingerprints]
     if len(kept) < len(candidates):
-        print(f'{len(candidates) - len(kept)} of the {len(candidates)} {what} are images the decoder trained on '
+        print(f'{len(candidates) - len(kept)} of the {len(candidates)} {what} are images {trainee} trained on '
               f'(the same content): left out of the score')
     return torch.tensor(kept, dtype=torch.long)
+
+
+def without_defence_training(data, candidates, cfg, what):
+    """`candidates` (indices) less the images a defended victim (--weights) was fine-tuned on: a defence is never
+    scored on the images it trained on, by the attack or by its cost to the victim."""
+    defended = set(defence_training_images(cfg['weights']).values())
+    return without_training_content(data, candidates.tolist(), defended, what, 'the defence') if defended else candidates
 
 
 def load_splits(cfg, record=None):
@@ -352,6 +367,7 @@ def load_splits(cfg, record=None):
     if record is not None:
         return recorded_splits(data, record)
     if data.source == BUILTIN_SOURCE:
+        data.val_idx = without_defence_training(data, data.val_idx, cfg, 'validation images')
         return data
     if data.partition is not None:
         train_idx, val_idx = partition_indices(data, cfg['batch_size'], cfg['num_batches'], cfg['seed'])
@@ -360,8 +376,9 @@ def load_splits(cfg, record=None):
         train_idx, val_idx = split_indices(len(data.images), cfg['batch_size'], cfg['num_batches'], cfg['seed'])
         how = 'a seeded 10:1 split'
     data.train_idx = train_idx
-    data.val_idx = without_training_content(data, val_idx.tolist(), {data.fingerprints[i] for i in train_idx.tolist()},
-                                            'validation images')
+    val_idx = without_training_content(data, val_idx.tolist(), {data.fingerprints[i] for i in train_idx.tolist()},
+                                       'validation images')
+    data.val_idx = without_defence_training(data, val_idx, cfg, 'validation images')
     data.description = (f'{cfg["data_dir"]} ({len(data.train_idx)} train, {len(data.val_idx)} validation of '
                         f'{len(data.images)} images, {how})')
     return data
@@ -411,7 +428,8 @@ def held_out_images(cfg, trained_cfg, record, split='val'):
         what = 'images held out at training'
     else:
         candidates, what = list(range(len(data.names))), 'images'
-    scored = without_training_content(data, candidates, trained, what)
+    scored = without_defence_training(data, without_training_content(data, candidates, trained, what), trained_cfg,
+                                      what)
     if not len(scored):
         raise UsageError(f'{where}: no image left that the decoder did not train on; evaluate on other images')
     return data.scored(scored, f'{len(scored)} {what} of {where}')

@@ -3,7 +3,9 @@ its flags, their checks, the settings that switch it on, what it does and its na
 evaluate and visualize ask it. Fixed defences are arithmetic on the sent tensor. Trained ones fine-tune the device's
 half of the victim (--defend, run by train.train_defence) into a defended victim that --weights loads and the
 normal attack then attacks from scratch; they are charged against the original victim's predictions."""
+import hashlib
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +15,7 @@ from models import (DecoderSpec, SplitAttack, Sparsify, SplitVictim, bottleneck,
 from utils import UsageError, setting
 
 DEFENDED_FILE, DEFENCE_RECORD = 'defended_victim.pth', 'defence.json'
+REFERENCE_PRETRAINED = 'pretrained'  # --reference: torchvision's ImageNet weights
 TRAINING_KEYS = ('defend_epochs', 'defend_lr', 'defend_server')  # defence training's own flags
 
 
@@ -252,6 +255,10 @@ def add_arguments(parser):
                               'its flag below')
     for defence in DEFENCES.values():
         defence.add_arguments(trained if defence.trained else fixed)
+    trained.add_argument('--reference', metavar='pretrained|FILE',
+                         help='testing a defended victim of your own (--weights): the original victim it was made '
+                              'from, which its utility is charged against (pretrained: torchvision\'s ImageNet '
+                              'weights; or a state-dict file)')
     trained.add_argument('--defend_epochs', type=int, default=10, help='epochs of defence training')
     trained.add_argument('--defend_lr', type=float, default=1e-4, help='Adam learning rate of defence training')
     setting(trained, '--defend_server', "fine-tune the server's half too (a real deployment retrains both)")
@@ -271,6 +278,9 @@ def check_flags(cfg):
     """Each defence's flags, checked by the defence itself, then defence training's."""
     for defence in DEFENCES.values():
         defence.check_flags(cfg)
+    if cfg.get('reference') and not cfg['weights']:
+        raise UsageError('--reference names the original victim that a defended --weights file is charged against: '
+                         'give --weights too')
     if cfg['defend_epochs'] < 1:
         raise UsageError(f'argument --defend_epochs: must be at least 1, got {cfg["defend_epochs"]}')
     if cfg['defend_lr'] <= 0:
@@ -334,6 +344,8 @@ def build_attack(cfg, device, calibration_images=None):
     if expected is not None and not math.isclose(victim.fingerprint(), expected, rel_tol=1e-6):
         raise UsageError('the victim rebuilt from the checkpoint\'s settings (arch, --use_pretrained/--weights, seed) '
                          'is not the one this decoder was trained against; pass the same victim weights')
+    if victim.defended is not None:
+        cfg.update(recorded_defence(victim.defended))
     torch.manual_seed(cfg['seed'])
     shape = feature_shape(victim, cfg['image_size'])
     decoder = build_decoder(shape, cfg['image_size'], DecoderSpec.from_config(cfg))
@@ -342,11 +354,34 @@ def build_attack(cfg, device, calibration_images=None):
     for defence, _ in active(cfg):
         defence.apply(attack, cfg, calibration_images)
     if victim.defended is not None:
+        if cfg.get('reference'):
+            raise UsageError(f'--reference: --weights {cfg["weights"]} is a defended victim written by --defend, which '
+                             'names the original victim it is charged against itself; drop --reference')
         reference = victim.defended['reference']
-        attack.reference = build_victim(cfg['arch'], cfg['split'], reference['pretrained'], reference['weights'],
-                                        reference['seed']).to(device)
+        attack.charge_against(build_victim(cfg['arch'], cfg['split'], reference['pretrained'], reference['weights'],
+                                           reference['seed']))
         cfg['victim_defence'] = victim.defended['label']
+    elif cfg.get('reference'):
+        attack.charge_against(reference_victim(cfg))
+        cfg['victim_defence'] = (f'your defence: --weights {os.path.basename(cfg["weights"])}, charged against '
+                                 f'--reference {cfg["reference"]}')
     return attack
+
+
+def reference_victim(cfg):
+    """--reference: the original victim a defence of your own (--weights) is charged against: torchvision's
+    ImageNet weights ('pretrained') or a state-dict file."""
+    pretrained = cfg['reference'] == REFERENCE_PRETRAINED
+    return build_victim(cfg['arch'], cfg['split'], pretrained, None if pretrained else cfg['reference'], cfg['seed'],
+                        flag='--reference')
+
+
+def recorded_defence(record):
+    """The settings a defended victim's file was trained with, in the configuration of every run that attacks it
+    (so tables show what acted, not this command's defaults); defence training's own flags are None where the
+    file predates recording them."""
+    return {**DEFENCES[record['kind']].settings(record['strength']),
+            **(record.get('training') or dict.fromkeys(TRAINING_KEYS))}
 
 
 def double_centred(distances):
@@ -377,14 +412,21 @@ def initialise_by_pca(squeeze, expand, features):
     expand.bias.copy_(mean)
 
 
+def simulated_attacker_seed(seed):
+    """The adversarial defence's own attacker starts from this seed, never `seed` itself, from which the fresh
+    attacker that later measures the defence starts: the two must not share their initial weights."""
+    return int.from_bytes(hashlib.blake2b(f'simulated attacker {seed}'.encode(), digest_size=7).digest(), 'big')
+
+
 class SimulatedAttacker:
     """The decoder the adversarial defence trains against (the original work's, light, for speed): one attacker
     step on the detached tensor, then the device's term, minus the weighted reconstruction error of the updated
     attacker."""
 
     def __init__(self, cfg, shape, device, weight):
-        torch.manual_seed(cfg['seed'])
-        self.decoder = build_decoder(shape, cfg['image_size'], DecoderSpec(depth='light')).to(device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(simulated_attacker_seed(cfg['seed']))
+            self.decoder = build_decoder(shape, cfg['image_size'], DecoderSpec(depth='light')).to(device)
         self.optimizer = torch.optim.Adam(self.decoder.parameters(), lr=1e-3)
         self.weight = weight
 
@@ -394,11 +436,3 @@ class SimulatedAttacker:
         loss.backward()
         self.optimizer.step()
         return -self.weight * F.mse_loss(self.decoder(sent), images)
-
-    @torch.no_grad()
-    def reconstruct(self, sent):
-        """Its reconstruction in eval mode (not a privacy measure: the defence was trained against it)."""
-        self.decoder.eval()
-        recon = self.decoder(sent)
-        self.decoder.train()
-        return recon

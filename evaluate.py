@@ -1,4 +1,6 @@
 """Honest image-quality metrics on [0, 1] images, and the evaluation of a trained attack."""
+import functools
+import hashlib
 import math
 import os
 import warnings
@@ -12,9 +14,9 @@ from pytorch_msssim import ms_ssim, ssim
 from pytorch_msssim.ssim import _fspecial_gauss_1d, _ssim
 
 from data import held_out_images
-from defences import build_attack
-from models import attacker_label, invert_features, test_noise
-from utils import UsageError, progress, save_csv, save_json
+from defences import active, build_attack
+from models import attacker_label, invert_features, random_victim, test_noise
+from utils import UsageError, progress, save_csv, save_json, to_unit
 
 MSSSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. 2003, as in pytorch-msssim
 WIN_SIZE = 11
@@ -57,14 +59,35 @@ def ms_ssim_per_image(x, y, scales=None):
     return torch.prod(torch.stack(factors) ** weights.view(-1, 1, 1), dim=0).mean(1)
 
 
+@functools.lru_cache(maxsize=4)
+def sha256_of_file(path, size, mtime_ns):
+    """The file's sha256 (hex), computed once per version of the file (`size`, `mtime_ns`) in a process."""
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def is_torchvision_file(path):
+    """Whether the file's sha256 begins with the hash its torchvision file name carries (torch.hub's rule)."""
+    stat = os.stat(path)
+    return sha256_of_file(path, stat.st_size, stat.st_mtime_ns).startswith(
+        torch.hub.HASH_REGEX.search(os.path.basename(path)).group(1))
+
+
 def load_lpips(device):
     """LPIPS (Zhang et al. 2018; the `lpips` package's linear layers on torchvision's ImageNet AlexNet), or None
-    with one line saying which file is missing: its backbone comes from the torch hub cache, like
-    --use_pretrained, and is never downloaded or left random."""
+    with one line saying which file is missing or not torchvision's: its backbone comes from the torch hub cache,
+    like --use_pretrained, and is never downloaded, left random or taken from another file of that name."""
     path = os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(LPIPS_BACKBONE.url))
     if not os.path.isfile(path):
         print(f'LPIPS skipped: its AlexNet weights are not in the torch hub cache ({path} is missing; put '
               f'torchvision\'s file there, or set TORCH_HOME, to score it)')
+        return None
+    if not is_torchvision_file(path):
+        print(f'LPIPS skipped: {path} is not torchvision\'s AlexNet file (its sha256 does not begin with the hash '
+              f'in its name); replace it with torchvision\'s file to score LPIPS')
         return None
     with warnings.catch_warnings():  # lpips builds its AlexNet with torchvision's deprecated `pretrained=False`
         warnings.simplefilter('ignore', UserWarning)
@@ -120,6 +143,7 @@ class AttackPlan(NamedTuple):
 
 ATTACK_KEYS = ('attack', 'attack_steps', 'attack_lr', 'tv_weight')  # the flags of AttackPlan's fields, in order
 WHITE_BOX_ALONE = "white-box rMLE with the victim's weights, no decoder"  # the attacker of --attack optimize
+WHITE_BOX_REFINEMENT = "white-box rMLE refinement (the victim's weights) of a"  # --attack decoder+optimize: + the decoder
 
 
 def attack_plan(cfg):
@@ -127,14 +151,36 @@ def attack_plan(cfg):
 
 
 def attacker_name(cfg, kind):
-    """The attacker named in every output: the white-box optimisation alone, or the decoder (and its knowledge)
-    that the other attacks start from."""
-    return WHITE_BOX_ALONE if kind == 'optimize' else attacker_label(cfg)
+    """The attacker of attack `kind`, as every output names it: the white-box optimisation alone, the decoder (and
+    what it knows), or the white-box refinement of that decoder's output (white-box, whatever the decoder knew)."""
+    if kind == 'optimize':
+        return WHITE_BOX_ALONE
+    return attacker_label(cfg) if kind == 'decoder' else f'{WHITE_BOX_REFINEMENT} {attacker_label(cfg)}'
+
+
+
+def swept_attacker(cfg):
+    """The attacker of a sweep's every value, as its table and figures name it ('' where the decoder is swept)."""
+    if cfg['sweep'] == 'decoder':
+        return ''
+    if cfg['sweep'] == 'attack':
+        return f'every attack from one {attacker_label(cfg)}'
+    return attacker_name(cfg, cfg['attack'])
 
 
 def attack_slug(kind):
     """The attack's name in file names: '' for the decoder (eval.json), '_optimize', '_decoder_optimize'."""
     return '' if kind == 'decoder' else '_' + kind.replace('+', '_')
+
+
+def received(attack, target, positions, noise=None):
+    """(encoded, sent) for the [0, 1] images `target` at `positions` among the images scored: what the device's half
+    computed, and what it sent after its defences. Each image's random draws (test noise, dropout masks) come from
+    a generator seeded by its position, so the evaluation, every figure and every sample grid of the same images see
+    exactly the same tensor, whatever the batch."""
+    generators = [attack.noise_generator(int(p)) for p in positions]
+    encoded = attack.encode(target, noise, generators)
+    return encoded, attack.defend(encoded, noise, generators)
 
 
 @torch.no_grad()
@@ -151,20 +197,23 @@ def recover(attack, sent, plan, shape):
 
 @torch.no_grad()
 def evaluate(attack, images, indices, batch_size, noise=None, desc='evaluating', utility=False, plan=AttackPlan(),
-             perceptual=None):
-    """Per-image metrics (CPU tensors) of the attack's reconstructions of images[indices]; with `utility`, also
-    the victim's agreement between what the device sends and the undefended tensor; LPIPS with `perceptual`."""
-    attack.decoder.eval()
-    generator = attack.noise_generator(seed=0)  # the same test noise every evaluation
+             perceptual=None, first=0, measures=None):
+    """Per-image metrics (CPU tensors) of the attack's reconstructions of images[indices] (none with plan None);
+    with `utility`, also the victim's agreement between what the device sends and the undefended tensor; LPIPS
+    with `perceptual`; `measures(images, sent)`: more per-image figures. `first`: the position of
+    images[indices[0]] among the images scored (a slice of them under torchrun)."""
+    if attack.decoder is not None:
+        attack.decoder.eval()
     results = {}
     for start in progress(range(0, len(indices), batch_size), desc=desc):
         target = attack.to_images(images[indices[start:start + batch_size]])
-        encoded = attack.encode(target, noise, generator)
-        sent = attack.defend(encoded, noise, generator)
-        measured = score(recover(attack, sent, plan, target.shape), target, perceptual)
+        encoded, sent = received(attack, target, range(first + start, first + start + len(target)), noise)
+        measured = {} if plan is None else score(recover(attack, sent, plan, target.shape), target, perceptual)
         if utility:  # against the undefended tensor: what was encoded, unless the input itself was noised
             undefended = attack.encode(target) if noise is not None and noise.at == 'input' else encoded
             measured.update(victim_agreement(attack.undefended_logits(target, undefended), attack.classify(sent)))
+        if measures is not None:
+            measured.update(measures(target, sent))
         for name, values in measured.items():
             results.setdefault(name, []).append(values.cpu())
     return {m: torch.cat(v) for m, v in results.items()}
@@ -185,31 +234,47 @@ def format_utility(summary):
             f'{summary["top5_agreement"]["mean"]:.3f}  KL {summary["kl"]["mean"]:.4f} nats')
 
 
+def utility_charged(cfg):
+    """False where the victim's agreement would compare a --weights victim with itself: no defence acts on its
+    tensor and no original victim is named (--reference), so 1.000 would say nothing about a defended file."""
+    return not (cfg['weights'] and not cfg.get('victim_defence') and test_noise(cfg) is None and not active(cfg))
+
+
 def utility_note(cfg):
     if cfg.get('victim_defence'):
         return ('victim utility: agreement of the defended victim\'s predictions with the original victim\'s '
                 '(before defence training) on the same images (no labels needed)')
-    if cfg['pretrained'] or cfg['weights']:
+    if not utility_charged(cfg):
+        return (f'victim utility: not measured: --weights {cfg["weights"]} with no defence on its tensor would be '
+                'compared with itself; if the file is a defended victim, name the victim it was made from with '
+                '--reference pretrained or --reference FILE')
+    if not random_victim(cfg):
         return 'victim utility: agreement of its predictions with vs without the defence (no labels needed)'
     return 'victim utility: the victim is random-initialised, so its agreement figures are not meaningful'
 
 
 def result_columns(result):
-    """An eval{_attack}.json's figures as a table row: each metric's mean, the PSNR's std, the images scored."""
+    """An eval{_attack}.json's figures as a table row: how long its decoder trained (None where the evaluation
+    predates that record), each metric's mean, the PSNR's std, the images scored."""
     means = {name: stats['mean'] for name, stats in result['metrics'].items()}
-    return {'psnr': means['psnr'], 'psnr_std': result['metrics']['psnr']['std'], 'ssim': means['ssim'],
+    training = result.get('training', {})
+    return {'epochs': training.get('epochs'), 'train_minutes': training.get('minutes'),
+            'psnr': means['psnr'], 'psnr_std': result['metrics']['psnr']['std'], 'ssim': means['ssim'],
             'ms_ssim': means['ms_ssim'], 'lpips': means.get(PERCEPTUAL), 'mse': means['mse'],
-            **{name: means[name] for name in UTILITY}, 'n_images': result['n_images']}
+            **{name: means.get(name) for name in UTILITY}, 'n_images': result['n_images']}
 
 
-RESULT_HEADER = 'PSNR (dB) | SSIM | MS-SSIM | LPIPS | top-1 agreement | top-5 agreement | KL (nats)'
+RESULT_HEADER = ('epochs | training (min) | PSNR (dB) | SSIM | MS-SSIM | LPIPS | top-1 agreement | top-5 agreement | '
+                 'KL (nats)')
+RESULT_FORMATS = {'epochs': '{}', 'train_minutes': '{:.1f}', 'ssim': '{:.3f}', 'ms_ssim': '{:.3f}', 'lpips': '{:.3f}',
+                  'top1_agreement': '{:.3f}', 'top5_agreement': '{:.3f}', 'kl': '{:.4f}'}
 
 
 def result_cells(row):
-    """The Markdown cells of RESULT_HEADER for a row of `result_columns`."""
-    lpips_value = '—' if row['lpips'] is None else f'{row["lpips"]:.3f}'
-    return (f'{row["psnr"]:.2f} ± {row["psnr_std"]:.2f} | {row["ssim"]:.3f} | {row["ms_ssim"]:.3f} | {lpips_value} | '
-            f'{row["top1_agreement"]:.3f} | {row["top5_agreement"]:.3f} | {row["kl"]:.4f}')
+    """The Markdown cells of RESULT_HEADER for a row of `result_columns` ('—' for what was not measured)."""
+    cells = {k: '—' if row[k] is None else form.format(row[k]) for k, form in RESULT_FORMATS.items()}
+    return ' | '.join([cells['epochs'], cells['train_minutes'], f'{row["psnr"]:.2f} ± {row["psnr_std"]:.2f}',
+                       *(cells[k] for k in ('ssim', 'ms_ssim', 'lpips', *UTILITY))])
 
 
 def write_evaluation(per_image, names, extra, save_dir, prefix='eval'):
@@ -226,10 +291,10 @@ def mean_image_baseline(splits, batch_size=256):
     mean = torch.zeros(splits.images.shape[1:], dtype=torch.float64)
     for start in range(0, len(splits.train_idx), batch_size):
         mean += splits.images[splits.train_idx[start:start + batch_size]].double().sum(0)
-    mean = (mean / len(splits.train_idx) / 255).float()
+    mean = to_unit(mean / len(splits.train_idx))
     results = {m: [] for m in METRICS}
     for start in range(0, len(splits.val_idx), batch_size):
-        target = splits.images[splits.val_idx[start:start + batch_size]].float() / 255
+        target = to_unit(splits.images[splits.val_idx[start:start + batch_size]])
         for name, values in score(mean.expand_as(target), target).items():
             results[name].append(values)
     return {m: torch.cat(v) for m, v in results.items()}
@@ -250,16 +315,25 @@ def load_trained_attack(cfg, state, device):
     return attack
 
 
-def evaluate_and_report(attack, scored, cfg, extra=None, plan=AttackPlan()):
+def training_record(history):
+    """How long the decoder an evaluation used was trained (epochs, minutes), from its history up to the epoch it
+    was saved at: recorded in the eval json, the one place tables read it from."""
+    return {'epochs': len(history), 'minutes': sum(h['seconds'] for h in history) / 60}
+
+
+def evaluate_and_report(attack, scored, cfg, extra=None, plan=AttackPlan(), history=()):
     """The full evaluation (quality and victim utility) of the Scored images, printed and written as
-    eval{_attack}.json and eval{_attack}_per_image.csv."""
-    per_image = evaluate(attack, scored.images, scored.indices, cfg['batch_size'], test_noise(cfg), utility=True,
-                         plan=plan, perceptual=load_lpips(attack.device))
+    eval{_attack}.json and eval{_attack}_per_image.csv; `history`: the training history of the decoder used."""
+    per_image = evaluate(attack, scored.images, scored.indices, cfg['batch_size'], test_noise(cfg),
+                         utility=utility_charged(cfg), plan=plan, perceptual=load_lpips(attack.device))
     attacker = attacker_name(cfg, plan.kind)
-    settings = {**(extra or {}), 'attack': plan._asdict(), 'attacker': attacker, 'data': scored.description,
+    settings = {**(extra or {}), 'attack': plan._asdict(), 'attacker': attacker,
+                'training': training_record(history if plan.kind != 'optimize' else ()), 'data': scored.description,
                 'held_out': scored.fingerprint, 'msssim': msssim_note(cfg['image_size']),
                 'utility': utility_note(cfg), 'config': cfg}
     summary = write_evaluation(per_image, scored.names, settings, cfg['save_dir'], 'eval' + attack_slug(plan.kind))
     print(f'{plan.kind} attack ({attacker}) on {len(scored.names)} images: {format_summary(summary)}')
-    print(f'{format_utility(summary)}\n{utility_note(cfg)}\n{msssim_note(cfg["image_size"])}')
+    if utility_charged(cfg):
+        print(format_utility(summary))
+    print(f'{utility_note(cfg)}\n{msssim_note(cfg["image_size"])}')
     return per_image, summary

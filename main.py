@@ -13,21 +13,21 @@ import defences
 from data import load_splits
 from evaluate import ATTACKS, AttackPlan, attack_plan, evaluate_and_report, evaluation_images, load_trained_attack
 from models import (ARCHS, DECODER_DEPTHS, DECODERS, DEFAULT_SPLIT, INTERPOLATIONS, NORMS, RESIDUAL_DEPTHS, SPLITS,
-                    DecoderSpec, check_cut)
+                    DecoderSpec, check_cut, random_victim, victim_label)
 from report import write_report
 from sweep import SWEEPS, run_sweep
 from train import LOSSES, train, train_defence
-from utils import (RUN_KEYS, RunError, UsageError, fresh_run_dir, init_distributed, is_main_process, load_checkpoint,
-                   make_deterministic, pick_device, rank_and_world, same_on_all_processes, setting)
+from utils import (COMMAND_KEYS, RUN_KEYS, RunError, UsageError, fresh_run_dir, init_distributed, is_main_process,
+                   load_checkpoint, make_deterministic, pick_device, rank_and_world, same_on_all_processes, setting)
 from visualize import draw_all, plot_samples, run_visualize, samples
 
 # Flags that define the attack's model: they must agree with a checkpoint that is being loaded.
 MODEL_KEYS = ('arch', 'split', 'pretrained', 'decoder', 'interpolation', 'decoder_depth', 'decoder_width',
               'decoder_blocks', 'decoder_norm', 'image_size') + defences.FIXED_KEYS
 MODES = ('train', 'resume', 'eval_pth', 'eval_ckpt', 'visualize', 'sweep', 'defend', 'report')
-# Taken from this command, never from the checkpoint (the rest of RUN_KEYS only when given).
-CURRENT_KEYS = {'mode', 'model_path', 'device', 'save_dir', 'overwrite', 'num_samples', 'num_workers', 'cache_dir',
-                'eval_split'}
+EVALUATIONS = ('eval_pth', 'eval_ckpt')
+# Modes that write a new record: into a fresh folder beside a --save_dir that holds one (unless --overwrite).
+NEW_RECORDS = ('train', 'attack', 'defend', 'report') + EVALUATIONS
 # Flags that act only when another flag has a value: (flag, value) -> they.
 DEPENDENT_FLAGS = {('scheduler', 'cosine'): ('warmup_epochs',), ('scheduler', 'step'): ('step_size', 'gamma'),
                    ('aug', True): ('noise_mean', 'noise_var'), ('test_noise', True): ('test_noise_mean', 'test_noise_var'),
@@ -35,6 +35,7 @@ DEPENDENT_FLAGS = {('scheduler', 'cosine'): ('warmup_epochs',), ('scheduler', 's
 BUILTIN_IMAGE_SIZE, USER_IMAGE_SIZE = 64, 320
 PRESETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'presets')
 PRESET_SUFFIX = '.args'
+RENAMED_PRESETS = {'strongest': 'adamw_cosine'}  # old name -> new: the old one still works, with a notice
 
 
 class Parser(argparse.ArgumentParser):
@@ -58,6 +59,9 @@ def resolve_presets(argv):
 def preset_path(arg):
     name = arg[1:]
     stem = os.path.basename(name).removesuffix(PRESET_SUFFIX)
+    if stem in RENAMED_PRESETS and not os.path.isfile(name):
+        print(f'note: @{stem} is now @{RENAMED_PRESETS[stem]} (the same flags)', file=sys.stderr)
+        stem = RENAMED_PRESETS[stem]
     for path in (name, os.path.join(PRESETS_DIR, stem + PRESET_SUFFIX)):
         if os.path.isfile(path):
             return '@' + path
@@ -278,16 +282,26 @@ def resolve_config(parser, args, argv):
                        'drop the flag or pick another --model_path')
                 raise UsageError(f'--{key} {cfg[key]} contradicts the checkpoint {cfg["model_path"]}, trained with '
                                  f'{key}={saved[key]}; {fix}')
-        applied = CURRENT_KEYS | (RUN_KEYS & given) | ({'num_epochs'} & given if resuming else given)
+        applied = COMMAND_KEYS | (RUN_KEYS & given) | ({'num_epochs'} & given if resuming else given)
         cfg = {**saved, **{k: cfg[k] for k in applied}}
         if 'save_dir' not in given:
-            cfg['save_dir'] = os.path.dirname(os.path.abspath(cfg['model_path']))
+            cfg['save_dir'] = default_save_dir(cfg)
     else:
         cfg['split'] = cfg['split'] or DEFAULT_SPLIT[cfg['arch']]
         cfg['image_size'] = cfg['image_size'] or (USER_IMAGE_SIZE if cfg['data_dir'] else BUILTIN_IMAGE_SIZE)
         cfg.update(DecoderSpec.from_config(cfg).settings())
     check_flags(parser, cfg)
     return cfg, state
+
+
+def default_save_dir(cfg):
+    """Beside the file: resuming and drawing write into its run's folder; an evaluation into a folder of its own
+    (eval_ckpt_5, eval_model_test, ...), so that it never replaces the record of another evaluation."""
+    folder = os.path.dirname(os.path.abspath(cfg['model_path']))
+    if cfg['mode'] not in EVALUATIONS:
+        return folder
+    stem = os.path.splitext(os.path.basename(cfg['model_path']))[0]
+    return os.path.join(folder, f'eval_{stem}' + ('_test' if cfg['eval_split'] == 'test' else ''))
 
 
 def idle_flags(cfg):
@@ -322,7 +336,7 @@ def run(argv):
                              f'the {world} processes')
         if not is_main_process():
             sys.stdout = open(os.devnull, 'w')  # rank 0 speaks for all
-    if cfg['mode'] in ('train', 'attack', 'defend', 'report') and not cfg['overwrite']:
+    if cfg['mode'] in NEW_RECORDS and not cfg['overwrite']:
         chosen = same_on_all_processes(fresh_run_dir(cfg['save_dir']))
         if chosen != cfg['save_dir']:
             print(f'{cfg["save_dir"]} already holds a run: writing to {chosen} (--overwrite to reuse it)')
@@ -336,8 +350,8 @@ def run(argv):
         for preset in named:
             print(f'note: {preset} describes a published setting on its own data; the built-in photos stand in for '
                   f'it here, so this is a smoke run, not that setting\'s figures')
-    if not cfg['pretrained'] and not cfg['weights']:
-        print(f'victim: {cfg["arch"]} random-initialised from --seed {cfg["seed"]} (--use_pretrained for ImageNet weights)')
+    if random_victim(cfg):
+        print(f'victim: {cfg["arch"]} {victim_label(cfg)} (--use_pretrained for ImageNet weights)')
     try:
         dispatch(cfg, state, device)
     except torch.cuda.OutOfMemoryError:
@@ -353,10 +367,10 @@ def dispatch(cfg, state, device):
         if not is_main_process():
             return
         validation = splits.validation()
-        per_image, _ = evaluate_and_report(attack, validation, cfg, {'epoch': cfg['num_epochs']})
+        per_image, _ = evaluate_and_report(attack, validation, cfg, {'epoch': cfg['num_epochs']}, history=history)
         draw_all(attack, validation, cfg, history, cfg['save_dir'], per_image['psnr'])
         if cfg['attack'] != 'decoder':
-            run_attack(attack, validation, cfg)
+            run_attack(attack, validation, cfg, history=history)
     elif cfg['mode'] == 'attack':
         splits = load_splits(cfg)
         attack = defences.build_attack(cfg, device, splits.calibration_images(cfg['batch_size']))
@@ -365,21 +379,21 @@ def dispatch(cfg, state, device):
         run_sweep(cfg, device)
     elif cfg['mode'] == 'defend':
         train_defence(cfg, device)
-    elif cfg['mode'] in ('eval_pth', 'eval_ckpt'):
+    elif cfg['mode'] in EVALUATIONS:
         scored = evaluation_images(cfg, state)
         print(f'evaluating {cfg["model_path"]} (epoch {state["epoch"]}) on {scored.description}')
         run_attack(load_trained_attack(cfg, state, device), scored, cfg,
-                   {'model_path': os.path.abspath(cfg['model_path']), 'epoch': state['epoch']})
+                   {'model_path': os.path.abspath(cfg['model_path']), 'epoch': state['epoch']}, state['history'])
     else:
         run_visualize(cfg, state, device)
 
 
-def run_attack(attack, scored, cfg, extra=None):
+def run_attack(attack, scored, cfg, extra=None, history=()):
     """Evaluate the --attack chosen on the Scored images (eval{_attack}.json, per-image CSV) and draw its sample
-    grid."""
+    grid; `history`: the training history of the decoder it uses."""
     plan = attack_plan(cfg)
-    evaluate_and_report(attack, scored, cfg, extra, plan)
-    plot_samples(attack, *samples(scored, cfg['num_samples']), cfg, cfg['save_dir'], plan)
+    evaluate_and_report(attack, scored, cfg, extra, plan, history)
+    plot_samples(attack, samples(scored, cfg['num_samples']), cfg, cfg['save_dir'], plan)
 
 
 def main(argv=None):

@@ -10,7 +10,7 @@ import torch
 import torchvision
 from torch import nn
 
-from utils import UsageError, progress
+from utils import UsageError, progress, to_unit
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -72,6 +72,18 @@ class SplitVictim(nn.Module):
                          if p.is_floating_point()))
 
 
+def random_victim(cfg):
+    """A victim random-initialised from --seed: its predictions mean nothing, so neither does its agreement."""
+    return not cfg['pretrained'] and not cfg['weights']
+
+
+def victim_label(cfg):
+    """The victim's weights, as every table, figure and log names them."""
+    if cfg['pretrained']:
+        return 'ImageNet weights'
+    return f'weights {os.path.basename(cfg["weights"])}' if cfg['weights'] else f'random-initialised, seed {cfg["seed"]}'
+
+
 def load_torchvision(arch, pretrained):
     if not pretrained:
         return torchvision.models.get_model(arch, weights=None)
@@ -88,25 +100,32 @@ def load_torchvision(arch, pretrained):
 DEFENDED_FORMAT = 'recon-attack/defended-victim/1'
 
 
-def read_victim_weights(path):
-    """A state dict file for the victim, or a defended victim's file (DEFENDED_FORMAT): (state dict, record or None)."""
+def read_victim_weights(path, flag='--weights'):
+    """A state dict file for the victim, or a defended victim's file (DEFENDED_FORMAT): (state dict, record or None).
+    `flag`: the flag that named the file, for the one-line error."""
     try:
         state = torch.load(path, map_location='cpu', weights_only=True)
     except FileNotFoundError:
-        raise UsageError(f'--weights {path}: no such file') from None
+        raise UsageError(f'{flag} {path}: no such file') from None
     except Exception as e:
-        raise UsageError(f'--weights {path}: not a loadable state dict ({type(e).__name__})') from None
+        raise UsageError(f'{flag} {path}: not a loadable state dict ({type(e).__name__})') from None
     if isinstance(state, dict) and state.get('format') == DEFENDED_FORMAT:
         return state['state_dict'], state
     return (state.get('state_dict', state) if isinstance(state, dict) else state), None
 
 
-def load_victim_weights(net, path, state):
+def defence_training_images(weights_path):
+    """{name: content fingerprint} of the images a defended victim's file was fine-tuned on ({} for any other
+    victim): never scored as held out against it."""
+    record = read_victim_weights(weights_path)[1] if weights_path else None
+    return (record or {}).get('data', {}).get('train', {})
+
+
+def load_victim_weights(net, path, state, flag='--weights'):
     try:
         net.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as e:
-        raise UsageError(f'--weights {path} does not fit {type(net).__name__}: '
-                         f'{str(e).splitlines()[0]}') from None
+        raise UsageError(f'{flag} {path} does not fit {type(net).__name__}: {str(e).splitlines()[0]}') from None
 
 
 def bottleneck(channels, narrow):
@@ -142,21 +161,21 @@ def cut(net, arch, split):
     return nn.Sequential(*encoder), nn.Sequential(*rest, nn.AdaptiveAvgPool2d(1), nn.Flatten(1), net.classifier)
 
 
-def load_network(arch, pretrained=False, weights_path=None, seed=0):
-    """The whole torchvision classifier: torchvision's weights (or random ones from `seed`), or a --weights file;
-    and the file's record where it is a defended victim (else None)."""
-    state, record = read_victim_weights(weights_path) if weights_path else (None, None)
+def load_network(arch, pretrained=False, weights_path=None, seed=0, flag='--weights'):
+    """The whole torchvision classifier: torchvision's weights (or random ones from `seed`), or a file named by
+    `flag`; and the file's record where it is a defended victim (else None)."""
+    state, record = read_victim_weights(weights_path, flag) if weights_path else (None, None)
     with torch.random.fork_rng(devices=[]):  # a random-initialised victim is a pure function of the seed
         torch.manual_seed(seed)
         net = load_torchvision(arch, pretrained and state is None)
     if state is not None:
-        load_victim_weights(net, weights_path, state)
+        load_victim_weights(net, weights_path, state, flag)
     return net, record
 
 
-def build_victim(arch, split, pretrained=False, weights_path=None, seed=0):
+def build_victim(arch, split, pretrained=False, weights_path=None, seed=0, flag='--weights'):
     """The victim cut at `split` (a defended victim's file with its bottleneck, if it has one)."""
-    net, record = load_network(arch, pretrained, weights_path, seed)
+    net, record = load_network(arch, pretrained, weights_path, seed, flag)
     encoder, tail = cut(net, arch, split)
     if record is not None:
         check_defended(record, weights_path, arch, split)
@@ -359,12 +378,21 @@ class Sparsify(NamedTuple):
     amount: float
 
 
+def random_like(x, draw, generator):
+    """`draw` (torch.rand or torch.randn) of x's shape from one generator, or, given a list of generators (one per
+    image), each image's from its own: then an image's draws do not depend on the batch it is in."""
+    if isinstance(generator, list):
+        return torch.stack([draw(x.shape[1:], generator=g, device=x.device, dtype=x.dtype) for g in generator])
+    return draw(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
 def sparsify(features, defence, generator=None):
+    """`generator`: one, a list of one per image (see random_like), or None for a fixed seed."""
     if defence.kind == 'dropout':
         if defence.amount == 0:
             return features
         generator = generator or torch.Generator(device=features.device).manual_seed(0)
-        kept = torch.rand(features.shape, generator=generator, device=features.device) >= defence.amount
+        kept = random_like(features, torch.rand, generator) >= defence.amount
         return features * kept / (1 - defence.amount)
     flat = features.flatten(1)
     k = min(keep_count(defence.amount, flat.shape[1]), flat.shape[1])
@@ -373,8 +401,8 @@ def sparsify(features, defence, generator=None):
 
 
 def add_noise(x, noise, generator):
-    std = math.sqrt(noise.var)
-    return x + noise.mean + std * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    """`generator`: one, or a list of one per image (see random_like)."""
+    return x + noise.mean + math.sqrt(noise.var) * random_like(x, torch.randn, generator)
 
 
 def keep_count(keep_channels, channels):
@@ -419,12 +447,17 @@ class SplitAttack:
     def __init__(self, victim, decoder, device, bf16=False, compile=False):
         self.device, self.bf16 = device, bf16 and bf16_is_fast(device)
         self.victim = victim.to(device, memory_format=torch.channels_last)
-        self.decoder = decoder.to(device, memory_format=torch.channels_last)
+        self.decoder = decoder.to(device, memory_format=torch.channels_last) if decoder is not None else None
         self.run_victim = torch.compile(self.victim.encode) if compile else self.victim.encode
-        self.decoder_step = torch.compile(self.decoder) if compile else self.decoder
+        self.decoder_step = torch.compile(self.decoder) if compile and decoder is not None else self.decoder
         self.channel_mask = None  # (1, C, 1, 1) of 0 / 1 when the device sends a subset of the channels
         self.sparsify = None  # a Sparsify defence, or None
         self.reference = None  # for a defended victim: the original one, what its predictions are charged against
+
+    def charge_against(self, reference):
+        """A defended victim's utility is charged against `reference`, the original victim, run exactly as the
+        victim is (memory format, autocast), so that an unchanged victim costs nothing."""
+        self.reference = reference.to(self.device, memory_format=torch.channels_last)
 
     def using(self, decoder):
         """The same attack (victim, defences) with another decoder, e.g. the average of the trained weights."""
@@ -446,15 +479,20 @@ class SplitAttack:
         """uint8 batch (on the CPU) -> float [0, 1] on the device."""
         if self.device.type == 'cuda':
             uint8_images = uint8_images.pin_memory()
-        images = uint8_images.to(self.device, non_blocking=True).float().div_(255)
+        images = to_unit(uint8_images.to(self.device, non_blocking=True))
         return images.contiguous(memory_format=torch.channels_last)
 
     def encode(self, images, noise=None, generator=None):
         """The victim's intercepted tensor, with the device's input noise if any."""
+        if noise is not None and noise.at == 'input':
+            images = add_noise(images, noise, generator)
+        return self.run_encoder(self.run_victim, images)
+
+    def run_encoder(self, encode, images):
+        """A device half `encode` on [0, 1] images as the device runs it: inference mode, bf16 autocast where on,
+        fp32 out."""
         with torch.inference_mode(), self.autocast():
-            if noise is not None and noise.at == 'input':
-                images = add_noise(images, noise, generator)
-            features = self.run_victim(images).float()
+            features = encode(images).float()
         return features.clone()  # a normal tensor again, which autograd may save (the decoder's first layer does)
 
     def defend(self, features, noise=None, generator=None):
@@ -479,20 +517,19 @@ class SplitAttack:
         return self.decode(self.send(images, noise, generator))
 
     @torch.no_grad()
-    def classify(self, features):
-        """The victim's logits from a tensor that crossed the cut (the server's half of the inference), in fp32:
-        they are the victim's utility metrics, which bf16 rounding would blur."""
+    def classify(self, features, victim=None):
+        """The logits of `victim` (default: this attack's) from a tensor that crossed the cut (the server's half of
+        the inference), in fp32: they are the victim's utility metrics, which bf16 rounding would blur."""
         with torch.autocast(self.device.type, enabled=False):
-            return self.victim.classify(features.float())
+            return (self.victim if victim is None else victim).classify(features.float())
 
     @torch.no_grad()
     def undefended_logits(self, images, undefended):
         """What the victim would predict without any defence: from the `undefended` tensor, or, for a defended
-        victim, the original victim's prediction of the images themselves."""
+        victim, the original victim's prediction of the images, computed the same way as the defended one's."""
         if self.reference is None:
             return self.classify(undefended)
-        with torch.autocast(self.device.type, enabled=False):
-            return self.reference.classify(self.reference.encode(images.float()))
+        return self.classify(self.run_encoder(self.reference.encode, images), self.reference)
 
 
 def total_variation(images):

@@ -7,13 +7,12 @@ import string
 
 from defences import describe as describe_defences, family
 from evaluate import ATTACK_KEYS, ATTACKS, RESULT_HEADER, attack_slug, msssim_note, result_cells, result_columns
-from sweep import DERIVED_KEYS, tensor_columns
-from utils import RUN_KEYS, UsageError, atomic_write_bytes, read_json, save_csv
+from models import random_victim
+from sweep import tensor_columns
+from utils import NOT_SETTINGS, UsageError, atomic_write_bytes, read_json, save_csv
 from visualize import plot_privacy_utility
 
 EVALUATIONS = {f'eval{attack_slug(kind)}.json': kind for kind in ATTACKS}  # file -> the attack it scored
-# Not settings of what a run computes: how it ran and what it derived.
-HIDDEN_KEYS = RUN_KEYS | set(DERIVED_KEYS) | {'sweep_values'}
 # Named above the table when every run shares them.
 SUMMARY_KEYS = ('arch', 'split', 'pretrained', 'weights', 'data_dir', 'image_size', 'decoder', 'interpolation',
                 'decoder_depth', 'num_epochs', 'batch_size', 'seed')
@@ -48,15 +47,8 @@ def run_settings(result, kind, defaults, idle_flags):
     evaluation scored, and the defences named as every output names them."""
     config = {**defaults, **result['config']}
     idle = idle_flags(config) | (set(ATTACK_KEYS) if kind == 'decoder' else set())
-    return {**{k: None if k in idle else v for k, v in config.items() if k not in HIDDEN_KEYS}, 'attack': kind,
+    return {**{k: None if k in idle else v for k, v in config.items() if k not in NOT_SETTINGS}, 'attack': kind,
             'defence': '; '.join(describe_defences(config)) or 'none'}, config
-
-
-def training_columns(folder, kind):
-    """Epochs and minutes of the decoder trained in `folder` (none for the white-box attack alone)."""
-    metrics = read_json(os.path.join(folder, 'metrics.json')) if kind != 'optimize' else None
-    history = metrics['history'] if metrics else []
-    return {'epochs': len(history), 'train_minutes': sum(h['seconds'] for h in history) / 60}
 
 
 def setting_text(key, value):
@@ -98,10 +90,26 @@ def build_rows(evaluations, defaults, idle_flags):
     rows = []
     for i, ((folder, name), result, setting, config, images) in enumerate(
             zip(evaluations, results, settings, configs, held_out_sets(results)), start=1):
-        rows.append({'#': i, 'run': os.path.relpath(folder), **{k: setting_text(k, setting.get(k)) for k in columns},
-                     'family': family(config), **tensor_columns(config), **training_columns(folder, EVALUATIONS[name]),
-                     **result_columns(result), 'held_out_set': images})
+        rows.append({'#': i, 'run': folder, **{k: setting_text(k, setting.get(k)) for k in columns},
+                     'family': family(config), **tensor_columns(config), **result_columns(result),
+                     'held_out_set': images})
     return rows, columns, settings, configs
+
+
+def comparable_sets(sets):
+    """The one held-out set every row was scored on, or None where rows were scored on different images or where
+    any row does not record its images ('?')."""
+    return sets[0] if len(sets) == 1 and sets[0] != '?' else None
+
+
+def held_out_warning(rows, sets):
+    unknown = (" ('?': written before evaluations recorded their images' fingerprint, so no one can tell which "
+               "images they scored; evaluate them again to place them)") if '?' in sets else ''
+    if sets == ['?']:
+        return f'WARNING: no row records which held-out images it was scored on{unknown}; do not compare them'
+    return ('WARNING: these rows were not scored on the same held-out images (' + '; '.join(
+        f'set {s}: rows {", ".join(str(r["#"]) for r in rows if r["held_out_set"] == s)}' for s in sets)
+        + f'); compare rows only within a set{unknown}')
 
 
 def markdown_report(rows, columns, settings, configs, patterns, sets):
@@ -109,21 +117,16 @@ def markdown_report(rows, columns, settings, configs, patterns, sets):
               and (settings[0][k] is not None or k == 'data_dir')]
     lines = [f'Report of {len(rows)} evaluations from {", ".join(patterns)}.', '',
              'Same in every run: ' + ', '.join(f'{k} {setting_text(k, settings[0][k])}' for k in shared) + '.', '',
-             f'| # | run | {" | ".join(columns)} | tensor | epochs | training (min) | {RESULT_HEADER} | held-out set |',
+             f'| # | run | {" | ".join(columns)} | tensor | {RESULT_HEADER} | held-out set |',
              '|' + '---|' * (len(columns) + 13)]
     for r in rows:
-        lines.append(f'| {r["#"]} | {r["run"]} | {" | ".join(r[k] for k in columns)} | {r["tensor"]} | {r["epochs"]} | '
-                     f'{r["train_minutes"]:.1f} | {result_cells(r)} | {r["held_out_set"]} |')
-    notes = []
-    if len(sets) > 1:
-        notes.append('WARNING: these rows were not scored on the same held-out images (' + '; '.join(
-            f'set {s}: rows {", ".join(str(r["#"]) for r in rows if r["held_out_set"] == s)}' for s in sets)
-            + '); compare rows only within a set' + (" ('?': written before evaluations recorded their images' "
-                                                     "fingerprint; evaluate it again to place it)" if '?' in sets else ''))
+        lines.append(f'| {r["#"]} | {r["run"]} | {" | ".join(r[k] for k in columns)} | {r["tensor"]} | '
+                     f'{result_cells(r)} | {r["held_out_set"]} |')
+    notes = [held_out_warning(rows, sets)] if comparable_sets(sets) is None else []
     notes += sorted({msssim_note(c['image_size']) for c in configs})
     if all(r['lpips'] is None for r in rows):
         notes.append('LPIPS not scored: its AlexNet weights were not in the torch hub cache')
-    if not all(c['pretrained'] or c['weights'] for c in configs):
+    if any(random_victim(c) for c in configs):
         notes.append('rows with a random-initialised victim: their agreement figures are not meaningful')
     return '\n'.join(lines + ['', '. '.join(notes) + '.', ''])
 
@@ -137,9 +140,10 @@ def write_report(patterns, save_dir, defaults, idle_flags):
     sets = sorted({r['held_out_set'] for r in rows})
     table = markdown_report(rows, columns, settings, configs, patterns, sets)
     atomic_write_bytes(os.path.join(save_dir, 'report.md'), table.encode())
-    labels = [f'{r["#"]}' + (f' ({r["held_out_set"]})' if len(sets) > 1 else '') for r in rows]
+    one_set = comparable_sets(sets) is not None
+    labels = [f'{r["#"]}' + ('' if one_set else f' ({r["held_out_set"]})') for r in rows]
     title = f'report of {len(rows)} evaluations (points: the rows of report.md' + (
-        f'; held-out set in brackets: NOT COMPARABLE across sets {", ".join(sets)})' if len(sets) > 1 else ')')
+        ')' if one_set else f'; held-out set in brackets: NOT COMPARABLE across sets {", ".join(sets)})')
     plot_privacy_utility(rows, labels, title, os.path.join(save_dir, 'report.png'))
     print(table)
     return rows

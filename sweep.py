@@ -8,13 +8,14 @@ from data import load_splits
 from defences import (DEFENCE_RECORD, DEFENCES, DEFENDED_FILE, KEEP_CHANNELS, build_attack, check_sweep_value, family,
                        parse_sweep_value, training_keys, without_defences)
 from evaluate import (ATTACK_KEYS, ATTACKS, RESULT_HEADER, attack_plan, attack_slug, evaluate_and_report,
-                      load_trained_attack, msssim_note, recover, result_cells, result_columns, utility_note)
-from models import DECODERS, INTERPOLATIONS, SPLITS, DecoderSpec, attacker_label, check_cut, probe_feature_shape, test_noise
+                      load_trained_attack, msssim_note, recover, result_cells, result_columns, swept_attacker,
+                      utility_note)
+from models import DECODERS, INTERPOLATIONS, SPLITS, DecoderSpec, check_cut, probe_feature_shape, victim_label
 from train import train, train_defence
-from utils import (RUN_KEYS, UsageError, atomic_write_bytes, fresh_run_dir, load_checkpoint, read_json, save_csv,
-                   save_json)
+from utils import (DERIVED_KEYS, NOT_SETTINGS, UsageError, atomic_write_bytes, fresh_run_dir, load_checkpoint,
+                   read_json, save_csv, save_json)
 from visualize import (describe_sweep, plot_privacy_utility, plot_sweep, plot_sweep_samples, plot_training_time,
-                       samples)
+                       sample_sent, samples)
 
 SWEEPS = ('split', 'keep_channels', 'noise_var', 'attack', 'defence', 'decoder')
 DEFAULT_VALUES = {'decoder': ('original:transpose', 'original:upsample', 'residual'),
@@ -24,9 +25,6 @@ DEFAULT_VALUES = {'decoder': ('original:transpose', 'original:upsample', 'residu
                   'defence': ('none', 'noise:0.1', 'noise:1', 'keep_channels:0.5', 'keep_channels:0.25',
                               'dropout:0.25', 'dropout:0.5', 'dropout:0.75', 'topk:0.5', 'topk:0.1', 'nopeek:1',
                               'adversarial:1', 'bottleneck:0.125')}
-# Not compared when a finished value is recognised: how runs are carried out, and what a run derives itself.
-DERIVED_KEYS = ('channel_indices', 'victim_fingerprint', 'victim_defence', 'sent_shape')
-IGNORED_KEYS = RUN_KEYS | set(DERIVED_KEYS) | {'sweep_values'}
 
 
 def parse_decoder(value):
@@ -125,7 +123,7 @@ def decoder_run(cfg, run):
 def comparable(cfg):
     """What must match for a finished value to be reused (with --minutes, the epochs are what the budget gave;
     defence training's flags only where a defended victim is trained)."""
-    ignored = IGNORED_KEYS | ({'num_epochs'} if cfg.get('minutes') else set()) | (
+    ignored = NOT_SETTINGS | ({'num_epochs'} if cfg.get('minutes') else set()) | (
         set() if cfg.get('defend') else training_keys())
     return {k: v for k, v in cfg.items() if k not in ignored}
 
@@ -164,9 +162,7 @@ def table_row(cfg, value, result):
                   'strength': '' if strength is None else f'{strength:g}'}
     else:
         labels = {cfg['sweep']: value_label(value)}
-    history = training_history(cfg, run)
-    return {**labels, **tensor_columns(run), **result_columns(result),
-            'epochs': len(history), 'train_minutes': sum(h['seconds'] for h in history) / 60, **defence_cost(cfg, run)}
+    return {**labels, **tensor_columns(run), **result_columns(result), **defence_cost(cfg, run)}
 
 
 def defence_cost(cfg, run):
@@ -192,18 +188,17 @@ def row_label(cfg, row):
 
 
 def markdown_table(rows, cfg, description, reused=(), decoder_runs=()):
-    victim = 'ImageNet weights' if cfg['pretrained'] else ('--weights' if cfg['weights'] else 'random-initialised')
     label_columns = ('defence', 'family', 'strength') if cfg['sweep'] == 'defence' else (cfg['sweep'],)
-    attacker = '' if cfg['sweep'] == 'decoder' else f', {attacker_label(cfg)}'
+    attacker = f', {swept_attacker(cfg)}' if swept_attacker(cfg) else ''
     budget = f'about {cfg["minutes"]:g} minutes of training each' if cfg['minutes'] else f'{cfg["num_epochs"]} epochs'
-    lines = [f'Sweep of `{cfg["sweep"]}`: {cfg["arch"]} ({victim})'
+    lines = [f'Sweep of `{cfg["sweep"]}`: {cfg["arch"]} ({victim_label(cfg)})'
              + (f' cut at {cfg["split"]}' if cfg['sweep'] != 'split' else '')
              + f'{attacker}, {cfg["image_size"]} px, {budget}, seed {cfg["seed"]}; {description}.', '',
-             f'| {" | ".join(label_columns)} | tensor | channels sent | epochs | training (min) | {RESULT_HEADER} |',
+             f'| {" | ".join(label_columns)} | tensor | channels sent | {RESULT_HEADER} |',
              '|' + '---|' * (11 + len(label_columns))]
     for r in rows:
         lines.append(f'| {" | ".join(r[c] for c in label_columns)} | {r["tensor"]} | {r["channels_sent"]} | '
-                     f'{r["epochs"]} | {r["train_minutes"]:.1f} | {result_cells(r)} |')
+                     f'{result_cells(r)} |')
     notes = [msssim_note(cfg['image_size']), utility_note(cfg)]
     if all(r['lpips'] is None for r in rows):
         notes.append('LPIPS not scored: its AlexNet weights were not in the torch hub cache')
@@ -256,15 +251,14 @@ def value_attack(cfg, run, device, splits=None):
 
 
 @torch.no_grad()
-def sample_reconstructions(cfg, runs, images, device):
-    """Each value's reconstruction of the same images (with that value's attack and test-time defences); `runs`
-    are the configurations the values were evaluated with (their channels chosen)."""
+def sample_reconstructions(cfg, runs, sample, device):
+    """Each value's reconstruction of the same Sample, from the tensor that value's evaluation scored; `runs` are
+    the configurations the values were evaluated with (their channels chosen)."""
     rows = []
     for run in runs:
         attack = value_attack(cfg, run, device)
         attack.decoder.eval()
-        target = attack.to_images(images)
-        sent = attack.send(target, test_noise(run), attack.noise_generator(0))
+        target, sent = sample_sent(attack, sample, run)
         rows.append(recover(attack, sent, attack_plan(run), target.shape).cpu())
     return rows
 
@@ -277,13 +271,15 @@ def run_value(cfg, run, device):
     if run['attack'] != 'optimize':  # the white-box attack needs no decoder
         trainee = decoder_run(cfg, run)
         if trainee is run or finished_result(trainee) is None:
-            attack, splits, _, _ = train(trainee, device)
-            evaluate_and_report(attack, splits.validation(), trainee, {'sweep': cfg['sweep']}, attack_plan(trainee))
+            attack, splits, history, _ = train(trainee, device)
+            evaluate_and_report(attack, splits.validation(), trainee, {'sweep': cfg['sweep']}, attack_plan(trainee),
+                                history)
             if trainee is run:
                 return finished_result(run)
     splits = value_splits(cfg, run)
     attack = value_attack(cfg, run, device, splits)
-    evaluate_and_report(attack, splits.validation(), run, {'sweep': cfg['sweep']}, attack_plan(run))
+    history = () if run['attack'] == 'optimize' else trained_decoder(cfg, run)[1]['history']
+    evaluate_and_report(attack, splits.validation(), run, {'sweep': cfg['sweep']}, attack_plan(run), history)
     return finished_result(run)
 
 
@@ -318,8 +314,8 @@ def run_sweep(cfg, device):
     if cfg['sweep'] == 'decoder':
         plot_training_time([training_history(cfg, run) for run in evaluated], labels, cfg,
                            os.path.join(cfg['save_dir'], 'sweep_time.png'))
-    images, names = samples(validation, cfg['num_samples'])
-    plot_sweep_samples(images, sample_reconstructions(cfg, evaluated, images, device), labels, names, cfg,
+    sample = samples(validation, cfg['num_samples'])
+    plot_sweep_samples(sample, sample_reconstructions(cfg, evaluated, sample, device), labels, cfg,
                        os.path.join(cfg['save_dir'], 'sweep_samples.png'))
     print(table)
     return rows

@@ -18,12 +18,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from data import full_batches, load_splits
-from defences import DEFENCE_RECORD, DEFENCES, DEFENDED_FILE, SimulatedAttacker, build_attack, distance_correlation
-from evaluate import evaluate, format_summary, mean_image_baseline, msssim_note, psnr, summarise, victim_agreement
-from models import (DEFENDED_FORMAT, SplitVictim, attacker_label, cut, feature_error, feature_shape, load_network,
-                    test_noise, train_noise)
+from defences import (DEFENCE_RECORD, DEFENCES, DEFENDED_FILE, TRAINING_KEYS, SimulatedAttacker, build_attack,
+                      distance_correlation)
+from evaluate import UTILITY, AttackPlan, evaluate, format_summary, mean_image_baseline, msssim_note, summarise
+from models import (DEFENDED_FORMAT, SplitAttack, SplitVictim, attacker_label, cut, feature_error, feature_shape,
+                    load_network, test_noise, train_noise)
 from utils import (Interrupted, RunError, UsageError, is_main_process, progress, rank_and_world, same_on_all_processes,
-                   save_json, save_torch)
+                   save_json, save_torch, to_unit)
 from visualize import live_curves
 
 CHECKPOINT_FORMAT = 'recon-attack/3'  # 2: the images trained on and held out are recorded; 3: --decoder and recipe
@@ -295,8 +296,9 @@ def validate(attack, splits, cfg, average=None):
                                   desc='validating'))
     for buffer in attack.decoder.buffers():  # BatchNorm running statistics as rank 0 has them
         dist.broadcast(buffer, 0)
-    mine = evaluate(attack, splits.images, splits.val_idx.tensor_split(world)[rank], cfg['batch_size'],
-                    test_noise(cfg), desc='validating')
+    parts = splits.val_idx.tensor_split(world)
+    mine = evaluate(attack, splits.images, parts[rank], cfg['batch_size'], test_noise(cfg), desc='validating',
+                    first=sum(len(p) for p in parts[:rank]))
     slices = [None] * world
     dist.all_gather_object(slices, mine)
     return summarise({m: torch.cat([s[m] for s in slices]) for m in mine})
@@ -460,7 +462,7 @@ def defence_epoch(student, reference, term, optimizer, splits, cfg, device, gene
     starts = full_batches(len(order), cfg['batch_size'])
     totals = torch.zeros(2, device=device)  # summed on the device: no host sync per step
     for start in progress(starts, desc=desc):
-        images = splits.images[order[start:start + cfg['batch_size']]].to(device).float() / 255
+        images = to_unit(splits.images[order[start:start + cfg['batch_size']]].to(device))
         with torch.no_grad():
             target = reference.classify(reference.encode(images))
         sent = student.encode(images)
@@ -474,33 +476,36 @@ def defence_epoch(student, reference, term, optimizer, splits, cfg, device, gene
     return {'kl': kl, 'privacy': privacy}
 
 
-@torch.no_grad()
+def batch_dependence(images, sent):
+    """The distance correlation between a batch of images and the tensor sent for them, for each image."""
+    return {'distance_correlation': distance_correlation(images, sent).expand(len(images))}
+
+
 def held_out_utility(student, reference, splits, cfg, device, attacker=None):
-    """Means over the held-out images: the defended victim's agreement with the original, the distance
-    correlation between those images and the tensor it sends (batch by batch), and the PSNR of the adversarial
-    defence's own `attacker` where given."""
-    measured = {}
-    for start in range(0, len(splits.val_idx), cfg['batch_size']):
-        images = splits.images[splits.val_idx[start:start + cfg['batch_size']]].to(device).float() / 255
-        sent = student.encode(images)
-        scores = victim_agreement(reference.classify(reference.encode(images)), student.classify(sent))
-        scores['distance_correlation'] = distance_correlation(images, sent).expand(len(images))
-        if attacker is not None:
-            scores['simulated_attacker_psnr'] = psnr(attacker.reconstruct(sent), images)
-        for name, values in scores.items():
-            measured.setdefault(name, []).append(values.cpu())
-    return {name: torch.cat(values).mean().item() for name, values in measured.items()}
+    """Means over the held-out images, measured by the evaluation every attack gets (the same precision, the same
+    path): the defended victim's agreement with the original, the distance correlation between those images and
+    the tensor it sends (batch by batch), and the PSNR of the adversarial defence's own `attacker` where given."""
+    measured_by = SplitAttack(student, attacker.decoder if attacker else None, device, cfg['precision'] == 'bf16')
+    measured_by.charge_against(reference)
+    measured = evaluate(measured_by, splits.images, splits.val_idx, cfg['batch_size'], desc='held-out utility',
+                        utility=True, plan=AttackPlan() if attacker else None, measures=batch_dependence)
+    if attacker is not None:  # the decoder it was trained against: kept apart, under a name of its own
+        measured = {**{k: measured[k] for k in (*UTILITY, 'distance_correlation')},
+                    'simulated_attacker_psnr': measured['psnr']}
+    return {name: values.mean().item() for name, values in measured.items()}
 
 
-def defended_record(cfg, defence, net, student):
-    """What --weights loads: the fine-tuned network, any bottleneck, and what was done (with the original victim,
-    the reference its predictions are charged against)."""
+def defended_record(cfg, defence, net, student, splits):
+    """What --weights loads: the fine-tuned network, any bottleneck, and what was done (the defence and defence
+    training's settings, the images it was fine-tuned on, and the original victim, the reference its predictions
+    are charged against)."""
     narrow = student.encoder[1] if defence.name == 'bottleneck' else None
     return {'format': DEFENDED_FORMAT, 'arch': cfg['arch'], 'split': cfg['split'], 'state_dict': net.state_dict(),
             'bottleneck': None if narrow is None else {
                 'channels': narrow.in_channels, 'narrow': narrow.out_channels, 'squeeze': narrow.state_dict(),
                 'expand': student.tail[0].state_dict()},
             'kind': defence.name, 'strength': cfg[defence.flag], 'label': f'trained defence: {defence.describe(cfg)}',
+            'training': {key: cfg[key] for key in TRAINING_KEYS}, 'data': splits.record(),
             'reference': {'pretrained': cfg['pretrained'], 'seed': cfg['seed'],
                           'weights': os.path.abspath(cfg['weights']) if cfg['weights'] else None}}
 
@@ -514,13 +519,13 @@ def train_defence(cfg, device):
     net, student, reference = trainable_victim(cfg)
     reference, student = reference.to(device), student.to(device)
     with torch.no_grad():
-        calibration = student.encode(splits.calibration_images(256).to(device).float() / 255)
+        calibration = student.encode(to_unit(splits.calibration_images(256).to(device)))
     student = defence.prepare(student, cfg[defence.flag], calibration)
     shape = feature_shape(student, cfg['image_size'])
     term = defence.privacy_term(cfg, shape, device)
     optimizer = torch.optim.Adam(parameter_groups(student, net, cfg['defend_lr']))
-    generator, history, started = torch.Generator().manual_seed(cfg['seed']), [], time.perf_counter()
     before = held_out_utility(student, reference, splits, cfg, device)
+    generator, history, started = torch.Generator().manual_seed(cfg['seed']), [], time.perf_counter()
     with live_curves(cfg, scored=None) as curves:
         for epoch in range(1, cfg['defend_epochs'] + 1):
             losses = defence_epoch(student, reference, term, optimizer, splits, cfg, device, generator,
@@ -532,7 +537,7 @@ def train_defence(cfg, device):
                              term if isinstance(term, SimulatedAttacker) else None)
     os.makedirs(cfg['save_dir'], exist_ok=True)
     path = os.path.join(cfg['save_dir'], DEFENDED_FILE)
-    save_torch(defended_record(cfg, defence, net, student), path)
+    save_torch(defended_record(cfg, defence, net, student, splits), path)
     record = {'defence': defence.describe(cfg), 'sent_shape': list(shape), 'minutes': history[-1]['seconds'] / 60,
               'held_out': {'before': before, 'after': after, 'data': splits.description}, 'history': history,
               'config': cfg, 'weights': path}

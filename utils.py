@@ -13,10 +13,15 @@ from tqdm import tqdm
 
 
 # Settings of how a run is carried out, not of what it computes: they may differ from a checkpoint's (resume,
-# evaluation) and between a sweep and its resume.
-RUN_KEYS = frozenset({'mode', 'model_path', 'device', 'save_dir', 'overwrite', 'num_samples', 'num_workers',
-                      'cache_dir', 'feature_cache_gb', 'log_interval', 'compile', 'deterministic', 'eval_split',
-                      'tensorboard'})
+# evaluation) and between a sweep and its resume. COMMAND_KEYS always come from the command at hand (a loaded
+# checkpoint never sets them); the rest of RUN_KEYS from the checkpoint unless given.
+COMMAND_KEYS = frozenset({'mode', 'model_path', 'device', 'save_dir', 'overwrite', 'num_samples', 'num_workers',
+                          'cache_dir', 'eval_split'})
+RUN_KEYS = COMMAND_KEYS | {'feature_cache_gb', 'log_interval', 'compile', 'deterministic', 'tensorboard'}
+# What a run derives and writes into its configuration itself (never a flag).
+DERIVED_KEYS = ('channel_indices', 'victim_fingerprint', 'victim_defence', 'sent_shape')
+# Not settings of what a run computes: compared by neither a sweep's resume nor a report.
+NOT_SETTINGS = RUN_KEYS | set(DERIVED_KEYS) | {'sweep_values'}
 
 
 class UsageError(Exception):
@@ -31,6 +36,11 @@ class RunError(Exception):
 class Interrupted(RunError):
     """Ctrl-C or SIGTERM: training stopped after a step and saved where it was; exit status 130."""
     exit_code = 130
+
+
+def to_unit(uint8_images):
+    """uint8 images (0-255) as float32 in [0, 1], the range every model and metric here works in."""
+    return uint8_images.float().div_(255)
 
 
 def setting(group, flag, help, dest=None):

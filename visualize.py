@@ -2,6 +2,7 @@
 the live curves of --tensorboard."""
 import contextlib
 import os
+from typing import NamedTuple
 
 import matplotlib
 
@@ -11,17 +12,13 @@ import torch  # noqa: E402
 from torchvision.utils import make_grid, save_image  # noqa: E402
 
 from evaluate import (AttackPlan, attack_slug, attacker_name, evaluate, evaluation_images,  # noqa: E402
-                      load_trained_attack, recover, score)
+                      load_trained_attack, received, recover, score, swept_attacker)
 from defences import describe as describe_defences  # noqa: E402
-from models import attacker_label, test_noise  # noqa: E402
-from utils import is_main_process  # noqa: E402
+from models import test_noise, victim_label  # noqa: E402
+from utils import is_main_process, to_unit  # noqa: E402
 
 FEATURE_CHANNELS = 16  # highest-variance channels shown in feature_maps.png
 CHANNELS_PER_STAGE = 4  # decoder activations shown per stage
-
-
-def victim_label(cfg):
-    return 'ImageNet' if cfg['pretrained'] else ('weights file' if cfg['weights'] else f'random seed {cfg["seed"]}')
 
 
 def describe(cfg, kind='decoder'):
@@ -89,40 +86,60 @@ def plot_image_grid(rows, names, title, path):
     return save_figure(fig, path)
 
 
+class Sample(NamedTuple):
+    """Some of the Scored images, for figures: uint8 images, their names, and their positions among the scored
+    images (which seed their test noise and dropout masks, as in the evaluation)."""
+    images: torch.Tensor
+    names: list
+    positions: list
+
+
+def samples(scored, count):
+    """The same `count` of the Scored images every run."""
+    chosen = sample_indices(len(scored.indices), count)
+    return Sample(scored.images[scored.indices[chosen]], [scored.names[i] for i in chosen], chosen.tolist())
+
+
 @torch.no_grad()
-def plot_samples(attack, images, names, cfg, save_dir, plan=AttackPlan()):
-    """Columns of original | reconstruction | (with --test_noise) reconstruction from the noisy device, by the
-    attack `plan`; each image also as its own PNG under save_dir/samples/."""
-    target = attack.to_images(images)
+def sample_sent(attack, sample, cfg):
+    """([0, 1] images, the tensor the evaluation scored them from) of a Sample: the test noise and defences as
+    evaluated, image by image."""
+    target = attack.to_images(sample.images)
+    return target, received(attack, target, sample.positions, test_noise(cfg))[1]
+
+
+@torch.no_grad()
+def plot_samples(attack, sample, cfg, save_dir, plan=AttackPlan()):
+    """Columns of original | reconstruction by the attack `plan` from the very tensor the evaluation scored (test
+    noise and defences included), so each image's PSNR is the one in eval_per_image.csv; each image also as its
+    own PNG under save_dir/samples/."""
     attack.decoder.eval()
-    rows = [('original', target), (f'{plan.kind} reconstruction', recover(attack, attack.send(target), plan, target.shape))]
+    target, sent = sample_sent(attack, sample, cfg)
     noise = test_noise(cfg)
-    if noise is not None:
-        sent = attack.send(target, noise, attack.noise_generator(0))
-        rows.append((f'noisy {noise.at} (var {noise.var:g})', recover(attack, sent, plan, target.shape)))
+    received_as = f' (noisy {noise.at}, var {noise.var:g})' if noise is not None else ''
+    rows = [('original', target), (f'{plan.kind} reconstruction{received_as}', recover(attack, sent, plan, target.shape))]
     samples_dir = os.path.join(save_dir, 'samples')
     os.makedirs(samples_dir, exist_ok=True)
     slug = attack_slug(plan.kind)
-    suffixes = ('original', f'reconstruction{slug}', f'noisy_reconstruction{slug}')
-    for c, name in enumerate(names):
+    for c, name in enumerate(sample.names):
         stem = os.path.splitext(name.replace(os.sep, '_'))[0]
-        for (_, batch), suffix in zip(rows, suffixes):
+        for (_, batch), suffix in zip(rows, ('original', f'reconstruction{slug}')):
             save_image(batch[c].clamp(0, 1), os.path.join(samples_dir, f'{stem}_{suffix}.png'))
     title = describe(cfg, plan.kind) + ('' if plan.kind == 'decoder' else
                              f'\n{plan.kind} attack: {plan.steps} Adam steps, lr {plan.lr:g}, TV weight {plan.tv_weight:g}')
-    return plot_image_grid(rows, names, title, os.path.join(save_dir, f'samples{slug}.png'))
+    return plot_image_grid(rows, sample.names, title, os.path.join(save_dir, f'samples{slug}.png'))
 
 
-@torch.no_grad()
-def plot_feature_maps(attack, image, cfg, path):
-    """The intercepted tensor of one image: its highest-variance channels on a shared scale, and the channel mean."""
-    features = attack.send(attack.to_images(image[None]))[0].float().cpu()
+def plot_feature_maps(image, sent, cfg, path):
+    """The tensor one [0, 1] image was sent as (as evaluated): its highest-variance channels on a shared scale, and
+    the channel mean."""
+    features = sent.float().cpu()
     top = features.flatten(1).var(1).argsort(descending=True)[:FEATURE_CHANNELS]
     vmin, vmax = features[top].min().item(), features[top].max().item()
     fig = plt.figure(figsize=(11, 6.5))
     grid = fig.add_gridspec(4, 6, wspace=0.4)  # input and channel mean on the left, a 4x4 grid of channels on the right
     ax = fig.add_subplot(grid[0:2, 0:2])
-    ax.imshow(to_numpy_image(attack.to_images(image[None])[0]))
+    ax.imshow(to_numpy_image(image))
     ax.set_title('input image', fontsize=9), ax.axis('off')
     ax = fig.add_subplot(grid[2:4, 0:2])
     mean_map = ax.imshow(features.mean(0), cmap='viridis')
@@ -134,27 +151,27 @@ def plot_feature_maps(attack, image, cfg, path):
         ax.set_title(f'ch {channel}', fontsize=8), ax.axis('off')
     fig.colorbar(shown, ax=fig.axes[2:], fraction=0.02, label='activation (shared scale)')
     c, h, w = features.shape
-    fig.suptitle(f'intercepted tensor {c}x{h}x{w}: {len(top)} highest-variance channels\n{describe(cfg)}', fontsize=9)
+    fig.suptitle(f'sent tensor {c}x{h}x{w}: {len(top)} highest-variance channels\n{describe(cfg)}', fontsize=9)
     return save_figure(fig, path)
 
 
 @torch.no_grad()
-def capture_decoder_activations(attack, image):
-    """Each decoder stage's output for one image, captured with forward hooks that are removed afterwards."""
+def capture_decoder_activations(attack, sent):
+    """Each decoder stage's output for one sent tensor, captured with forward hooks that are removed afterwards."""
     captured = []
     modules = list(attack.decoder.stages) + [attack.decoder.to_image]
     handles = [m.register_forward_hook(lambda _m, _in, out: captured.append(out[0].float().cpu())) for m in modules]
     try:
         attack.decoder.eval()
-        attack.reconstruct(attack.to_images(image[None]))
+        attack.decode(sent[None])
     finally:
         for handle in handles:
             handle.remove()
     return captured
 
 
-def plot_decoder_layers(attack, image, cfg, path):
-    activations = capture_decoder_activations(attack, image)
+def plot_decoder_layers(attack, sent, cfg, path):
+    activations = capture_decoder_activations(attack, sent)
     fig, axes = plt.subplots(len(activations), CHANNELS_PER_STAGE, figsize=(2.2 * CHANNELS_PER_STAGE,
                                                                           2.2 * len(activations)), squeeze=False)
     for row, activation in enumerate(activations):
@@ -176,22 +193,17 @@ def plot_decoder_layers(attack, image, cfg, path):
     return save_figure(fig, path)
 
 
-def plot_psnr_histogram(psnr_values, cfg, path):
+def plot_psnr_histogram(psnr_values, cfg, scored, path):
+    """The per-image PSNR of the Scored images, titled with what they are."""
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.hist(psnr_values.numpy(), bins=min(40, max(5, len(psnr_values) // 4)), color='tab:blue', alpha=0.8)
     mean, median = psnr_values.mean().item(), psnr_values.median().item()
     ax.axvline(mean, color='tab:red', label=f'mean {mean:.2f} dB')
     ax.axvline(median, color='black', linestyle='--', label=f'median {median:.2f} dB')
-    ax.set(xlabel='per-image PSNR (dB)', ylabel='images', title=f'{len(psnr_values)} validation images')
+    ax.set(xlabel='per-image PSNR (dB)', ylabel='images', title=f'{len(psnr_values)} images scored: {scored.description}')
     ax.legend()
     fig.suptitle(describe(cfg), fontsize=9)
     return save_figure(fig, path)
-
-
-def samples(scored, count):
-    """(images, names) of the same `count` of the Scored images every run."""
-    chosen = sample_indices(len(scored.indices), count)
-    return scored.images[scored.indices[chosen]], [scored.names[i] for i in chosen]
 
 
 def draw_all(attack, scored, cfg, history, save_dir, psnr_values=None):
@@ -203,13 +215,14 @@ def draw_all(attack, scored, cfg, history, save_dir, psnr_values=None):
         paths.append(plot_history(history, cfg, os.path.join(save_dir, 'loss.png')))
     else:
         print('loss.png skipped: this file holds no training history')
-    sample_images, sample_names = samples(scored, cfg['num_samples'])
-    paths.append(plot_samples(attack, sample_images, sample_names, cfg, save_dir))
-    paths.append(plot_feature_maps(attack, sample_images[0], cfg, os.path.join(save_dir, 'feature_maps.png')))
-    paths.append(plot_decoder_layers(attack, sample_images[0], cfg, os.path.join(save_dir, 'decoder_layers.png')))
+    sample = samples(scored, cfg['num_samples'])
+    paths.append(plot_samples(attack, sample, cfg, save_dir))
+    images, sent = sample_sent(attack, sample, cfg)
+    paths.append(plot_feature_maps(images[0], sent[0], cfg, os.path.join(save_dir, 'feature_maps.png')))
+    paths.append(plot_decoder_layers(attack, sent[0], cfg, os.path.join(save_dir, 'decoder_layers.png')))
     if psnr_values is None:
         psnr_values = evaluate(attack, scored.images, scored.indices, cfg['batch_size'], test_noise(cfg))['psnr']
-    paths.append(plot_psnr_histogram(psnr_values, cfg, os.path.join(save_dir, 'psnr_hist.png')))
+    paths.append(plot_psnr_histogram(psnr_values, cfg, scored, os.path.join(save_dir, 'psnr_hist.png')))
     print(f'figures: {", ".join(os.path.basename(p) for p in paths)} and samples/ in {save_dir}')
     return paths
 
@@ -226,10 +239,15 @@ def describe_sweep(cfg):
     cut_at = '' if cfg['sweep'] == 'split' else f' cut at {cfg["split"]}'
     optimisation = (f' | optimisation: {cfg["attack_steps"]} steps, TV {cfg["tv_weight"]:g}'
                     if cfg['sweep'] == 'attack' else '')
-    attacker = '' if cfg['sweep'] == 'decoder' else f' | {attacker_label(cfg)}'
+    attacker = f' | {swept_attacker(cfg)}' if swept_attacker(cfg) else ''
     budget = f'~{cfg["minutes"]:g} min each' if cfg['minutes'] else f'{cfg["num_epochs"]} epochs'
     return (f'sweep of {cfg["sweep"]}: {cfg["arch"]} ({victim}){cut_at}{attacker} | {cfg["image_size"]}px | '
             f'{budget}{optimisation}')
+
+
+def measured(value):
+    """A figure for plotting: NaN (no point) where it was not measured."""
+    return float('nan') if value is None else value
 
 
 def plot_sweep(rows, labels, cfg, path):
@@ -242,8 +260,10 @@ def plot_sweep(rows, labels, cfg, path):
     handles = [psnr_line]
     if cfg['sweep'] not in ('split', 'decoder'):  # a defence: what it costs the victim
         agreement = left.twinx()
-        agreement.plot(x, [r['top1_agreement'] for r in rows], 's--', color='tab:red', label='victim top-1 agreement')
-        agreement.plot(x, [r['top5_agreement'] for r in rows], '^:', color='tab:orange', label='victim top-5 agreement')
+        agreement.plot(x, [measured(r['top1_agreement']) for r in rows], 's--', color='tab:red',
+                       label='victim top-1 agreement')
+        agreement.plot(x, [measured(r['top5_agreement']) for r in rows], '^:', color='tab:orange',
+                       label='victim top-5 agreement')
         agreement.set(ylabel='agreement with the undefended victim', ylim=(-0.05, 1.05))
         handles += agreement.lines
     left.legend(handles=handles, loc='best', fontsize=8)
@@ -286,8 +306,9 @@ def plot_privacy_utility(rows, labels, title, path):
     frontiers; and each row's PSNR and SSIM."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8), layout='constrained')
     by_family = 'family' in rows[0]  # a defence sweep; an attack sweep has one point per attack
-    series = ([(FAMILIES[f], [(r, label) for r, label in zip(rows, labels) if r['family'] == f]) for f in FAMILIES]
-              if by_family else [((None, 'o', label), [(r, label)]) for r, label in zip(rows, labels)])
+    charged = [(r, label) for r, label in zip(rows, labels) if r['top1_agreement'] is not None]  # utility measured
+    series = ([(FAMILIES[f], [(r, label) for r, label in charged if r['family'] == f]) for f in FAMILIES]
+              if by_family else [((None, 'o', label), [(r, label)]) for r, label in charged])
     for (colour, marker, name), members in series:
         if not members:
             continue
@@ -318,11 +339,11 @@ def plot_privacy_utility(rows, labels, title, path):
     return save_figure(fig, path)
 
 
-def plot_sweep_samples(images, reconstructions, labels, names, cfg, path):
+def plot_sweep_samples(sample, reconstructions, labels, cfg, path):
     """One row of reconstructions of the same validation images per swept value, originals on top."""
-    rows = [('original', images.float() / 255)] + [(f'{cfg["sweep"]}={label}', recon)
-                                                   for label, recon in zip(labels, reconstructions)]
-    return plot_image_grid(rows, names, describe_sweep(cfg), path)
+    rows = [('original', to_unit(sample.images))] + [(f'{cfg["sweep"]}={label}', recon)
+                                                     for label, recon in zip(labels, reconstructions)]
+    return plot_image_grid(rows, sample.names, describe_sweep(cfg), path)
 
 
 class LiveCurves:
@@ -334,7 +355,7 @@ class LiveCurves:
         from torch.utils.tensorboard import SummaryWriter  # loads the tensorboard package (seconds): only when asked
         self.writer = SummaryWriter(cfg['save_dir'], purge_step=first_epoch + 1 if first_epoch else None)
         self.cfg = cfg
-        self.images = samples(scored, cfg['num_samples'])[0] if scored is not None else None  # the grid's
+        self.sample = samples(scored, cfg['num_samples']) if scored is not None else None  # the grid's
         if not first_epoch:
             self.writer.add_text('config', '\n'.join(f'    {k}: {v}' for k, v in cfg.items()))  # a code block
 
@@ -349,8 +370,8 @@ class LiveCurves:
         if epoch != 1 and epoch % self.cfg['log_interval'] and epoch != self.cfg['num_epochs']:
             return
         attack.decoder.eval()
-        target = attack.to_images(self.images)
-        recon = attack.decode(attack.send(target, test_noise(self.cfg), attack.noise_generator(0))).clamp(0, 1)
+        target, sent = sample_sent(attack, self.sample, self.cfg)
+        recon = attack.decode(sent).clamp(0, 1)
         grid = make_grid(torch.cat([target, recon]).float().cpu(), nrow=len(target))
         self.writer.add_image('validation/reconstructions', grid, epoch)
         self.writer.flush()

@@ -145,16 +145,30 @@ def test_lpips_is_skipped_with_one_line_when_its_weights_are_missing(tmp_path, m
     assert out.count('\n') == 0 and 'alexnet-owt-7be5be79.pth is missing' in out
 
 
-@pytest.fixture
-def lpips_home(tmp_path, monkeypatch):
-    """A hub cache holding an AlexNet state dict under torchvision's file name (seeded, not ImageNet's: no
-    ImageNet AlexNet file can be had offline): enough to check the plumbing, not the scores."""
+def stand_in_backbone(tmp_path, monkeypatch):
+    """A hub cache holding a seeded AlexNet state dict under torchvision's file name (no ImageNet AlexNet file can
+    be had offline); returns the state dict."""
     checkpoints = tmp_path / 'home' / 'hub' / 'checkpoints'
     checkpoints.mkdir(parents=True)
     torch.manual_seed(0)
     state = torchvision.models.alexnet().state_dict()
     torch.save(state, checkpoints / os.path.basename(evaluate.LPIPS_BACKBONE.url))
     monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'home'))
+    return state
+
+
+def test_lpips_refuses_a_backbone_that_is_not_torchvisions_file(tmp_path, monkeypatch, capsys):
+    stand_in_backbone(tmp_path, monkeypatch)
+    assert evaluate.load_lpips(CPU) is None
+    out = capsys.readouterr().out.strip()
+    assert out.count('\n') == 0 and "is not torchvision's AlexNet file (its sha256 does not begin with" in out
+
+
+@pytest.fixture
+def lpips_home(tmp_path, monkeypatch):
+    """The stand-in backbone with the digest check waived: enough to check the plumbing, not the scores."""
+    state = stand_in_backbone(tmp_path, monkeypatch)
+    monkeypatch.setattr(evaluate, 'is_torchvision_file', lambda path: True)
     return state
 
 

@@ -103,14 +103,14 @@ def test_visualize_from_pth_and_ckpt(workdir, filename):
     result = run_cli(workdir, '--visualize', '--model_path', f'run/{filename}', '--save_dir', out, '--test_noise')
     for name in FIGURES:
         assert_valid_png(out / name)
-    assert any(n.endswith('_noisy_reconstruction.png') for n in os.listdir(out / 'samples'))
+    written = os.listdir(out / 'samples')  # one reconstruction an image: from the tensor the evaluation scores
+    assert sum(n.endswith('_reconstruction.png') for n in written) == sum(n.endswith('_original.png') for n in written) == 8
     assert str(out) in result.stdout
 
 
 def test_decoder_hooks_are_removed_after_capturing(tmp_path):
     attack = build_attack(tiny_config(tmp_path), torch.device('cpu'))
-    image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
-    activations = capture_decoder_activations(attack, image)
+    activations = capture_decoder_activations(attack, attack.send(torch.rand(1, 3, 32, 32))[0])
     assert len(activations) == len(attack.decoder.stages) + 1
     assert activations[-1].shape == (3, 32, 32)
     assert all(not m._forward_hooks for m in attack.decoder.modules())

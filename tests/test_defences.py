@@ -123,9 +123,9 @@ def test_input_noise_is_charged_against_the_clean_image(torch_home, monkeypatch,
     net = whole_network(torch_home)
     attack, images = genuine_victim(torch_home, monkeypatch, tmp_path)
     x = images.float() / 255
-    generator = torch.Generator().manual_seed(0)  # the evaluation's fixed test-noise seed, batch after batch
-    noisy = torch.cat([batch + math.sqrt(0.02) * torch.randn(batch.shape, generator=generator)
-                       for batch in x.split(16)])
+    # each image's test noise from a generator seeded by its position among the scored images
+    noisy = torch.stack([image + math.sqrt(0.02) * torch.randn(image.shape, generator=torch.Generator().manual_seed(i))
+                         for i, image in enumerate(x)])
     expected = by_hand(net(imagenet_normalised(x)), net(imagenet_normalised(noisy)))
     measured = evaluate(attack, images, torch.arange(32), 16, Noise('input', 0.0, 0.02), utility=True)
     assert measured['top1_agreement'].tolist() == expected[0].tolist()

@@ -9,6 +9,7 @@ import torch
 import torchvision
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from conftest import main_in
 from main import build_parser, idle_flags, presets, resolve_config, resolve_presets
 from models import build_victim
 from train import CURVES
@@ -31,7 +32,7 @@ EXPECTED = {
                        image_size=64, num_batches=22),
     'he_deep': dict(mode='attack', attack='optimize', arch='resnet18', split='layer3', pretrained=True, image_size=64,
                     num_batches=22),
-    'strongest': dict(mode='train', decoder='original', decoder_depth='medium', optim='adamw', lr=2e-3,
+    'adamw_cosine': dict(mode='train', decoder='original', decoder_depth='medium', optim='adamw', lr=2e-3,
                       scheduler='cosine', warmup_epochs=1, batch_size=16, attack='decoder+optimize', pretrained=True),
 }
 
@@ -52,6 +53,11 @@ def test_each_preset_parses_into_its_setting(name):
     assert {k: by_path[k] for k in EXPECTED[name]} == EXPECTED[name]
     assert by_path['save_dir'] == f'runs/{name}'
     assert parse(f'@{name}', '--data_dir', 'celeba') == by_path  # by name, from any folder
+
+
+def test_a_renamed_preset_still_works_and_says_its_new_name(capsys):
+    assert parse('@strongest') == parse('@adamw_cosine')
+    assert 'note: @strongest is now @adamw_cosine' in capsys.readouterr().err
 
 
 def test_a_flag_after_a_preset_overrides_it_and_one_before_does_not():
@@ -120,17 +126,10 @@ def test_a_report_leaves_out_flags_that_made_no_difference():
 @pytest.fixture(scope='module')
 def finished_runs(tmp_path_factory):
     """Two small sweeps and a plain run with another seed (so other held-out images), in one folder."""
-    import main as cli
     cwd = tmp_path_factory.mktemp('runs')
-    here = os.getcwd()
-    os.chdir(cwd)
-    try:
-        common = (*TINY, '--cache_dir', str(cwd / 'cache'))
-        cli.main(['--sweep', 'keep_channels', '--sweep_values', '1', '0.5', *common, '--save_dir', 'keep'])
-        cli.main(['--sweep', 'split', '--sweep_values', 'layer1', 'layer2', *common, '--save_dir', 'split'])
-        cli.main(['--train', *common, '--seed', '1', '--save_dir', 'plain'])
-    finally:
-        os.chdir(here)
+    main_in(cwd, '--sweep', 'keep_channels', '--sweep_values', '1', '0.5', *TINY, '--save_dir', 'keep')
+    main_in(cwd, '--sweep', 'split', '--sweep_values', 'layer1', 'layer2', *TINY, '--save_dir', 'split')
+    main_in(cwd, '--train', *TINY, '--seed', '1', '--save_dir', 'plain')
     return cwd
 
 
@@ -176,7 +175,7 @@ def test_report_of_runs_on_the_same_images_has_one_set(finished_runs, main_here)
     (('--report', 'plain/eval.json'), '--report plain/eval.json: not a folder'),
     (('--report', 'plain', '--arch', 'resnet50'), '--report reads finished runs: it takes folders, --save_dir and '
                                                   '--overwrite, not --arch'),
-    (('@nope',), '@nope: no such file; the presets are glass, he_deep, he_shallow, original, simba, strongest'),
+    (('@nope',), '@nope: no such file; the presets are adamw_cosine, glass, he_deep, he_shallow, original, simba'),
 ])
 def test_bad_report_and_preset_arguments_are_one_line(finished_runs, main_here, args, message):
     result = main_here(finished_runs, *args)

@@ -84,7 +84,7 @@ def test_the_defended_file_loads_with_weights_and_sends_the_same_tensor(tmp_path
         for p in student.encoder.parameters():  # as if trained: any change must travel in the file
             p.add_(0.01 * torch.randn_like(p))
     path = tmp_path / 'defended.pth'
-    save_torch(defended_record(cfg, DEFENCES[kind], net, student), path)
+    save_torch(defended_record(cfg, DEFENCES[kind], net, student, load_splits(cfg)), path)
     loaded = build_victim('resnet18', 'layer2', weights_path=str(path))
     with torch.no_grad():
         assert torch.equal(loaded.encode(images), student.encode(images))
