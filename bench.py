@@ -209,7 +209,7 @@ def bench(args, workdir):
     splits = load_splits(cfg)  # decodes every image once into the cache
     decode_seconds = time.perf_counter() - started
     attack = build_attack(cfg, device)
-    victim = build_victim(cfg['arch'], cfg['split'], seed=cfg['seed']).to(device)
+    victim = build_victim(cfg['arch'], cfg['split'], seed=cfg['victim_seed']).to(device)
     reference_decoder = copy.deepcopy(attack.decoder).to(memory_format=torch.contiguous_format)
     reference_images = ReferenceImages([os.path.join(root, splits.names[i]) for i in splits.train_idx], cfg['image_size'])
     tool_loss, reference_loss, pixel_diff = first_batch_losses(cfg, attack, splits, reference_decoder, victim,

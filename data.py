@@ -340,7 +340,7 @@ def load_images(data_dir, image_size, cache_dir, num_workers):
 def load_data(cfg):
     """The images of the run's data (the built-in set already split into its training and validation photos)."""
     if cfg['data_dir'] is None:
-        return builtin_splits(cfg['image_size'], cfg['batch_size'], cfg['num_batches'], cfg['seed'])
+        return builtin_splits(cfg['image_size'], cfg['batch_size'], cfg['num_batches'], cfg['split_seed'])
     return load_images(cfg['data_dir'], cfg['image_size'], cfg['cache_dir'], cfg['num_workers'])
 
 
@@ -370,10 +370,10 @@ def load_splits(cfg, record=None):
         data.val_idx = without_defence_training(data, data.val_idx, cfg, 'validation images')
         return data
     if data.partition is not None:
-        train_idx, val_idx = partition_indices(data, cfg['batch_size'], cfg['num_batches'], cfg['seed'])
+        train_idx, val_idx = partition_indices(data, cfg['batch_size'], cfg['num_batches'], cfg['split_seed'])
         how = "CelebA's official train / val partition"
     else:
-        train_idx, val_idx = split_indices(len(data.images), cfg['batch_size'], cfg['num_batches'], cfg['seed'])
+        train_idx, val_idx = split_indices(len(data.images), cfg['batch_size'], cfg['num_batches'], cfg['split_seed'])
         how = 'a seeded 10:1 split'
     data.train_idx = train_idx
     val_idx = without_training_content(data, val_idx.tolist(), {data.fingerprints[i] for i in train_idx.tolist()},

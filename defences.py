@@ -339,7 +339,7 @@ def build_attack(cfg, device, calibration_images=None):
     """Victim, decoder and defences as the configuration describes them; decoder initialised from cfg['seed'].
     What the run derives is written into cfg: the channels kept, the victim's fingerprint and, for a defended
     victim, its defence."""
-    victim = build_victim(cfg['arch'], cfg['split'], cfg['pretrained'], cfg['weights'], cfg['seed'])
+    victim = build_victim(cfg['arch'], cfg['split'], cfg['pretrained'], cfg['weights'], cfg['victim_seed'])
     expected = cfg.get('victim_fingerprint')
     if expected is not None and not math.isclose(victim.fingerprint(), expected, rel_tol=1e-6):
         raise UsageError('the victim rebuilt from the checkpoint\'s settings (arch, --use_pretrained/--weights, seed) '
@@ -372,7 +372,7 @@ def reference_victim(cfg):
     """--reference: the original victim a defence of your own (--weights) is charged against: torchvision's
     ImageNet weights ('pretrained') or a state-dict file."""
     pretrained = cfg['reference'] == REFERENCE_PRETRAINED
-    return build_victim(cfg['arch'], cfg['split'], pretrained, None if pretrained else cfg['reference'], cfg['seed'],
+    return build_victim(cfg['arch'], cfg['split'], pretrained, None if pretrained else cfg['reference'], cfg['victim_seed'],
                         flag='--reference')
 
 

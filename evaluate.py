@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import torchvision
 from pytorch_msssim import ms_ssim, ssim
 from pytorch_msssim.ssim import _fspecial_gauss_1d, _ssim
+from scipy import stats
 
 from data import held_out_images
 from defences import active, build_attack
@@ -266,7 +267,7 @@ def result_columns(result):
 
 RESULT_HEADER = ('epochs | training (min) | PSNR (dB) | SSIM | MS-SSIM | LPIPS | top-1 agreement | top-5 agreement | '
                  'KL (nats)')
-RESULT_FORMATS = {'epochs': '{}', 'train_minutes': '{:.1f}', 'ssim': '{:.3f}', 'ms_ssim': '{:.3f}', 'lpips': '{:.3f}',
+RESULT_FORMATS = {'epochs': '{:g}', 'train_minutes': '{:.1f}', 'ssim': '{:.3f}', 'ms_ssim': '{:.3f}', 'lpips': '{:.3f}',
                   'top1_agreement': '{:.3f}', 'top5_agreement': '{:.3f}', 'kl': '{:.4f}'}
 
 
@@ -275,6 +276,55 @@ def result_cells(row):
     cells = {k: '—' if row[k] is None else form.format(row[k]) for k, form in RESULT_FORMATS.items()}
     return ' | '.join([cells['epochs'], cells['train_minutes'], f'{row["psnr"]:.2f} ± {row["psnr_std"]:.2f}',
                        *(cells[k] for k in ('ssim', 'ms_ssim', 'lpips', *UTILITY))])
+
+
+SEEDS_HEADER = ('seeds | epochs | training (min) | PSNR (dB, mean ± spread over seeds) | per-image PSNR std | SSIM | '
+                'MS-SSIM | LPIPS | top-1 agreement | top-5 agreement | KL (nats)')
+CONFIDENCE = 0.95  # of the paired interval over seeds that decides "better"
+
+
+def over_seeds(results):
+    """One row from evaluations of one setting at several seeds (the same held-out images): each figure's mean over
+    the seeds, the spread of the PSNR over the seeds (std of the per-seed means), its per-image std (the mean over
+    seeds), and the PSNR of each seed (to pair with another setting's)."""
+    rows = [result_columns(r) for r in results]
+    psnr_by_seed = {r['config']['seed']: row['psnr'] for r, row in zip(results, rows)}
+    means = {key: None if any(row[key] is None for row in rows) else sum(row[key] for row in rows) / len(rows)
+             for key in rows[0]}
+    values = torch.tensor(list(psnr_by_seed.values()), dtype=torch.float64)
+    return {**means, 'psnr_seed_std': values.std().item() if len(values) > 1 else 0.0, 'n_seeds': len(rows),
+            'psnr_by_seed': psnr_by_seed}
+
+
+def seed_cells(row):
+    """The Markdown cells of SEEDS_HEADER for a row of `over_seeds`."""
+    cells = result_cells(row).split(' | ')
+    return ' | '.join([str(row['n_seeds']), *cells[:2], f'{row["psnr"]:.2f} ± {row["psnr_seed_std"]:.2f}',
+                       f'{row["psnr_std"]:.2f}', *cells[3:]])
+
+
+def paired_difference(baseline, other):
+    """How `other`'s PSNR differs from `baseline`'s (rows of `over_seeds`), paired by seed: the mean difference over
+    the seeds both have, its CONFIDENCE t interval, and the verdict, which names a setting higher or lower only
+    where the interval excludes 0."""
+    seeds = sorted(set(baseline['psnr_by_seed']) & set(other['psnr_by_seed']))
+    differences = torch.tensor([other['psnr_by_seed'][s] - baseline['psnr_by_seed'][s] for s in seeds],
+                               dtype=torch.float64)
+    if len(differences) < 2:
+        return {'seeds': len(seeds), 'difference': differences.mean().item() if len(seeds) else None,
+                'low': None, 'high': None, 'verdict': 'one shared seed: no verdict'}
+    half = stats.t.ppf((1 + CONFIDENCE) / 2, len(seeds) - 1) * differences.std().item() / math.sqrt(len(seeds))
+    mean = differences.mean().item()
+    verdict = ('no measurable difference' if mean - half <= 0 <= mean + half else
+               f'{"higher" if mean > 0 else "lower"} PSNR (the attack leaks {"more" if mean > 0 else "less"})')
+    return {'seeds': len(seeds), 'difference': mean, 'low': mean - half, 'high': mean + half, 'verdict': verdict}
+
+
+def difference_text(difference):
+    if difference['low'] is None:
+        return difference['verdict']
+    return (f'{difference["difference"]:+.2f} dB [{difference["low"]:+.2f}, {difference["high"]:+.2f}] over '
+            f'{difference["seeds"]} seeds: {difference["verdict"]}')
 
 
 def write_evaluation(per_image, names, extra, save_dir, prefix='eval'):

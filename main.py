@@ -11,15 +11,15 @@ import torch
 
 import defences
 from data import load_splits
-from evaluate import ATTACKS, AttackPlan, attack_plan, evaluate_and_report, evaluation_images, load_trained_attack
+from evaluate import ATTACKS, AttackPlan, evaluation_images, load_trained_attack
 from models import (ARCHS, DECODER_DEPTHS, DECODERS, DEFAULT_SPLIT, INTERPOLATIONS, NORMS, RESIDUAL_DEPTHS, SPLITS,
                     DecoderSpec, check_cut, random_victim, victim_label)
 from report import write_report
-from sweep import SWEEPS, run_sweep
-from train import LOSSES, train, train_defence
+from sweep import SWEEPS, run_seeds, run_sweep
+from train import LOSSES, train_and_evaluate, train_defence
 from utils import (COMMAND_KEYS, RUN_KEYS, RunError, UsageError, fresh_run_dir, init_distributed, is_main_process,
                    load_checkpoint, make_deterministic, pick_device, rank_and_world, same_on_all_processes, setting)
-from visualize import draw_all, plot_samples, run_visualize, samples
+from visualize import run_attack, run_visualize
 
 # Flags that define the attack's model: they must agree with a checkpoint that is being loaded.
 MODEL_KEYS = ('arch', 'split', 'pretrained', 'decoder', 'interpolation', 'decoder_depth', 'decoder_width',
@@ -183,7 +183,17 @@ def build_parser():
     train.add_argument('--sparse_reg', type=float, default=1e-4, help='weight of the --sparse penalty')
     train.add_argument('--log_interval', type=int, default=5,
                        help='epochs between ckpt_{epoch}.ckpt files (and --tensorboard image grids)')
-    train.add_argument('--seed', type=int, default=0, help='seeds the split, the random victim, the decoder and the noise')
+    train.add_argument('--seed', type=int, default=0,
+                       help="seeds the attacker: its decoder's initial weights, the data order and the noise")
+    train.add_argument('--seeds', type=int, default=1,
+                       help='--train, --sweep and --defend: run every setting at N seeds (--seed and the N - 1 after '
+                            'it), each in SAVE_DIR/seed=S; tables give the mean over the seeds and their spread, and '
+                            'call a difference real only where a paired 95 %% interval over the seeds excludes 0')
+    train.add_argument('--split_seed', type=int, default=0,
+                       help='seeds the train / held-out split (and the built-in crops), fixed while --seed varies, '
+                            'so that runs over several seeds are scored on the same images')
+    train.add_argument('--victim_seed', type=int, default=0,
+                       help='seeds a random-initialised victim (without --use_pretrained or --weights)')
     train.add_argument('--device', choices=('auto', 'cuda', 'cpu'), default='auto', help='auto: CUDA when available')
     setting(train, '--deterministic', 'deterministic CUDA kernels (torch.use_deterministic_algorithms, cuBLAS '
             'workspace setting, no cuDNN autotuning): runs repeat bit for bit on a GPU too, somewhat slower')
@@ -213,7 +223,8 @@ def check_flags(parser, cfg):
     if cfg['split'] not in splits:
         parser.error(f"argument --split: invalid choice for {cfg['arch']}: '{cfg['split']}' "
                      f"(choose from {', '.join(splits)})")
-    positive = ('batch_size', 'num_epochs', 'image_size', 'log_interval', 'step_size', 'num_samples', 'attack_steps')
+    positive = ('batch_size', 'num_epochs', 'image_size', 'log_interval', 'step_size', 'num_samples', 'attack_steps',
+                'seeds')
     for key in positive + ('num_batches',):
         if cfg[key] is not None and cfg[key] < 1:
             parser.error(f'argument --{key}: must be at least 1, got {cfg[key]}')
@@ -264,6 +275,9 @@ def resolve_config(parser, args, argv):
         return cfg, None
     if cfg['sweep_values'] and cfg['mode'] != 'sweep':
         parser.error('--sweep_values needs --sweep')
+    if cfg['seeds'] > 1 and cfg['mode'] not in ('train', 'sweep', 'defend'):
+        parser.error(f'--seeds is for --train, --sweep and --defend, not --{cfg["mode"]} (it has no training to seed)'
+                     if cfg['mode'] == 'attack' else f'--seeds is for --train, --sweep and --defend, not --{cfg["mode"]}')
     if 'eval_split' in given and cfg['mode'] not in ('eval_pth', 'eval_ckpt', 'visualize'):
         parser.error('--eval_split is for --eval_pth, --eval_ckpt and --visualize')
     state = None
@@ -362,15 +376,10 @@ def run(argv):
 
 
 def dispatch(cfg, state, device):
-    if cfg['mode'] in ('train', 'resume'):
-        attack, splits, history, _ = train(cfg, device, state if cfg['mode'] == 'resume' else None)
-        if not is_main_process():
-            return
-        validation = splits.validation()
-        per_image, _ = evaluate_and_report(attack, validation, cfg, {'epoch': cfg['num_epochs']}, history=history)
-        draw_all(attack, validation, cfg, history, cfg['save_dir'], per_image['psnr'])
-        if cfg['attack'] != 'decoder':
-            run_attack(attack, validation, cfg, history=history)
+    if cfg['seeds'] > 1 and cfg['mode'] in ('train', 'defend'):  # a sweep runs its values' seeds itself
+        run_seeds(cfg, device)
+    elif cfg['mode'] in ('train', 'resume'):
+        train_and_evaluate(cfg, device, state if cfg['mode'] == 'resume' else None)
     elif cfg['mode'] == 'attack':
         splits = load_splits(cfg)
         attack = defences.build_attack(cfg, device, splits.calibration_images(cfg['batch_size']))
@@ -386,14 +395,6 @@ def dispatch(cfg, state, device):
                    {'model_path': os.path.abspath(cfg['model_path']), 'epoch': state['epoch']}, state['history'])
     else:
         run_visualize(cfg, state, device)
-
-
-def run_attack(attack, scored, cfg, extra=None, history=()):
-    """Evaluate the --attack chosen on the Scored images (eval{_attack}.json, per-image CSV) and draw its sample
-    grid; `history`: the training history of the decoder it uses."""
-    plan = attack_plan(cfg)
-    evaluate_and_report(attack, scored, cfg, extra, plan, history)
-    plot_samples(attack, samples(scored, cfg['num_samples']), cfg, cfg['save_dir'], plan)
 
 
 def main(argv=None):

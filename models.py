@@ -73,7 +73,7 @@ class SplitVictim(nn.Module):
 
 
 def random_victim(cfg):
-    """A victim random-initialised from --seed: its predictions mean nothing, so neither does its agreement."""
+    """A victim random-initialised from --victim_seed: its predictions mean nothing, so neither does its agreement."""
     return not cfg['pretrained'] and not cfg['weights']
 
 
@@ -81,7 +81,9 @@ def victim_label(cfg):
     """The victim's weights, as every table, figure and log names them."""
     if cfg['pretrained']:
         return 'ImageNet weights'
-    return f'weights {os.path.basename(cfg["weights"])}' if cfg['weights'] else f'random-initialised, seed {cfg["seed"]}'
+    if cfg['weights']:
+        return f'weights {os.path.basename(cfg["weights"])}'
+    return f'random-initialised, victim seed {cfg["victim_seed"]}'
 
 
 def load_torchvision(arch, pretrained):

@@ -6,10 +6,11 @@ import os
 import string
 
 from defences import describe as describe_defences, family
-from evaluate import ATTACK_KEYS, ATTACKS, RESULT_HEADER, attack_slug, msssim_note, result_cells, result_columns
+from evaluate import (ATTACK_KEYS, ATTACKS, RESULT_HEADER, SEEDS_HEADER, attack_slug, difference_text, msssim_note,
+                      over_seeds, paired_difference, result_cells, result_columns, seed_cells)
 from models import random_victim
 from sweep import tensor_columns
-from utils import NOT_SETTINGS, UsageError, atomic_write_bytes, read_json, save_csv
+from utils import NOT_SETTINGS, UsageError, atomic_write_bytes, read_json, save_csv, with_separate_seeds
 from visualize import plot_privacy_utility
 
 EVALUATIONS = {f'eval{attack_slug(kind)}.json': kind for kind in ATTACKS}  # file -> the attack it scored
@@ -45,7 +46,7 @@ def run_settings(result, kind, defaults, idle_flags):
     """What the run computed with: its configuration (flags newer than the run at their defaults), those that
     made no difference to it (`idle_flags`, and the optimisation's for the decoder alone) as None, the attack this
     evaluation scored, and the defences named as every output names them."""
-    config = {**defaults, **result['config']}
+    config = {**defaults, **with_separate_seeds(result['config'])}
     idle = idle_flags(config) | (set(ATTACK_KEYS) if kind == 'decoder' else set())
     return {**{k: None if k in idle else v for k, v in config.items() if k not in NOT_SETTINGS}, 'attack': kind,
             'defence': '; '.join(describe_defences(config)) or 'none'}, config
@@ -93,7 +94,35 @@ def build_rows(evaluations, defaults, idle_flags):
         rows.append({'#': i, 'run': folder, **{k: setting_text(k, setting.get(k)) for k in columns},
                      'family': family(config), **tensor_columns(config), **result_columns(result),
                      'held_out_set': images})
-    return rows, columns, settings, configs
+    return rows, columns, settings, configs, results
+
+
+def over_seed_groups(rows, columns, results):
+    """The settings that were run at several seeds: rows that differ only in --seed (the same attack and held-out
+    images), each group as one row of means and spread over its seeds, compared with the first group."""
+    groups = {}
+    for row, result in zip(rows, results):
+        key = tuple(row[k] for k in columns if k != 'seed') + (row['held_out_set'],)
+        groups.setdefault(key, []).append((row, result))
+    if 'seed' not in columns or all(len(group) == 1 for group in groups.values()):
+        return []
+    grouped = [{'rows': ' '.join(str(row['#']) for row, _ in group),
+                **{k: group[0][0][k] for k in columns if k != 'seed'}, 'held_out_set': group[0][0]['held_out_set'],
+                **over_seeds([result for _, result in group])} for group in groups.values()]
+    for group in grouped:
+        group['against_first'] = '—' if group is grouped[0] else difference_text(paired_difference(grouped[0], group))
+    return grouped
+
+
+def seeds_section(grouped, columns):
+    shown = [k for k in columns if k != 'seed']
+    return ['', 'Over seeds: the rows that differ only in `seed` (the attacker\'s), as one setting each: the mean over '
+            'its seeds and their spread; a difference from the first setting counts only where its paired 95 % '
+            'interval over the seeds excludes 0.', '',
+            f'| rows | {" | ".join(shown)} | {SEEDS_HEADER} | PSNR against rows {grouped[0]["rows"]} | held-out set |',
+            '|' + '---|' * (len(shown) + SEEDS_HEADER.count('|') + 4)] + [
+        f'| {g["rows"]} | {" | ".join(g[k] for k in shown)} | {seed_cells(g)} | {g["against_first"]} | '
+        f'{g["held_out_set"]} |' for g in grouped]
 
 
 def comparable_sets(sets):
@@ -112,7 +141,7 @@ def held_out_warning(rows, sets):
         + f'); compare rows only within a set{unknown}')
 
 
-def markdown_report(rows, columns, settings, configs, patterns, sets):
+def markdown_report(rows, columns, settings, configs, patterns, sets, grouped=()):
     shared = [k for k in SUMMARY_KEYS if k not in columns and k in settings[0]
               and (settings[0][k] is not None or k == 'data_dir')]
     lines = [f'Report of {len(rows)} evaluations from {", ".join(patterns)}.', '',
@@ -128,17 +157,20 @@ def markdown_report(rows, columns, settings, configs, patterns, sets):
         notes.append('LPIPS not scored: its AlexNet weights were not in the torch hub cache')
     if any(random_victim(c) for c in configs):
         notes.append('rows with a random-initialised victim: their agreement figures are not meaningful')
-    return '\n'.join(lines + ['', '. '.join(notes) + '.', ''])
+    return '\n'.join(lines + (seeds_section(grouped, columns) if grouped else []) + ['', '. '.join(notes) + '.', ''])
 
 
 def write_report(patterns, save_dir, defaults, idle_flags):
     """report.csv, report.md and report.png in `save_dir` for every evaluation under `patterns`; `defaults` are
     the flags' defaults, `idle_flags(config)` the flags that made no difference to a run. Returns the rows."""
-    rows, columns, settings, configs = build_rows(find_evaluations(patterns), defaults, idle_flags)
+    rows, columns, settings, configs, results = build_rows(find_evaluations(patterns), defaults, idle_flags)
     os.makedirs(save_dir, exist_ok=True)
     save_csv(rows, os.path.join(save_dir, 'report.csv'))
+    grouped = over_seed_groups(rows, columns, results)
+    if grouped:
+        save_csv(grouped, os.path.join(save_dir, 'report_seeds.csv'))
     sets = sorted({r['held_out_set'] for r in rows})
-    table = markdown_report(rows, columns, settings, configs, patterns, sets)
+    table = markdown_report(rows, columns, settings, configs, patterns, sets, grouped)
     atomic_write_bytes(os.path.join(save_dir, 'report.md'), table.encode())
     one_set = comparable_sets(sets) is not None
     labels = [f'{r["#"]}' + ('' if one_set else f' ({r["held_out_set"]})') for r in rows]

@@ -7,11 +7,12 @@ import torch
 from data import load_splits
 from defences import (DEFENCE_RECORD, DEFENCES, DEFENDED_FILE, KEEP_CHANNELS, build_attack, check_sweep_value, family,
                        parse_sweep_value, training_keys, without_defences)
-from evaluate import (ATTACK_KEYS, ATTACKS, RESULT_HEADER, attack_plan, attack_slug, evaluate_and_report,
-                      load_trained_attack, msssim_note, recover, result_cells, result_columns, swept_attacker,
+from evaluate import (ATTACK_KEYS, ATTACKS, RESULT_HEADER, SEEDS_HEADER, attack_plan, attack_slug,
+                      difference_text, evaluate_and_report, load_trained_attack, msssim_note, over_seeds,
+                      paired_difference, recover, result_cells, result_columns, seed_cells, swept_attacker,
                       utility_note)
 from models import DECODERS, INTERPOLATIONS, SPLITS, DecoderSpec, check_cut, probe_feature_shape, victim_label
-from train import train, train_defence
+from train import train, train_and_evaluate, train_defence
 from utils import (DERIVED_KEYS, NOT_SETTINGS, UsageError, atomic_write_bytes, fresh_run_dir, load_checkpoint,
                    read_json, save_csv, save_json)
 from visualize import (describe_sweep, plot_privacy_utility, plot_sweep, plot_sweep_samples, plot_training_time,
@@ -72,10 +73,23 @@ def value_label(value):
     return value if isinstance(value, str) else f'{value:g}'
 
 
-def value_config(cfg, value):
-    """The configuration of one run of the sweep, in its own folder under the sweep's --save_dir."""
-    run = {**cfg, 'mode': 'train', 'sweep': None, 'sweep_values': None, 'channel_indices': None,
-           'save_dir': os.path.join(cfg['save_dir'], f'{cfg["sweep"]}={value_label(value).replace("+", "_")}')}
+def seeds(cfg):
+    """The attacker's seeds a setting runs at: --seed and the --seeds - 1 after it."""
+    return range(cfg['seed'], cfg['seed'] + cfg['seeds'])
+
+
+def seed_dir(cfg, folder, seed):
+    """The folder of one run: `folder` itself, or its seed=S folder where the setting runs at several seeds."""
+    return os.path.join(folder, f'seed={seed}') if cfg['seeds'] > 1 else folder
+
+
+def value_config(cfg, value, seed=None):
+    """The configuration of one run of the sweep (at `seed`, default --seed), in its own folder under the sweep's
+    --save_dir."""
+    seed = cfg['seed'] if seed is None else seed
+    folder = os.path.join(cfg['save_dir'], f'{cfg["sweep"]}={value_label(value).replace("+", "_")}')
+    run = {**cfg, 'mode': 'train', 'sweep': None, 'sweep_values': None, 'channel_indices': None, 'seed': seed,
+           'seeds': 1, 'save_dir': seed_dir(cfg, folder, seed)}
     if cfg['sweep'] == 'split':
         run['split'] = value
     elif cfg['sweep'] == 'keep_channels':
@@ -117,7 +131,7 @@ def decoder_run(cfg, run):
     """The run whose decoder an attack uses: in an attack sweep all attacks share one, trained once."""
     if cfg['sweep'] != 'attack' or run['attack'] == 'decoder':
         return run
-    return {**run, 'attack': 'decoder', 'save_dir': os.path.join(cfg['save_dir'], 'attack=decoder')}
+    return {**run, 'attack': 'decoder', 'save_dir': value_config(cfg, 'decoder', run['seed'])['save_dir']}
 
 
 def comparable(cfg):
@@ -154,15 +168,17 @@ def tensor_columns(run):
             'channels_sent': len(run['channel_indices']) if run.get('channel_indices') else channels}
 
 
-def table_row(cfg, value, result):
-    run = result['config']
+def table_row(cfg, value, results):
+    """The row of a value: its evaluation's figures, or their means and spread over its seeds."""
+    run = results[0]['config']
     if cfg['sweep'] == 'defence':
         defence, strength = parse_sweep_value(value)
         labels = {'defence': defence.name if defence else 'none', 'family': family(run),
                   'strength': '' if strength is None else f'{strength:g}'}
     else:
         labels = {cfg['sweep']: value_label(value)}
-    return {**labels, **tensor_columns(run), **result_columns(result), **defence_cost(cfg, run)}
+    figures = result_columns(results[0]) if cfg['seeds'] == 1 else over_seeds(results)
+    return {**labels, **tensor_columns(run), **figures, **defence_cost(cfg, run)}
 
 
 def defence_cost(cfg, run):
@@ -187,18 +203,26 @@ def row_label(cfg, row):
     return f'{row["defence"]} {row["strength"]}'.strip() if cfg['sweep'] == 'defence' else row[cfg['sweep']]
 
 
+def seeds_text(cfg):
+    return f'seed {cfg["seed"]}' if cfg['seeds'] == 1 else f'seeds {cfg["seed"]}-{cfg["seed"] + cfg["seeds"] - 1}'
+
+
 def markdown_table(rows, cfg, description, reused=(), decoder_runs=()):
     label_columns = ('defence', 'family', 'strength') if cfg['sweep'] == 'defence' else (cfg['sweep'],)
     attacker = f', {swept_attacker(cfg)}' if swept_attacker(cfg) else ''
     budget = f'about {cfg["minutes"]:g} minutes of training each' if cfg['minutes'] else f'{cfg["num_epochs"]} epochs'
+    several = cfg['seeds'] > 1
+    header = (f'{SEEDS_HEADER} | PSNR against {row_label(cfg, rows[0])} (95 % interval over paired seeds)'
+              if several else RESULT_HEADER)
     lines = [f'Sweep of `{cfg["sweep"]}`: {cfg["arch"]} ({victim_label(cfg)})'
              + (f' cut at {cfg["split"]}' if cfg['sweep'] != 'split' else '')
-             + f'{attacker}, {cfg["image_size"]} px, {budget}, seed {cfg["seed"]}; {description}.', '',
-             f'| {" | ".join(label_columns)} | tensor | channels sent | {RESULT_HEADER} |',
-             '|' + '---|' * (11 + len(label_columns))]
+             + f'{attacker}, {cfg["image_size"]} px, {budget}, {seeds_text(cfg)}; {description}.', '',
+             f'| {" | ".join(label_columns)} | tensor | channels sent | {header} |',
+             '|' + '---|' * (2 + len(label_columns) + header.count('|') + 1)]
     for r in rows:
+        figures = f'{seed_cells(r)} | {r["against_first"]}' if several else result_cells(r)
         lines.append(f'| {" | ".join(r[c] for c in label_columns)} | {r["tensor"]} | {r["channels_sent"]} | '
-                     f'{result_cells(r)} |')
+                     f'{figures} |')
     notes = [msssim_note(cfg['image_size']), utility_note(cfg)]
     if all(r['lpips'] is None for r in rows):
         notes.append('LPIPS not scored: its AlexNet weights were not in the torch hub cache')
@@ -283,25 +307,37 @@ def run_value(cfg, run, device):
     return finished_result(run)
 
 
+def value_results(cfg, value, device, position, reused):
+    """The eval json of every seed of one value: read back where finished with this configuration, else run."""
+    results = []
+    for seed in seeds(cfg):
+        run = value_config(cfg, value, seed)
+        where = f'sweep {cfg["sweep"]} {position}: {cfg["sweep"]}={value_label(value)}' + (
+            f', seed {seed}' if cfg['seeds'] > 1 else '')
+        result = finished_result(run)
+        if result is not None:
+            print(f'{where} already done, read from {run["save_dir"]}')
+            reused.append(value_label(value) + (f' (seed {seed})' if cfg['seeds'] > 1 else ''))
+        else:
+            print(where)
+            os.makedirs(run['save_dir'], exist_ok=True)
+            result = run_value(cfg, run, device)
+        results.append(result)
+    return results
+
+
 def run_sweep(cfg, device):
     values = parse_values(cfg)
     cfg['save_dir'] = sweep_dir(cfg)
     save_json({'sweep': cfg['sweep'], 'values': [value_label(v) for v in values], 'config': cfg},
               os.path.join(cfg['save_dir'], 'sweep.json'))
-    runs, rows, results, reused = [value_config(cfg, v) for v in values], [], [], []
-    for i, (value, run) in enumerate(zip(values, runs)):
-        result = finished_result(run)
-        if result is not None:
-            print(f'sweep {cfg["sweep"]} {i + 1}/{len(values)}: {value_label(value)} already done, read from '
-                  f'{run["save_dir"]}')
-            reused.append(value_label(value))
-        else:
-            print(f'sweep {cfg["sweep"]} {i + 1}/{len(values)}: {cfg["sweep"]}={value_label(value)}')
-            os.makedirs(run['save_dir'], exist_ok=True)
-            result = run_value(cfg, run, device)
-        results.append(result)
-        rows.append(table_row(cfg, value, result))
-    evaluated = [{**run, **result['config']} for run, result in zip(runs, results)]
+    rows, evaluated, reused = [], [], []
+    for i, value in enumerate(values):
+        results = value_results(cfg, value, device, f'{i + 1}/{len(values)}', reused)
+        rows.append(table_row(cfg, value, results))
+        evaluated.append({**value_config(cfg, value), **results[0]['config']})  # the first seed's, for figures
+    for row in rows if cfg['seeds'] > 1 else ():
+        row['against_first'] = '—' if row is rows[0] else difference_text(paired_difference(rows[0], row))
     validation = value_splits(cfg, evaluated[0]).validation()
     save_csv(rows, os.path.join(cfg['save_dir'], 'sweep.csv'))
     table = markdown_table(rows, cfg, validation.description, reused, list(zip(values, evaluated)))
@@ -319,3 +355,52 @@ def run_sweep(cfg, device):
                        os.path.join(cfg['save_dir'], 'sweep_samples.png'))
     print(table)
     return rows
+
+
+def run_seeds(cfg, device):
+    """--seeds N with --train or --defend: the setting once per seed of the attacker (or of defence training),
+    each in SAVE_DIR/seed=S and scored on the same held-out images, then one table over the seeds (seeds.md,
+    seeds.csv). Sweeps run their seeds themselves."""
+    runs = [{**cfg, 'seed': seed, 'seeds': 1, 'save_dir': seed_dir(cfg, cfg['save_dir'], seed)} for seed in seeds(cfg)]
+    for i, run in enumerate(runs):
+        print(f'seed {run["seed"]} ({i + 1} of {len(runs)}), into {run["save_dir"]}')
+        (train_defence if cfg['mode'] == 'defend' else train_and_evaluate)(run, device)
+    rows = defence_seed_rows(runs) if cfg['mode'] == 'defend' else attack_seed_rows(cfg, runs)
+    save_csv(rows, os.path.join(cfg['save_dir'], 'seeds.csv'))
+    table = seeds_table(cfg, rows)
+    atomic_write_bytes(os.path.join(cfg['save_dir'], 'seeds.md'), table.encode())
+    print(table)
+    return rows
+
+
+def attack_seed_rows(cfg, runs):
+    """One row per attack evaluated: its figures' means and spread over the seeds."""
+    kinds = ['decoder'] + ([cfg['attack']] if cfg['attack'] != 'decoder' else [])
+    return [{'attack': kind, **over_seeds([read_json(os.path.join(run['save_dir'], f'eval{attack_slug(kind)}.json'))
+                                           for run in runs])} for kind in kinds]
+
+
+def defence_seed_rows(runs):
+    """One row per seed of defence training (its held-out measurements after training), then their mean and
+    spread over the seeds."""
+    records = [read_json(os.path.join(run['save_dir'], DEFENCE_RECORD)) for run in runs]
+    rows = [{'seed': run['seed'], **record['held_out']['after'], 'minutes': record['minutes']}
+            for run, record in zip(runs, records)]
+    figures = [k for k in rows[0] if k != 'seed']
+    values = {k: torch.tensor([row[k] for row in rows], dtype=torch.float64) for k in figures}
+    return rows + [{'seed': 'mean', **{k: v.mean().item() for k, v in values.items()}},
+                   {'seed': 'spread (std)', **{k: v.std().item() for k, v in values.items()}}]
+
+
+def seeds_table(cfg, rows):
+    title = (f'{cfg["mode"]} over {seeds_text(cfg)}: {cfg["arch"]} ({victim_label(cfg)}) cut at {cfg["split"]}, '
+             f'{cfg["image_size"]} px; every seed scored on the same held-out images (--split_seed '
+             f'{cfg["split_seed"]}).')
+    if cfg['mode'] == 'defend':
+        header = ' | '.join(rows[0])
+        lines = [f'| {header} |', '|' + '---|' * len(rows[0])] + [
+            '| ' + ' | '.join(v if isinstance(v, str) else f'{v:.4g}' for v in row.values()) + ' |' for row in rows]
+    else:
+        lines = [f'| attack | {SEEDS_HEADER} |', '|' + '---|' * (SEEDS_HEADER.count('|') + 2)] + [
+            f'| {row["attack"]} | {seed_cells(row)} |' for row in rows]
+    return '\n'.join([title, '', *lines, '', utility_note(cfg) + '.', ''])

@@ -20,14 +20,16 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from data import full_batches, load_splits
 from defences import (DEFENCE_RECORD, DEFENCES, DEFENDED_FILE, TRAINING_KEYS, SimulatedAttacker, build_attack,
                       distance_correlation)
-from evaluate import UTILITY, AttackPlan, evaluate, format_summary, mean_image_baseline, msssim_note, summarise
+from evaluate import (UTILITY, AttackPlan, evaluate, evaluate_and_report, format_summary, mean_image_baseline,
+                      msssim_note, summarise)
 from models import (DEFENDED_FORMAT, SplitAttack, SplitVictim, attacker_label, cut, feature_error, feature_shape,
                     load_network, test_noise, train_noise)
 from utils import (Interrupted, RunError, UsageError, is_main_process, progress, rank_and_world, same_on_all_processes,
                    save_json, save_torch, to_unit)
-from visualize import live_curves
+from visualize import draw_all, live_curves, run_attack
 
-CHECKPOINT_FORMAT = 'recon-attack/3'  # 2: the images trained on and held out are recorded; 3: --decoder and recipe
+# 2: the images trained on and held out are recorded; 3: --decoder and recipe; 4: --split_seed and --victim_seed
+CHECKPOINT_FORMAT = 'recon-attack/4'
 LOSSES = ('mse', 'l1', 'ssim', 'mix')
 MIX_SSIM_SHARE = 0.84  # --loss mix: 0.84 (1 - SSIM) + 0.16 L1, the mix of Zhao et al. 2017 (IEEE TCI)
 AUGMENT_MIN_SCALE = 0.6  # --augment crops keep 60-100 % of the image side
@@ -409,6 +411,19 @@ def train(cfg, device, resume_state=None):
     return attack.using(attacking_decoder(attack, trainer.average)), splits, history, baselines
 
 
+def train_and_evaluate(cfg, device, resume_state=None):
+    """--train / --resume: train (or go on), then the full evaluation of the held-out images, every figure, and
+    the --attack chosen where it is not the decoder alone."""
+    attack, splits, history, _ = train(cfg, device, resume_state)
+    if not is_main_process():
+        return
+    validation = splits.validation()
+    per_image, _ = evaluate_and_report(attack, validation, cfg, {'epoch': cfg['num_epochs']}, history=history)
+    draw_all(attack, validation, cfg, history, cfg['save_dir'], per_image['psnr'])
+    if cfg['attack'] != 'decoder':
+        run_attack(attack, validation, cfg, history=history)
+
+
 def fit_to_budget(cfg, epoch_seconds):
     """--minutes: as many epochs as fit, judged by the first epoch's time (its training and validation); the
     number is recorded in the configuration, so `--num_epochs N` repeats the run exactly."""
@@ -434,7 +449,7 @@ def resume_training(attack, trainer, state, cfg):
 def trainable_victim(cfg):
     """A copy of the victim to fine-tune (gradients to the device's half, and the server's with --defend_server)
     and its frozen original, the reference for agreement."""
-    net, record = load_network(cfg['arch'], cfg['pretrained'], cfg['weights'], cfg['seed'])
+    net, record = load_network(cfg['arch'], cfg['pretrained'], cfg['weights'], cfg['victim_seed'])
     if record is not None:
         raise UsageError(f'--weights {cfg["weights"]} is already a defended victim; defend the original instead')
     reference = SplitVictim(*cut(copy.deepcopy(net), cfg['arch'], cfg['split']))
@@ -506,7 +521,7 @@ def defended_record(cfg, defence, net, student, splits):
                 'expand': student.tail[0].state_dict()},
             'kind': defence.name, 'strength': cfg[defence.flag], 'label': f'trained defence: {defence.describe(cfg)}',
             'training': {key: cfg[key] for key in TRAINING_KEYS}, 'data': splits.record(),
-            'reference': {'pretrained': cfg['pretrained'], 'seed': cfg['seed'],
+            'reference': {'pretrained': cfg['pretrained'], 'seed': cfg['victim_seed'],
                           'weights': os.path.abspath(cfg['weights']) if cfg['weights'] else None}}
 
 

@@ -21,7 +21,7 @@ RUN_KEYS = COMMAND_KEYS | {'feature_cache_gb', 'log_interval', 'compile', 'deter
 # What a run derives and writes into its configuration itself (never a flag).
 DERIVED_KEYS = ('channel_indices', 'victim_fingerprint', 'victim_defence', 'sent_shape')
 # Not settings of what a run computes: compared by neither a sweep's resume nor a report.
-NOT_SETTINGS = RUN_KEYS | set(DERIVED_KEYS) | {'sweep_values'}
+NOT_SETTINGS = RUN_KEYS | set(DERIVED_KEYS) | {'sweep_values', 'seeds'}
 
 
 class UsageError(Exception):
@@ -165,6 +165,12 @@ FORMAT_2_SETTINGS = {'decoder': 'original', 'decoder_width': None, 'decoder_bloc
                      'minutes': None}
 
 
+def with_separate_seeds(config):
+    """A configuration written before --split_seed and --victim_seed (checkpoint formats 2 and 3, their eval
+    jsons): --seed seeded the split and the random victim too."""
+    return {'split_seed': config.get('seed', 0), 'victim_seed': config.get('seed', 0), **config}
+
+
 def load_checkpoint(path, need_optimizer=False):
     """A recon-attack checkpoint, loaded with weights_only=True: files from others are untrusted."""
     if not os.path.isfile(path):
@@ -185,6 +191,7 @@ def load_checkpoint(path, need_optimizer=False):
                          f'trained on, so none can be scored as held out; train it again')
     if state.get('format') == 'recon-attack/2':
         state['config'] = {**FORMAT_2_SETTINGS, **state['config']}
+    state['config'] = with_separate_seeds(state['config'])
     if need_optimizer and 'optimizer' not in state:
         raise UsageError(f'--model_path {path}: holds no optimizer state (a model.pth); resume from a ckpt_N.ckpt')
     return state

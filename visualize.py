@@ -11,8 +11,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torchvision.utils import make_grid, save_image  # noqa: E402
 
-from evaluate import (AttackPlan, attack_slug, attacker_name, evaluate, evaluation_images,  # noqa: E402
-                      load_trained_attack, received, recover, score, swept_attacker)
+from evaluate import (AttackPlan, attack_plan, attack_slug, attacker_name, evaluate,  # noqa: E402
+                      evaluate_and_report, evaluation_images, load_trained_attack, received, recover, score,
+                      swept_attacker)
 from defences import describe as describe_defences  # noqa: E402
 from models import test_noise, victim_label  # noqa: E402
 from utils import is_main_process, to_unit  # noqa: E402
@@ -225,6 +226,14 @@ def draw_all(attack, scored, cfg, history, save_dir, psnr_values=None):
     paths.append(plot_psnr_histogram(psnr_values, cfg, scored, os.path.join(save_dir, 'psnr_hist.png')))
     print(f'figures: {", ".join(os.path.basename(p) for p in paths)} and samples/ in {save_dir}')
     return paths
+
+
+def run_attack(attack, scored, cfg, extra=None, history=()):
+    """Evaluate the --attack chosen on the Scored images (eval{_attack}.json, per-image CSV) and draw its sample
+    grid; `history`: the training history of the decoder it uses."""
+    plan = attack_plan(cfg)
+    evaluate_and_report(attack, scored, cfg, extra, plan, history)
+    plot_samples(attack, samples(scored, cfg['num_samples']), cfg, cfg['save_dir'], plan)
 
 
 def run_visualize(cfg, state, device):

@@ -72,8 +72,8 @@ def test_the_original_preset_builds_exactly_the_original_cut():
     """features[0..12] and the 1x1 expansion of block 13 on the device (672 channels at stride 16), the rest and
     the head on the server: together exactly torchvision's MobileNetV3-Large."""
     cfg = parse('@original', '--no-use_pretrained')
-    victim = build_victim(cfg['arch'], cfg['split'], cfg['pretrained'], cfg['weights'], cfg['seed'])
-    torch.manual_seed(cfg['seed'])  # the random victim's weights: the same seed, the same network
+    victim = build_victim(cfg['arch'], cfg['split'], cfg['pretrained'], cfg['weights'], cfg['victim_seed'])
+    torch.manual_seed(cfg['victim_seed'])  # the random victim's weights: the same seed, the same network
     reference = torchvision.models.mobilenet_v3_large(weights=None).eval()
     images = torch.rand(2, 3, cfg['image_size'], cfg['image_size'])
     normalised = (images - victim.mean) / victim.std
@@ -125,11 +125,11 @@ def test_a_report_leaves_out_flags_that_made_no_difference():
 
 @pytest.fixture(scope='module')
 def finished_runs(tmp_path_factory):
-    """Two small sweeps and a plain run with another seed (so other held-out images), in one folder."""
+    """Two small sweeps and a plain run with another split seed (so other held-out images), in one folder."""
     cwd = tmp_path_factory.mktemp('runs')
     main_in(cwd, '--sweep', 'keep_channels', '--sweep_values', '1', '0.5', *TINY, '--save_dir', 'keep')
     main_in(cwd, '--sweep', 'split', '--sweep_values', 'layer1', 'layer2', *TINY, '--save_dir', 'split')
-    main_in(cwd, '--train', *TINY, '--seed', '1', '--save_dir', 'plain')
+    main_in(cwd, '--train', *TINY, '--split_seed', '1', '--save_dir', 'plain')
     return cwd
 
 
@@ -151,10 +151,10 @@ def test_report_tabulates_sweeps_and_a_run_against_their_eval_json(finished_runs
         assert float(row['psnr_std']) == evaluation['metrics']['psnr']['std']
         assert int(row['n_images']) == evaluation['n_images']
     # the settings that differ are columns, those shared are not
-    assert [(r['split'], r['keep_channels'], r['seed']) for r in rows] == [
+    assert [(r['split'], r['keep_channels'], r['split_seed']) for r in rows] == [
         ('layer2', '0.5', '0'), ('layer2', '1', '0'), ('layer1', '—', '0'), ('layer2', '—', '0'), ('layer2', '—', '1')]
     assert 'arch' not in rows[0] and 'train' not in rows[0]
-    # the plain run (another seed) was scored on other held-out images: flagged, not silently compared
+    # the plain run (another split seed) was scored on other held-out images: flagged, not silently compared
     assert [r['held_out_set'] for r in rows] == ['A', 'A', 'A', 'A', 'B']
     table = (finished_runs / 'report' / 'report.md').read_text()
     assert 'WARNING: these rows were not scored on the same held-out images (set A: rows 1, 2, 3, 4; set B: rows 5)' in table

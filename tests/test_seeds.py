@@ -1,0 +1,98 @@
+"""Runs over several seeds: one shared held-out set, the mean and spread over seeds, and a difference called real
+only where it holds across seeds."""
+import csv
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from data import load_splits
+from defences import build_attack
+from evaluate import over_seeds, paired_difference
+from utils import load_checkpoint
+
+TINY = ('--image_size', '32', '--batch_size', '16', '--num_batches', '22', '--decoder_depth', 'light',
+        '--num_samples', '2', '--num_workers', '0', '--num_epochs', '1')
+
+
+def evaluation(seed, psnr):
+    return {'config': {'seed': seed}, 'n_images': 4, 'training': {'epochs': 1, 'minutes': 0.1},
+            'metrics': {m: {'mean': psnr if m == 'psnr' else 0.5, 'std': 1.0} for m in ('mse', 'psnr', 'ssim', 'ms_ssim')}}
+
+
+def test_the_held_out_split_and_the_victim_do_not_move_with_the_attackers_seed(tmp_path):
+    first, second = (tiny_config(tmp_path, seed=seed) for seed in (0, 1))
+    assert torch.equal(load_splits(first).val_idx, load_splits(second).val_idx)
+    cpu = torch.device('cpu')
+    assert build_attack(first, cpu).victim.fingerprint() == build_attack(second, cpu).victim.fingerprint()
+    other = tiny_config(tmp_path, split_seed=1)
+    assert not torch.equal(load_splits(first).images[load_splits(first).val_idx],
+                           load_splits(other).images[load_splits(other).val_idx])  # its own, recorded seed
+
+
+def test_checkpoints_from_before_split_seeds_keep_the_split_they_were_trained_on(tmp_path):
+    state = {'config': {'seed': 3}, 'decoder': {}, 'data': {}, 'format': 'recon-attack/3'}
+    torch.save(state, tmp_path / 'old.pth')
+    config = load_checkpoint(str(tmp_path / 'old.pth'))['config']
+    assert (config['split_seed'], config['victim_seed']) == (3, 3)
+
+
+def test_over_seeds_gives_the_mean_and_the_spread_over_the_seeds():
+    row = over_seeds([evaluation(0, 10.0), evaluation(1, 12.0), evaluation(2, 14.0)])
+    assert row['psnr'] == pytest.approx(12.0) and row['psnr_seed_std'] == pytest.approx(2.0)
+    assert row['psnr_std'] == 1.0 and row['n_seeds'] == 3  # the per-image spread stays its own figure
+
+
+def test_a_difference_counts_only_where_it_holds_across_seeds():
+    baseline = over_seeds([evaluation(s, p) for s, p in ((0, 10.0), (1, 11.0), (2, 12.0))])
+    steady = over_seeds([evaluation(s, p) for s, p in ((0, 10.5), (1, 11.6), (2, 12.4))])  # +0.5 each, +-0.1
+    noisy = over_seeds([evaluation(s, p) for s, p in ((0, 12.0), (1, 10.0), (2, 12.5))])  # +0.5 on average
+    assert paired_difference(baseline, steady)['verdict'].startswith('higher PSNR')
+    assert paired_difference(baseline, noisy)['verdict'] == 'no measurable difference'
+    assert paired_difference(baseline, steady)['low'] > 0
+    # the t interval over 3 paired seeds: mean 0.5, std 0.1, t(0.975, 2) = 4.303
+    assert paired_difference(baseline, steady)['high'] - 0.5 == pytest.approx(4.303 * 0.1 / 3 ** 0.5, rel=1e-3)
+    lone = over_seeds([evaluation(0, 20.0)])
+    assert paired_difference(baseline, lone)['verdict'] == 'one shared seed: no verdict'
+
+
+def test_seeds_train_every_seed_on_one_held_out_set_and_tabulate_them(tmp_path, main_here):
+    result = main_here(tmp_path, '--train', *TINY, '--seeds', '2', '--save_dir', 'runs')
+    assert result.returncode == 0, result.stderr
+    evaluations = [json.loads((tmp_path / 'runs' / f'seed={s}' / 'eval.json').read_text()) for s in (0, 1)]
+    assert evaluations[0]['held_out'] == evaluations[1]['held_out']
+    assert evaluations[0]['metrics']['psnr']['mean'] != evaluations[1]['metrics']['psnr']['mean']
+    with open(tmp_path / 'runs' / 'seeds.csv') as f:
+        [row] = list(csv.DictReader(f))
+    psnrs = torch.tensor([e['metrics']['psnr']['mean'] for e in evaluations], dtype=torch.float64)
+    assert float(row['psnr']) == pytest.approx(psnrs.mean().item())
+    assert float(row['psnr_seed_std']) == pytest.approx(psnrs.std().item())
+    assert 'PSNR (dB, mean ± spread over seeds)' in (tmp_path / 'runs' / 'seeds.md').read_text()
+    report = main_here(tmp_path, '--report', 'runs', '--save_dir', 'report')
+    assert report.returncode == 0, report.stderr
+    assert 'Over seeds: the rows that differ only in `seed`' in (tmp_path / 'report' / 'report.md').read_text()
+    with open(tmp_path / 'report' / 'report_seeds.csv') as f:
+        [group] = list(csv.DictReader(f))
+    assert group['rows'] == '1 2' and float(group['psnr']) == pytest.approx(psnrs.mean().item())
+
+
+def test_a_sweep_over_seeds_compares_each_value_with_the_first_across_seeds(tmp_path, main_here):
+    result = main_here(tmp_path, '--sweep', 'keep_channels', '--sweep_values', '1', '0.25', *TINY, '--seeds', '2',
+                       '--save_dir', 'sweep')
+    assert result.returncode == 0, result.stderr
+    for value in ('1', '0.25'):
+        for seed in (0, 1):
+            assert (tmp_path / 'sweep' / f'keep_channels={value}' / f'seed={seed}' / 'eval.json').is_file()
+    table = (tmp_path / 'sweep' / 'sweep.md').read_text()
+    assert 'seeds 0-1' in table and 'PSNR against 1 (95 % interval over paired seeds)' in table
+    assert 'over 2 seeds: ' in table
+
+
+@pytest.mark.parametrize('args, message', [
+    (('--attack', 'optimize', '--seeds', '2'), '--seeds is for --train, --sweep and --defend, not --attack'),
+    (('--train', '--seeds', '0'), '--seeds: must be at least 1'),
+])
+def test_bad_seeds_are_one_line(tmp_path, main_here, args, message):
+    result = main_here(tmp_path, *args)
+    assert result.returncode == 2 and message in result.stderr and 'Traceback' not in result.stderr
