@@ -3,7 +3,7 @@ import hashlib
 import json
 import os
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
@@ -51,6 +51,7 @@ class Splits:
     description: str
     partition: dict = None  # name -> 'train' | 'val' | 'test' for a CelebA root with its official partition
     cache: str = None  # the decoded-image cache file `images` come from
+    stop_idx: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # --stop_patience
 
     @property
     def val_names(self):
@@ -78,9 +79,23 @@ class Splits:
 
     def record(self):
         """Which images were trained on and which were held out, by name and content: stored in checkpoints."""
-        return {'source': self.source,
-                'train': {self.names[i]: self.fingerprints[i] for i in self.train_idx.tolist()},
-                'held_out': {self.names[i]: self.fingerprints[i] for i in self.val_idx.tolist()}}
+        return {'source': self.source, **{part: {self.names[i]: self.fingerprints[i] for i in indices.tolist()}
+                                          for part, indices in self.parts().items()}}
+
+    def parts(self):
+        """The recorded parts: trained on, held out and scored, and (--stop_patience) held out to stop on."""
+        stop = {'stop': self.stop_idx} if len(self.stop_idx) else {}
+        return {'train': self.train_idx, 'held_out': self.val_idx, **stop}
+
+    def set_stopping_images(self, seed):
+        """--stop_patience: as many images as are scored, drawn (seeded) out of the training images, to decide when
+        training stops: held out from training and never reported, so no choice is made on the reported images."""
+        order = torch.randperm(len(self.train_idx), generator=torch.Generator().manual_seed(seed))
+        count = min(len(self.val_idx), len(self.train_idx) // 2)
+        self.stop_idx = self.train_idx[order[:count].sort().values]
+        self.train_idx = self.train_idx[order[count:].sort().values]
+        self.description = f'{self.description}; {count} of its training images held out to stop on'
+
 
 
 def fingerprint(image):
@@ -368,7 +383,16 @@ def load_splits(cfg, record=None):
         return recorded_splits(data, record)
     if data.source == BUILTIN_SOURCE:
         data.val_idx = without_defence_training(data, data.val_idx, cfg, 'validation images')
-        return data
+    else:
+        split_anew(data, cfg)
+    if cfg.get('stop_patience'):
+        data.set_stopping_images(cfg['split_seed'])
+    return data
+
+
+def split_anew(data, cfg):
+    """Train and validation images of a folder: CelebA's official partition where the root has one, else a seeded
+    10:1 split; validation never holds a training image's content or a defended victim's training image."""
     if data.partition is not None:
         train_idx, val_idx = partition_indices(data, cfg['batch_size'], cfg['num_batches'], cfg['split_seed'])
         how = "CelebA's official train / val partition"
@@ -381,7 +405,6 @@ def load_splits(cfg, record=None):
     data.val_idx = without_defence_training(data, val_idx, cfg, 'validation images')
     data.description = (f'{cfg["data_dir"]} ({len(data.train_idx)} train, {len(data.val_idx)} validation of '
                         f'{len(data.images)} images, {how})')
-    return data
 
 
 def recorded_splits(data, record):
@@ -391,13 +414,13 @@ def recorded_splits(data, record):
         raise UsageError(f'--data_dir {data.description} is not the data this run was trained on '
                          f'({record["source"]}); resume with that --data_dir')
     indices = []
-    for part in ('train', 'held_out'):
-        lost = [n for n, f in record[part].items() if n not in where or data.fingerprints[where[n]] != f]
+    for part in ('train', 'held_out', 'stop'):
+        lost = [n for n, f in record.get(part, {}).items() if n not in where or data.fingerprints[where[n]] != f]
         if lost:
             raise UsageError(f'{len(lost)} of the images this run recorded ({part}) are gone or changed in '
                              f'{record["source"]} (e.g. {lost[0]}): it cannot go on as it was; start a new --train')
-        indices.append(torch.tensor([where[n] for n in record[part]], dtype=torch.long))
-    data.train_idx, data.val_idx = indices
+        indices.append(torch.tensor([where[n] for n in record.get(part, {})], dtype=torch.long))
+    data.train_idx, data.val_idx, data.stop_idx = indices
     if data.source != BUILTIN_SOURCE:
         data.description = f'{data.description} ({len(indices[0])} train, {len(indices[1])} validation, as recorded)'
     return data

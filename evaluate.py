@@ -26,6 +26,7 @@ METRICS = ('mse', 'psnr', 'ssim', 'ms_ssim')
 PERCEPTUAL = 'lpips'  # scored beside METRICS where its backbone's weights are in the hub cache
 LPIPS_BACKBONE = torchvision.models.AlexNet_Weights.IMAGENET1K_V1  # LPIPS v0.1 'alex', as the attack papers use
 UTILITY = ('top1_agreement', 'top5_agreement', 'kl')  # the victim's predictions with vs without the defence
+STOP_KEY = 'stop_psnr'  # each epoch's mean PSNR on the stopping images (--stop_patience), in the training history
 
 
 def psnr(x, y):
@@ -365,10 +366,43 @@ def load_trained_attack(cfg, state, device):
     return attack
 
 
-def training_record(history):
+class Plateau:
+    """The stopping rule (--stop_patience K, --stop_delta D): a figure (`key` of each epoch's row: the PSNR on the
+    stopping images, which should rise, or a defence's training objective, which should fall, by a fraction D of
+    itself with `relative`) has not improved by D on its best for K epochs. Rebuilt from a history, so a resumed
+    run stops where the uninterrupted one would."""
+
+    def __init__(self, patience, delta, key, history=(), rising=True, relative=False):
+        self.patience, self.delta, self.key, self.rising, self.relative = patience, delta, key, rising, relative
+        self.best, self.best_epoch = None, 0
+        for row in history:
+            self.update(row)
+
+    def update(self, row):
+        value = row[self.key] if self.rising else -row[self.key]
+        margin = self.delta * abs(self.best) if self.relative and self.best is not None else self.delta
+        if self.best is None or value > self.best + margin:
+            self.best, self.best_epoch = value, row['epoch']
+
+    def reached(self, epoch):
+        return bool(self.patience) and epoch - self.best_epoch >= self.patience
+
+    def record(self, epochs, cap):
+        """What the rule did: the epoch of the last improvement, and whether it stopped training or `cap` did."""
+        return {'patience': self.patience, 'delta': self.delta, 'on': self.key, 'best_epoch': self.best_epoch,
+                'epochs': epochs, 'plateau_reached': self.reached(epochs), 'cap_hit': not self.reached(epochs) and
+                epochs >= cap}
+
+
+def training_record(history, cfg=None):
     """How long the decoder an evaluation used was trained (epochs, minutes), from its history up to the epoch it
-    was saved at: recorded in the eval json, the one place tables read it from."""
-    return {'epochs': len(history), 'minutes': sum(h['seconds'] for h in history) / 60}
+    was saved at, and (--stop_patience) whether it stopped on a plateau or at the cap: recorded in the eval json,
+    the one place tables read it from."""
+    record = {'epochs': len(history), 'minutes': sum(h['seconds'] for h in history) / 60}
+    if cfg and cfg.get('stop_patience') and history:
+        record['stopping'] = Plateau(cfg['stop_patience'], cfg['stop_delta'], STOP_KEY, history).record(
+            len(history), cfg['num_epochs'])
+    return record
 
 
 def evaluate_and_report(attack, scored, cfg, extra=None, plan=AttackPlan(), history=()):
@@ -378,7 +412,8 @@ def evaluate_and_report(attack, scored, cfg, extra=None, plan=AttackPlan(), hist
                          utility=utility_charged(cfg), plan=plan, perceptual=load_lpips(attack.device))
     attacker = attacker_name(cfg, plan.kind)
     settings = {**(extra or {}), 'attack': plan._asdict(), 'attacker': attacker,
-                'training': training_record(history if plan.kind != 'optimize' else ()), 'data': scored.description,
+                'training': training_record(history if plan.kind != 'optimize' else (), cfg),
+                'data': scored.description,
                 'held_out': scored.fingerprint, 'msssim': msssim_note(cfg['image_size']),
                 'utility': utility_note(cfg), 'config': cfg}
     summary = write_evaluation(per_image, scored.names, settings, cfg['save_dir'], 'eval' + attack_slug(plan.kind))

@@ -176,6 +176,12 @@ def build_parser():
                        help='decay of an exponential moving average of the decoder weights that the attack then '
                             'uses (e.g. 0.99; 0: off)')
     train.add_argument('--num_epochs', type=int, default=10, help='training epochs')
+    train.add_argument('--stop_patience', type=int, default=0,
+                       help='stop training when the PSNR on stopping images (drawn out of the training images, never '
+                            'the ones reported) has not risen by --stop_delta for this many epochs; --num_epochs or '
+                            '--minutes is then the cap (0: off). For --defend: its privacy term, relatively')
+    train.add_argument('--stop_delta', type=float, default=0.05,
+                       help='the rise in dB (for --defend: relative) that counts as improving')
     train.add_argument('--minutes', type=float,
                        help='train for about this many minutes instead: the first epoch is timed and --num_epochs '
                             'set to what fits (recorded); compares attackers at equal wall-clock time')
@@ -229,7 +235,7 @@ def check_flags(parser, cfg):
         if cfg[key] is not None and cfg[key] < 1:
             parser.error(f'argument --{key}: must be at least 1, got {cfg[key]}')
     for key in ('noise_var', 'test_noise_var', 'lr', 'weight_decay', 'sparse_reg', 'feature_cache_gb', 'num_workers',
-                'attack_lr', 'tv_weight', 'feature_weight', 'warmup_epochs'):
+                'attack_lr', 'tv_weight', 'feature_weight', 'warmup_epochs', 'stop_patience', 'stop_delta'):
         if cfg[key] < 0:
             parser.error(f'argument --{key}: must not be negative, got {cfg[key]}')
     if cfg['minutes'] is not None and cfg['minutes'] <= 0:
@@ -322,7 +328,7 @@ def idle_flags(cfg):
     """The flags that made no difference to a run: the mode flags, and those its other flags leave without effect
     (so that a table of runs shows only settings that acted)."""
     dependent = {k for (flag, value), keys in DEPENDENT_FLAGS.items() if cfg.get(flag) != value for k in keys}
-    return set(MODES) | dependent | defences.idle_keys(cfg)
+    return set(MODES) | dependent | defences.idle_keys(cfg) | (set() if cfg.get('stop_patience') else {'stop_delta'})
 
 
 def same_setting(key, given, saved):

@@ -20,13 +20,13 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from data import full_batches, load_splits
 from defences import (DEFENCE_RECORD, DEFENCES, DEFENDED_FILE, TRAINING_KEYS, SimulatedAttacker, build_attack,
                       distance_correlation)
-from evaluate import (UTILITY, AttackPlan, evaluate, evaluate_and_report, format_summary, mean_image_baseline,
-                      msssim_note, summarise)
+from evaluate import (STOP_KEY, UTILITY, AttackPlan, Plateau, evaluate, evaluate_and_report, format_summary,
+                      mean_image_baseline, msssim_note, summarise)
 from models import (DEFENDED_FORMAT, SplitAttack, SplitVictim, attacker_label, cut, feature_error, feature_shape,
                     load_network, test_noise, train_noise)
 from utils import (Interrupted, RunError, UsageError, is_main_process, progress, rank_and_world, same_on_all_processes,
                    save_json, save_torch, to_unit)
-from visualize import draw_all, live_curves, run_attack
+from visualize import draw_all, live_curves, plot_defence_history, run_attack
 
 # 2: the images trained on and held out are recorded; 3: --decoder and recipe; 4: --split_seed and --victim_seed
 CHECKPOINT_FORMAT = 'recon-attack/4'
@@ -288,17 +288,18 @@ def save_and_stop(attack, splits, cfg, history, epoch, trainer, progress, reason
                       f'python main.py --resume --model_path {path}')
 
 
-def validate(attack, splits, cfg, average=None):
-    """Validation metrics of the decoder the attack uses (the average with --ema); under torchrun each process
-    scores a slice and rank 0's summary covers them all."""
+def validate(attack, splits, cfg, average=None, indices=None):
+    """Metrics of the decoder the attack uses (the average with --ema) on the validation images (or `indices`);
+    under torchrun each process scores a slice and rank 0's summary covers them all."""
     attack = attack.using(attacking_decoder(attack, average))
+    indices = splits.val_idx if indices is None else indices
     rank, world = rank_and_world()
     if world == 1:
-        return summarise(evaluate(attack, splits.images, splits.val_idx, cfg['batch_size'], test_noise(cfg),
+        return summarise(evaluate(attack, splits.images, indices, cfg['batch_size'], test_noise(cfg),
                                   desc='validating'))
     for buffer in attack.decoder.buffers():  # BatchNorm running statistics as rank 0 has them
         dist.broadcast(buffer, 0)
-    parts = splits.val_idx.tensor_split(world)
+    parts = indices.tensor_split(world)
     mine = evaluate(attack, splits.images, parts[rank], cfg['batch_size'], test_noise(cfg), desc='validating',
                     first=sum(len(p) for p in parts[:rank]))
     slices = [None] * world
@@ -306,10 +307,12 @@ def validate(attack, splits, cfg, average=None):
     return summarise({m: torch.cat([s[m] for s in slices]) for m in mine})
 
 
-def history_row(epoch, train_loss, summary, optimizer, seconds):
+def history_row(epoch, train_loss, summary, optimizer, seconds, stopping=None):
+    """An epoch's figures; with --stop_patience also the PSNR on the stopping images (`stopping`, a summary)."""
     return {'epoch': epoch, 'train_loss': train_loss, 'val_loss': summary['mse']['mean'],
             'psnr': summary['psnr']['mean'], 'ssim': summary['ssim']['mean'],
-            'ms_ssim': summary['ms_ssim']['mean'], 'lr': optimizer.param_groups[0]['lr'], 'seconds': seconds}
+            'ms_ssim': summary['ms_ssim']['mean'], 'lr': optimizer.param_groups[0]['lr'], 'seconds': seconds,
+            **({STOP_KEY: stopping['psnr']['mean']} if stopping else {})}
 
 
 def load_splits_once(cfg, record=None):
@@ -376,9 +379,10 @@ def train(cfg, device, resume_state=None):
     if no_input_noise and not cfg['augment'] and cfg['feature_cache_gb'] > 0 and start_epoch < cfg['num_epochs']:
         cache = cache_features(attack, splits.images, splits.train_idx, cfg['batch_size'],
                                cfg['feature_cache_gb'] * 2**30)
+    plateau = Plateau(cfg['stop_patience'], cfg['stop_delta'], STOP_KEY, history)
     with StopRequest() as stop, live_curves(cfg, splits.validation(), start_epoch) as curves:
         epoch = start_epoch
-        while epoch < cfg['num_epochs']:  # --minutes may set num_epochs after the first epoch
+        while epoch < cfg['num_epochs'] and not plateau.reached(epoch):  # --minutes may set num_epochs after epoch 1
             started = time.time()
             try:
                 train_loss = train_one_epoch(attack, splits, cache, cfg, optimizer, epoch, stop, partial,
@@ -390,7 +394,9 @@ def train(cfg, device, resume_state=None):
             if cfg['scheduler'] == 'step':
                 trainer.scheduler.step()
             summary = validate(attack, splits, cfg, trainer.average)
-            history.append(history_row(epoch + 1, train_loss, summary, optimizer, time.time() - started))
+            stopping = validate(attack, splits, cfg, trainer.average, splits.stop_idx) if plateau.patience else None
+            history.append(history_row(epoch + 1, train_loss, summary, optimizer, time.time() - started, stopping))
+            plateau.update(history[-1])
             if curves is not None:
                 curves.log(epoch + 1, {tag: history[-1][key] for key, tag in CURVES.items()})
                 curves.reconstructions(epoch + 1, attack.using(attacking_decoder(attack, trainer.average)))
@@ -400,15 +406,26 @@ def train(cfg, device, resume_state=None):
                 fit_to_budget(cfg, history[0]['seconds'])
             save_if_main(save_json, {'config': cfg, 'baselines': baselines, 'history': history},
                          os.path.join(save_dir, 'metrics.json'))
-            if (epoch + 1) % cfg['log_interval'] == 0 or epoch + 1 == cfg['num_epochs']:
+            last = epoch + 1 == cfg['num_epochs'] or plateau.reached(epoch + 1)
+            if (epoch + 1) % cfg['log_interval'] == 0 or last:
                 save_if_main(save_torch, checkpoint(attack, splits, cfg, history, epoch + 1, trainer),
                              os.path.join(save_dir, f'ckpt_{epoch + 1}.ckpt'))
-            if epoch + 1 < cfg['num_epochs'] and stop.requested():
+            if not last and stop.requested():
                 save_and_stop(attack, splits, cfg, history, epoch + 1, trainer, None, stop.signal)
             epoch += 1
-    save_if_main(save_torch, checkpoint(attack, splits, cfg, history, cfg['num_epochs'], trainer, resumable=False),
+    if plateau.patience:
+        print(stopping_note(plateau.record(len(history), cfg['num_epochs'])))
+    save_if_main(save_torch, checkpoint(attack, splits, cfg, history, len(history), trainer, resumable=False),
                  os.path.join(save_dir, 'model.pth'))
     return attack.using(attacking_decoder(attack, trainer.average)), splits, history, baselines
+
+
+def stopping_note(record):
+    if record['plateau_reached']:
+        return (f'stopped after epoch {record["epochs"]}: the PSNR on the stopping images last rose by '
+                f'{record["delta"]:g} dB or more at epoch {record["best_epoch"]} ({record["patience"]} epochs before)')
+    return (f'the cap of {record["epochs"]} epochs stopped training before a plateau (the PSNR on the stopping images '
+            f'rose by {record["delta"]:g} dB or more at epoch {record["best_epoch"]}): the attacker may still improve')
 
 
 def train_and_evaluate(cfg, device, resume_state=None):
@@ -418,7 +435,7 @@ def train_and_evaluate(cfg, device, resume_state=None):
     if not is_main_process():
         return
     validation = splits.validation()
-    per_image, _ = evaluate_and_report(attack, validation, cfg, {'epoch': cfg['num_epochs']}, history=history)
+    per_image, _ = evaluate_and_report(attack, validation, cfg, {'epoch': len(history)}, history=history)
     draw_all(attack, validation, cfg, history, cfg['save_dir'], per_image['psnr'])
     if cfg['attack'] != 'decoder':
         run_attack(attack, validation, cfg, history=history)
@@ -525,6 +542,14 @@ def defended_record(cfg, defence, net, student, splits):
                           'weights': os.path.abspath(cfg['weights']) if cfg['weights'] else None}}
 
 
+def defence_stopping_note(record):
+    if record['plateau_reached']:
+        return (f'defence training converged: its objective (KL + privacy term) last fell by {record["delta"]:g} of '
+                f'itself at epoch {record["best_epoch"]}, and stopped {record["patience"]} epochs later')
+    return (f'the cap of {record["epochs"]} defence epochs stopped training before its objective (KL + privacy term) '
+            f'flattened (last fell by {record["delta"]:g} of itself at epoch {record["best_epoch"]})')
+
+
 def train_defence(cfg, device):
     """--defend KIND: fine-tune the victim with the defence's privacy term beside distillation to the original,
     then write defended_victim.pth (for --weights) and defence.json (settings, per-epoch losses, held-out
@@ -541,13 +566,18 @@ def train_defence(cfg, device):
     optimizer = torch.optim.Adam(parameter_groups(student, net, cfg['defend_lr']))
     before = held_out_utility(student, reference, splits, cfg, device)
     generator, history, started = torch.Generator().manual_seed(cfg['seed']), [], time.perf_counter()
+    plateau = Plateau(cfg['stop_patience'], cfg['stop_delta'], 'objective', rising=False, relative=True)
     with live_curves(cfg, scored=None) as curves:
         for epoch in range(1, cfg['defend_epochs'] + 1):
             losses = defence_epoch(student, reference, term, optimizer, splits, cfg, device, generator,
                                    f'{defence.name} defence, epoch {epoch}/{cfg["defend_epochs"]}')
-            history.append({'epoch': epoch, **losses, 'seconds': time.perf_counter() - started})
+            history.append({'epoch': epoch, **losses, 'objective': losses['kl'] + losses['privacy'],
+                            'seconds': time.perf_counter() - started})
+            plateau.update(history[-1])
             if curves is not None:
                 curves.log(epoch, {f'defence/{name}': value for name, value in losses.items()})
+            if plateau.reached(epoch):
+                break
     after = held_out_utility(student, reference, splits, cfg, device,
                              term if isinstance(term, SimulatedAttacker) else None)
     os.makedirs(cfg['save_dir'], exist_ok=True)
@@ -556,11 +586,15 @@ def train_defence(cfg, device):
     record = {'defence': defence.describe(cfg), 'sent_shape': list(shape), 'minutes': history[-1]['seconds'] / 60,
               'held_out': {'before': before, 'after': after, 'data': splits.description}, 'history': history,
               'config': cfg, 'weights': path}
+    if plateau.patience:
+        record['stopping'] = plateau.record(len(history), cfg['defend_epochs'])
+        print(defence_stopping_note(record['stopping']))
+    plot_defence_history(history, defence.describe(cfg), os.path.join(cfg['save_dir'], 'defence.png'))
     if isinstance(term, SimulatedAttacker):
         record['simulated_attacker_note'] = ('held_out.after.simulated_attacker_psnr is the decoder it was trained '
                                              'against: not a privacy measure; attack the defended victim afresh')
     save_json(record, os.path.join(cfg['save_dir'], DEFENCE_RECORD))
-    print(f'{defence.describe(cfg)}: {cfg["defend_epochs"]} epochs in {record["minutes"]:.1f} min; held-out top-1 '
+    print(f'{defence.describe(cfg)}: {len(history)} epochs in {record["minutes"]:.1f} min; held-out top-1 '
           f'agreement with the original {after["top1_agreement"]:.3f}, KL {after["kl"]:.4f} nats, distance '
           f'correlation {before["distance_correlation"]:.3f} -> {after["distance_correlation"]:.3f}')
     print(f'defended victim: {path}; attack it with --train --arch {cfg["arch"]} --split {cfg["split"]} '

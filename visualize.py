@@ -194,6 +194,19 @@ def plot_decoder_layers(attack, sent, cfg, path):
     return save_figure(fig, path)
 
 
+def plot_defence_history(history, title, path):
+    """Defence training's two objectives per epoch: the distillation KL to the original victim (utility) and the
+    privacy term (what the defence pushes down)."""
+    epochs = [h['epoch'] for h in history]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.plot(epochs, [h['kl'] for h in history], 'o-', label='KL to the original victim')
+    left.set(xlabel='epoch', ylabel='KL (nats)', title='utility: distillation')
+    right.plot(epochs, [h['privacy'] for h in history], 's-', color='tab:red', label='privacy term (weighted)')
+    right.set(xlabel='epoch', ylabel='privacy term', title='privacy: what the defence minimises')
+    fig.suptitle(f'defence training: {title}', fontsize=9)
+    return save_figure(fig, path)
+
+
 def plot_psnr_histogram(psnr_values, cfg, scored, path):
     """The per-image PSNR of the Scored images, titled with what they are."""
     fig, ax = plt.subplots(figsize=(7, 4))

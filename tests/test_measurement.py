@@ -1,5 +1,6 @@
-"""Runs over several seeds: one shared held-out set, the mean and spread over seeds, and a difference called real
-only where it holds across seeds."""
+"""Measuring like a reviewer: runs over several seeds share one held-out set, tables give the mean and spread over
+seeds, a difference counts only where it holds across seeds, and attackers and defences train until they stop
+improving on images that are never the reported ones."""
 import csv
 import json
 
@@ -9,8 +10,8 @@ import torch
 from conftest import tiny_config
 from data import load_splits
 from defences import build_attack
-from evaluate import over_seeds, paired_difference
-from utils import load_checkpoint
+from evaluate import Plateau, over_seeds, paired_difference
+from utils import load_checkpoint, read_json
 
 TINY = ('--image_size', '32', '--batch_size', '16', '--num_batches', '22', '--decoder_depth', 'light',
         '--num_samples', '2', '--num_workers', '0', '--num_epochs', '1')
@@ -96,3 +97,57 @@ def test_a_sweep_over_seeds_compares_each_value_with_the_first_across_seeds(tmp_
 def test_bad_seeds_are_one_line(tmp_path, main_here, args, message):
     result = main_here(tmp_path, *args)
     assert result.returncode == 2 and message in result.stderr and 'Traceback' not in result.stderr
+
+
+def test_stopping_images_are_held_out_from_training_and_never_reported(tmp_path):
+    plain, stopping = load_splits(tiny_config(tmp_path)), load_splits(tiny_config(tmp_path, stop_patience=2))
+    assert torch.equal(plain.val_idx, stopping.val_idx)  # the reported images do not move
+    stop, train = set(stopping.stop_idx.tolist()), set(stopping.train_idx.tolist())
+    assert len(stop) == len(plain.val_idx) and not stop & train and not stop & set(plain.val_idx.tolist())
+    assert stop | train == set(plain.train_idx.tolist())
+    assert set(stopping.record()['stop']) == {stopping.names[i] for i in stop}
+
+
+def test_the_stopping_rule_follows_its_figure_and_is_rebuilt_from_a_history():
+    history = [{'epoch': e, 'stop_psnr': p} for e, p in enumerate((10.0, 11.0, 11.04, 11.02, 11.3), start=1)]
+    plateau = Plateau(2, 0.05, 'stop_psnr')
+    reached = []
+    for row in history:
+        plateau.update(row)
+        reached.append(plateau.reached(row['epoch']))
+    assert reached == [False, False, False, True, False] and plateau.best_epoch == 5
+    rebuilt = Plateau(2, 0.05, 'stop_psnr', history[:4])
+    assert rebuilt.reached(4) and rebuilt.best_epoch == 2  # a resumed run stops where the uninterrupted one would
+    falling = Plateau(1, 0.1, 'objective', [{'epoch': 1, 'objective': 1.0}, {'epoch': 2, 'objective': 0.95}],
+                      rising=False, relative=True)
+    assert falling.reached(2) and falling.best_epoch == 1  # 5 % is less than a tenth of itself
+    assert not Plateau(0, 0.05, 'stop_psnr', history).reached(5)  # patience 0: off
+
+
+def test_training_stops_on_a_plateau_or_says_the_cap_stopped_it(tmp_path, main_here):
+    plateau = main_here(tmp_path, '--train', *TINY, '--num_epochs', '4', '--stop_patience', '1', '--stop_delta', '100',
+                        '--save_dir', 'plateau')
+    assert plateau.returncode == 0, plateau.stderr
+    assert 'stopped after epoch 2: the PSNR on the stopping images last rose' in plateau.stdout
+    evaluation = read_json(tmp_path / 'plateau' / 'eval.json')
+    assert evaluation['training']['epochs'] == evaluation['epoch'] == 2
+    assert evaluation['training']['stopping'] == {'patience': 1, 'delta': 100.0, 'on': 'stop_psnr', 'best_epoch': 1,
+                                                  'epochs': 2, 'plateau_reached': True, 'cap_hit': False}
+    history = read_json(tmp_path / 'plateau' / 'metrics.json')['history']
+    assert all('stop_psnr' in row for row in history) and load_checkpoint(str(tmp_path / 'plateau' / 'model.pth'))['epoch'] == 2
+    capped = main_here(tmp_path, '--train', *TINY, '--stop_patience', '3', '--save_dir', 'capped')
+    assert capped.returncode == 0, capped.stderr
+    assert 'the cap of 1 epochs stopped training before a plateau' in capped.stdout
+    assert read_json(tmp_path / 'capped' / 'eval.json')['training']['stopping']['cap_hit']
+
+
+def test_defence_training_stops_when_its_objective_flattens_and_draws_both_curves(tmp_path, main_here):
+    result = main_here(tmp_path, '--defend', 'nopeek', '--image_size', '32', '--batch_size', '16', '--num_batches',
+                       '8', '--num_workers', '0', '--defend_epochs', '5', '--stop_patience', '1', '--stop_delta',
+                       '0.99', '--save_dir', 'defended')
+    assert result.returncode == 0, result.stderr
+    record = read_json(tmp_path / 'defended' / 'defence.json')
+    assert len(record['history']) == 2 and record['stopping']['plateau_reached']
+    assert 'defence training converged' in result.stdout
+    assert all({'kl', 'privacy', 'objective'} <= set(row) for row in record['history'])
+    assert (tmp_path / 'defended' / 'defence.png').stat().st_size > 10_000
