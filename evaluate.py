@@ -379,6 +379,8 @@ class Plateau:
             self.update(row)
 
     def update(self, row):
+        if not self.patience:  # off: there is nothing to follow
+            return
         value = row[self.key] if self.rising else -row[self.key]
         margin = self.delta * abs(self.best) if self.relative and self.best is not None else self.delta
         if self.best is None or value > self.best + margin:

@@ -312,14 +312,14 @@ def value_results(cfg, value, device, position, reused):
     results = []
     for seed in seeds(cfg):
         run = value_config(cfg, value, seed)
-        where = f'sweep {cfg["sweep"]} {position}: {cfg["sweep"]}={value_label(value)}' + (
-            f', seed {seed}' if cfg['seeds'] > 1 else '')
+        at_seed = f' (seed {seed})' if cfg['seeds'] > 1 else ''
         result = finished_result(run)
         if result is not None:
-            print(f'{where} already done, read from {run["save_dir"]}')
-            reused.append(value_label(value) + (f' (seed {seed})' if cfg['seeds'] > 1 else ''))
+            print(f'sweep {cfg["sweep"]} {position}: {value_label(value)}{at_seed} already done, read from '
+                  f'{run["save_dir"]}')
+            reused.append(value_label(value) + at_seed)
         else:
-            print(where)
+            print(f'sweep {cfg["sweep"]} {position}: {cfg["sweep"]}={value_label(value)}{at_seed}')
             os.makedirs(run['save_dir'], exist_ok=True)
             result = run_value(cfg, run, device)
         results.append(result)

@@ -420,12 +420,14 @@ def train(cfg, device, resume_state=None):
     return attack.using(attacking_decoder(attack, trainer.average)), splits, history, baselines
 
 
-def stopping_note(record):
+def stopping_note(record, what='training'):
+    """The log's line on what stopped `what` (training, defence training): a plateau of its figure, or the cap."""
+    figure = ('the PSNR on the stopping images', 'dB') if record['on'] == STOP_KEY else (
+        'its objective (KL + privacy term)', 'of itself')
+    last = f'{figure[0]} last improved by {record["delta"]:g} {figure[1]} at epoch {record["best_epoch"]}'
     if record['plateau_reached']:
-        return (f'stopped after epoch {record["epochs"]}: the PSNR on the stopping images last rose by '
-                f'{record["delta"]:g} dB or more at epoch {record["best_epoch"]} ({record["patience"]} epochs before)')
-    return (f'the cap of {record["epochs"]} epochs stopped training before a plateau (the PSNR on the stopping images '
-            f'rose by {record["delta"]:g} dB or more at epoch {record["best_epoch"]}): the attacker may still improve')
+        return f'{what} stopped after epoch {record["epochs"]}: {last}, {record["patience"]} epochs before'
+    return f'the cap of {record["epochs"]} epochs stopped {what} before a plateau ({last}): it may still improve'
 
 
 def train_and_evaluate(cfg, device, resume_state=None):
@@ -542,14 +544,6 @@ def defended_record(cfg, defence, net, student, splits):
                           'weights': os.path.abspath(cfg['weights']) if cfg['weights'] else None}}
 
 
-def defence_stopping_note(record):
-    if record['plateau_reached']:
-        return (f'defence training converged: its objective (KL + privacy term) last fell by {record["delta"]:g} of '
-                f'itself at epoch {record["best_epoch"]}, and stopped {record["patience"]} epochs later')
-    return (f'the cap of {record["epochs"]} defence epochs stopped training before its objective (KL + privacy term) '
-            f'flattened (last fell by {record["delta"]:g} of itself at epoch {record["best_epoch"]})')
-
-
 def train_defence(cfg, device):
     """--defend KIND: fine-tune the victim with the defence's privacy term beside distillation to the original,
     then write defended_victim.pth (for --weights) and defence.json (settings, per-epoch losses, held-out
@@ -588,7 +582,7 @@ def train_defence(cfg, device):
               'config': cfg, 'weights': path}
     if plateau.patience:
         record['stopping'] = plateau.record(len(history), cfg['defend_epochs'])
-        print(defence_stopping_note(record['stopping']))
+        print(stopping_note(record['stopping'], 'defence training'))
     plot_defence_history(history, defence.describe(cfg), os.path.join(cfg['save_dir'], 'defence.png'))
     if isinstance(term, SimulatedAttacker):
         record['simulated_attacker_note'] = ('held_out.after.simulated_attacker_psnr is the decoder it was trained '

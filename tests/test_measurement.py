@@ -128,7 +128,7 @@ def test_training_stops_on_a_plateau_or_says_the_cap_stopped_it(tmp_path, main_h
     plateau = main_here(tmp_path, '--train', *TINY, '--num_epochs', '4', '--stop_patience', '1', '--stop_delta', '100',
                         '--save_dir', 'plateau')
     assert plateau.returncode == 0, plateau.stderr
-    assert 'stopped after epoch 2: the PSNR on the stopping images last rose' in plateau.stdout
+    assert 'training stopped after epoch 2: the PSNR on the stopping images last improved' in plateau.stdout
     evaluation = read_json(tmp_path / 'plateau' / 'eval.json')
     assert evaluation['training']['epochs'] == evaluation['epoch'] == 2
     assert evaluation['training']['stopping'] == {'patience': 1, 'delta': 100.0, 'on': 'stop_psnr', 'best_epoch': 1,
@@ -148,6 +148,6 @@ def test_defence_training_stops_when_its_objective_flattens_and_draws_both_curve
     assert result.returncode == 0, result.stderr
     record = read_json(tmp_path / 'defended' / 'defence.json')
     assert len(record['history']) == 2 and record['stopping']['plateau_reached']
-    assert 'defence training converged' in result.stdout
+    assert 'defence training stopped after epoch 2: its objective (KL + privacy term)' in result.stdout
     assert all({'kl', 'privacy', 'objective'} <= set(row) for row in record['history'])
     assert (tmp_path / 'defended' / 'defence.png').stat().st_size > 10_000
