@@ -372,7 +372,9 @@ def without_defence_training(data, candidates, cfg, what):
     """`candidates` (indices) less the images a defended victim (--weights) was fine-tuned on: a defence is never
     scored on the images it trained on, by the attack or by its cost to the victim."""
     defended = set(defence_training_images(cfg['weights']).values())
-    return without_training_content(data, candidates.tolist(), defended, what, 'the defence') if defended else candidates
+    if not defended:
+        return candidates
+    return without_training_content(data, candidates.tolist(), defended, what, 'the defence')
 
 
 def load_splits(cfg, record=None):

@@ -372,8 +372,8 @@ def reference_victim(cfg):
     """--reference: the original victim a defence of your own (--weights) is charged against: torchvision's
     ImageNet weights ('pretrained') or a state-dict file."""
     pretrained = cfg['reference'] == REFERENCE_PRETRAINED
-    return build_victim(cfg['arch'], cfg['split'], pretrained, None if pretrained else cfg['reference'], cfg['victim_seed'],
-                        flag='--reference')
+    return build_victim(cfg['arch'], cfg['split'], pretrained, None if pretrained else cfg['reference'],
+                        cfg['victim_seed'], flag='--reference')
 
 
 def recorded_defence(record):

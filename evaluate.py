@@ -145,7 +145,7 @@ class AttackPlan(NamedTuple):
 
 ATTACK_KEYS = ('attack', 'attack_steps', 'attack_lr', 'tv_weight')  # the flags of AttackPlan's fields, in order
 WHITE_BOX_ALONE = "white-box rMLE with the victim's weights, no decoder"  # the attacker of --attack optimize
-WHITE_BOX_REFINEMENT = "white-box rMLE refinement (the victim's weights) of a"  # --attack decoder+optimize: + the decoder
+WHITE_BOX_REFINEMENT = "white-box rMLE refinement (the victim's weights) of a"  # decoder+optimize, then the decoder
 
 
 def attack_plan(cfg):
@@ -158,7 +158,6 @@ def attacker_name(cfg, kind):
     if kind == 'optimize':
         return WHITE_BOX_ALONE
     return attacker_label(cfg) if kind == 'decoder' else f'{WHITE_BOX_REFINEMENT} {attacker_label(cfg)}'
-
 
 
 def swept_attacker(cfg):
@@ -313,7 +312,7 @@ def paired_difference(baseline, other):
                                dtype=torch.float64)
     if len(differences) < 2:
         return {'seeds': len(seeds), 'difference': differences.mean().item() if len(seeds) else None,
-                'low': None, 'high': None, 'verdict': 'one shared seed: no verdict'}
+                'low': None, 'high': None, 'verdict': 'fewer than two shared seeds: no verdict'}
     half = stats.t.ppf((1 + CONFIDENCE) / 2, len(seeds) - 1) * differences.std().item() / math.sqrt(len(seeds))
     mean = differences.mean().item()
     verdict = ('no measurable difference' if mean - half <= 0 <= mean + half else

@@ -282,8 +282,7 @@ def resolve_config(parser, args, argv):
     if cfg['sweep_values'] and cfg['mode'] != 'sweep':
         parser.error('--sweep_values needs --sweep')
     if cfg['seeds'] > 1 and cfg['mode'] not in ('train', 'sweep', 'defend'):
-        parser.error(f'--seeds is for --train, --sweep and --defend, not --{cfg["mode"]} (it has no training to seed)'
-                     if cfg['mode'] == 'attack' else f'--seeds is for --train, --sweep and --defend, not --{cfg["mode"]}')
+        parser.error(f'--seeds is for --train, --sweep and --defend (what trains), not --{cfg["mode"]}')
     if 'eval_split' in given and cfg['mode'] not in ('eval_pth', 'eval_ckpt', 'visualize'):
         parser.error('--eval_split is for --eval_pth, --eval_ckpt and --visualize')
     state = None

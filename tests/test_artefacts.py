@@ -172,7 +172,8 @@ def test_a_defence_of_your_own_is_charged_against_the_victim_named_by_reference(
     assert 'top1_agreement' not in read(tmp_path / 'itself' / 'eval.json')['metrics']
     assert 'agreement 1.000' not in itself.stdout and 'victim utility: not measured' in itself.stdout
     for args, message in ((('--train', '--reference', 'pretrained'), '--reference names the original victim'),
-                          (('--train', '--weights', 'mine.pth', '--reference', 'nope.pth'), '--reference nope.pth: no such file')):
+                          (('--train', '--weights', 'mine.pth', '--reference', 'nope.pth'),
+                           '--reference nope.pth: no such file')):
         result = main_here(tmp_path, *args, *TINY)
         assert result.returncode == 2 and message in result.stderr and 'Traceback' not in result.stderr
 
@@ -254,8 +255,8 @@ def test_figures_show_the_tensor_the_evaluation_scored_and_name_the_attack(tmp_p
 
 def test_the_psnr_histogram_names_the_images_it_shows(trained_run, main_here, spied_figures, tmp_path):
     write_photos(tmp_path / 'photos', [f'q{i}.png' for i in range(5)])
-    result = main_here(trained_run, '--visualize', '--model_path', 'run/model.pth', '--data_dir', str(tmp_path / 'photos'),
-                       '--save_dir', 'elsewhere')
+    result = main_here(trained_run, '--visualize', '--model_path', 'run/model.pth', '--data_dir',
+                       str(tmp_path / 'photos'), '--save_dir', 'elsewhere')
     assert result.returncode == 0, result.stderr
     titles = dict(spied_figures['titles'])['psnr_hist.png']
     assert titles[0] == f'5 images scored: 5 images of {tmp_path / "photos"}'

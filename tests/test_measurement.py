@@ -19,7 +19,8 @@ TINY = ('--image_size', '32', '--batch_size', '16', '--num_batches', '22', '--de
 
 def evaluation(seed, psnr):
     return {'config': {'seed': seed}, 'n_images': 4, 'training': {'epochs': 1, 'minutes': 0.1},
-            'metrics': {m: {'mean': psnr if m == 'psnr' else 0.5, 'std': 1.0} for m in ('mse', 'psnr', 'ssim', 'ms_ssim')}}
+            'metrics': {m: {'mean': psnr if m == 'psnr' else 0.5, 'std': 1.0}
+                        for m in ('mse', 'psnr', 'ssim', 'ms_ssim')}}
 
 
 def test_the_held_out_split_and_the_victim_do_not_move_with_the_attackers_seed(tmp_path):
@@ -55,7 +56,7 @@ def test_a_difference_counts_only_where_it_holds_across_seeds():
     # the t interval over 3 paired seeds: mean 0.5, std 0.1, t(0.975, 2) = 4.303
     assert paired_difference(baseline, steady)['high'] - 0.5 == pytest.approx(4.303 * 0.1 / 3 ** 0.5, rel=1e-3)
     lone = over_seeds([evaluation(0, 20.0)])
-    assert paired_difference(baseline, lone)['verdict'] == 'one shared seed: no verdict'
+    assert paired_difference(baseline, lone)['verdict'] == 'fewer than two shared seeds: no verdict'
 
 
 def test_seeds_train_every_seed_on_one_held_out_set_and_tabulate_them(tmp_path, main_here):
@@ -91,7 +92,7 @@ def test_a_sweep_over_seeds_compares_each_value_with_the_first_across_seeds(tmp_
 
 
 @pytest.mark.parametrize('args, message', [
-    (('--attack', 'optimize', '--seeds', '2'), '--seeds is for --train, --sweep and --defend, not --attack'),
+    (('--attack', 'optimize', '--seeds', '2'), '--seeds is for --train, --sweep and --defend (what trains), not --attack'),
     (('--train', '--seeds', '0'), '--seeds: must be at least 1'),
 ])
 def test_bad_seeds_are_one_line(tmp_path, main_here, args, message):
@@ -151,3 +152,14 @@ def test_defence_training_stops_when_its_objective_flattens_and_draws_both_curve
     assert 'defence training stopped after epoch 2: its objective (KL + privacy term)' in result.stdout
     assert all({'kl', 'privacy', 'objective'} <= set(row) for row in record['history'])
     assert (tmp_path / 'defended' / 'defence.png').stat().st_size > 10_000
+
+
+def test_a_resumed_run_keeps_its_stopping_images_and_ends_as_the_uninterrupted_one(tmp_path, main_here):
+    common = ('--num_epochs', '3', '--log_interval', '1', '--stop_patience', '5')
+    assert main_here(tmp_path, '--train', *TINY, *common, '--save_dir', 'whole').returncode == 0
+    resumed = main_here(tmp_path, '--resume', '--model_path', 'whole/ckpt_1.ckpt', '--save_dir', 'resumed')
+    assert resumed.returncode == 0, resumed.stderr
+    whole, again = (torch.load(tmp_path / run / 'model.pth', weights_only=True) for run in ('whole', 'resumed'))
+    assert whole['data']['stop'] == again['data']['stop'] and len(whole['data']['stop']) == 32
+    assert [h['stop_psnr'] for h in whole['history']] == [h['stop_psnr'] for h in again['history']]
+    assert all(torch.equal(value, again['decoder'][key]) for key, value in whole['decoder'].items())
