@@ -267,7 +267,7 @@ def result_columns(result):
 
 RESULT_HEADER = ('epochs | training (min) | PSNR (dB) | SSIM | MS-SSIM | LPIPS | top-1 agreement | top-5 agreement | '
                  'KL (nats)')
-RESULT_FORMATS = {'epochs': '{:g}', 'train_minutes': '{:.1f}', 'ssim': '{:.3f}', 'ms_ssim': '{:.3f}', 'lpips': '{:.3f}',
+RESULT_FORMATS = {'epochs': '{:.3g}', 'train_minutes': '{:.1f}', 'ssim': '{:.3f}', 'ms_ssim': '{:.3f}', 'lpips': '{:.3f}',
                   'top1_agreement': '{:.3f}', 'top5_agreement': '{:.3f}', 'kl': '{:.4f}'}
 
 

@@ -99,7 +99,8 @@ def build_rows(evaluations, defaults, idle_flags):
 
 def over_seed_groups(rows, columns, results):
     """The settings that were run at several seeds: rows that differ only in --seed (the same attack and held-out
-    images), each group as one row of means and spread over its seeds, compared with the first group."""
+    images), each group as one row of means and spread over its seeds, compared with the first group scored on the
+    same held-out images (never across sets: other images, other PSNRs)."""
     groups = {}
     for row, result in zip(rows, results):
         key = tuple(row[k] for k in columns if k != 'seed') + (row['held_out_set'],)
@@ -110,16 +111,19 @@ def over_seed_groups(rows, columns, results):
                 **{k: group[0][0][k] for k in columns if k != 'seed'}, 'held_out_set': group[0][0]['held_out_set'],
                 **over_seeds([result for _, result in group])} for group in groups.values()]
     for group in grouped:
-        group['against_first'] = '—' if group is grouped[0] else difference_text(paired_difference(grouped[0], group))
+        first = next(g for g in grouped if g['held_out_set'] == group['held_out_set'])
+        group['against_first'] = (f'— (rows {group["rows"]})' if group is first else
+                                  difference_text(paired_difference(first, group)))
     return grouped
 
 
 def seeds_section(grouped, columns):
     shown = [k for k in columns if k != 'seed']
     return ['', 'Over seeds: the rows that differ only in `seed` (the attacker\'s), as one setting each: the mean over '
-            'its seeds and their spread; a difference from the first setting counts only where its paired 95 % '
-            'interval over the seeds excludes 0.', '',
-            f'| rows | {" | ".join(shown)} | {SEEDS_HEADER} | PSNR against rows {grouped[0]["rows"]} | held-out set |',
+            'its seeds and their spread; a difference from the first setting scored on the same held-out images '
+            'counts only where its paired 95 % interval over the seeds excludes 0.', '',
+            f'| rows | {" | ".join(shown)} | {SEEDS_HEADER} | PSNR against the first setting of its held-out set | '
+            'held-out set |',
             '|' + '---|' * (len(shown) + SEEDS_HEADER.count('|') + 4)] + [
         f'| {g["rows"]} | {" | ".join(g[k] for k in shown)} | {seed_cells(g)} | {g["against_first"]} | '
         f'{g["held_out_set"]} |' for g in grouped]

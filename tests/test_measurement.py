@@ -163,3 +163,15 @@ def test_a_resumed_run_keeps_its_stopping_images_and_ends_as_the_uninterrupted_o
     assert whole['data']['stop'] == again['data']['stop'] and len(whole['data']['stop']) == 32
     assert [h['stop_psnr'] for h in whole['history']] == [h['stop_psnr'] for h in again['history']]
     assert all(torch.equal(value, again['decoder'][key]) for key, value in whole['decoder'].items())
+
+
+def test_a_report_compares_settings_over_seeds_only_on_the_same_held_out_images():
+    from report import over_seed_groups
+    runs = [('a', 0, 'A', 10.0), ('a', 1, 'A', 11.0), ('a', 0, 'B', 30.0), ('a', 1, 'B', 31.0), ('b', 0, 'A', 10.5),
+            ('b', 1, 'A', 11.6)]
+    rows = [{'#': i, 'attack': 'decoder', 'lr': lr, 'seed': str(seed), 'held_out_set': images}
+            for i, (lr, seed, images, _) in enumerate(runs, start=1)]
+    grouped = over_seed_groups(rows, ['attack', 'lr', 'seed'], [evaluation(seed, psnr) for _, seed, _, psnr in runs])
+    assert [g['rows'] for g in grouped] == ['1 2', '3 4', '5 6']
+    assert grouped[1]['against_first'] == '— (rows 3 4)'  # the first of set B: not compared with set A
+    assert grouped[2]['against_first'].startswith('+0.55 dB')  # against rows 1 2 (set A), paired by seed
