@@ -52,6 +52,7 @@ class Splits:
     partition: dict = None  # name -> 'train' | 'val' | 'test' for a CelebA root with its official partition
     cache: str = None  # the decoded-image cache file `images` come from
     stop_idx: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # --stop_patience
+    pixel_hashes: dict = field(default_factory=dict)  # index -> fingerprint of its pixels, hashed once when scored
 
     @property
     def val_names(self):
@@ -61,7 +62,10 @@ class Splits:
         """images[indices] as an evaluation scores them, fingerprinted from the pixels that will be scored; refused
         where those are not the pixels decoded from the files (a cache damaged in place)."""
         digest = hashlib.blake2b(digest_size=8)
-        hashes = [fingerprint(self.images[i]) for i in indices.tolist()]
+        for i in indices.tolist():
+            if i not in self.pixel_hashes:
+                self.pixel_hashes[i] = fingerprint(self.images[i])
+        hashes = [self.pixel_hashes[i] for i in indices.tolist()]
         for i, image_hash in zip(indices.tolist(), hashes):
             if image_hash != self.fingerprints[i]:
                 raise RunError(f'the decoded-image cache {self.cache} is damaged: {self.names[i]} no longer holds the '

@@ -320,6 +320,14 @@ def paired_difference(baseline, other):
     return {'seeds': len(seeds), 'difference': mean, 'low': mean - half, 'high': mean + half, 'verdict': verdict}
 
 
+def against_first(rows, held_out=lambda row: None, first_text=lambda row: '—'):
+    """row['against_first'] for rows of `over_seeds`: the PSNR difference from the first row scored on the same
+    held-out images (`held_out(row)` names them), paired by seed; `first_text(row)` for those first rows."""
+    for row in rows:
+        first = next(r for r in rows if held_out(r) == held_out(row))
+        row['against_first'] = first_text(row) if row is first else difference_text(paired_difference(first, row))
+
+
 def difference_text(difference):
     if difference['low'] is None:
         return difference['verdict']

@@ -179,7 +179,8 @@ def build_parser():
     train.add_argument('--stop_patience', type=int, default=0,
                        help='stop training when the PSNR on stopping images (drawn out of the training images, never '
                             'the ones reported) has not risen by --stop_delta for this many epochs; --num_epochs or '
-                            '--minutes is then the cap (0: off). For --defend: its privacy term, relatively')
+                            '--minutes is then the cap (0: off). For --defend: its objective (KL + privacy term), '
+                            'by that fraction of itself')
     train.add_argument('--stop_delta', type=float, default=0.05,
                        help='the rise in dB (for --defend: relative) that counts as improving')
     train.add_argument('--minutes', type=float,

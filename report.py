@@ -6,8 +6,8 @@ import os
 import string
 
 from defences import describe as describe_defences, family
-from evaluate import (ATTACK_KEYS, ATTACKS, RESULT_HEADER, SEEDS_HEADER, attack_slug, difference_text, msssim_note,
-                      over_seeds, paired_difference, result_cells, result_columns, seed_cells)
+from evaluate import (ATTACK_KEYS, ATTACKS, RESULT_HEADER, SEEDS_HEADER, against_first, attack_slug, msssim_note,
+                      over_seeds, result_cells, result_columns, seed_cells)
 from models import random_victim
 from sweep import tensor_columns
 from utils import NOT_SETTINGS, UsageError, atomic_write_bytes, read_json, save_csv, with_separate_seeds
@@ -110,10 +110,7 @@ def over_seed_groups(rows, columns, results):
     grouped = [{'rows': ' '.join(str(row['#']) for row, _ in group),
                 **{k: group[0][0][k] for k in columns if k != 'seed'}, 'held_out_set': group[0][0]['held_out_set'],
                 **over_seeds([result for _, result in group])} for group in groups.values()]
-    for group in grouped:
-        first = next(g for g in grouped if g['held_out_set'] == group['held_out_set'])
-        group['against_first'] = (f'— (rows {group["rows"]})' if group is first else
-                                  difference_text(paired_difference(first, group)))
+    against_first(grouped, lambda group: group['held_out_set'], lambda group: f'— (rows {group["rows"]})')
     return grouped
 
 

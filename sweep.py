@@ -7,10 +7,9 @@ import torch
 from data import load_splits
 from defences import (DEFENCE_RECORD, DEFENCES, DEFENDED_FILE, KEEP_CHANNELS, build_attack, check_sweep_value, family,
                        parse_sweep_value, training_keys, without_defences)
-from evaluate import (ATTACK_KEYS, ATTACKS, RESULT_HEADER, SEEDS_HEADER, attack_plan, attack_slug,
-                      difference_text, evaluate_and_report, load_trained_attack, msssim_note, over_seeds,
-                      paired_difference, recover, result_cells, result_columns, seed_cells, swept_attacker,
-                      utility_note)
+from evaluate import (ATTACK_KEYS, ATTACKS, RESULT_HEADER, SEEDS_HEADER, against_first, attack_plan, attack_slug,
+                      evaluate_and_report, load_trained_attack, msssim_note, over_seeds, recover, result_cells,
+                      result_columns, seed_cells, swept_attacker, utility_note)
 from models import DECODERS, INTERPOLATIONS, SPLITS, DecoderSpec, check_cut, probe_feature_shape, victim_label
 from train import train, train_and_evaluate, train_defence
 from utils import (DERIVED_KEYS, NOT_SETTINGS, UsageError, atomic_write_bytes, fresh_run_dir, load_checkpoint,
@@ -336,8 +335,8 @@ def run_sweep(cfg, device):
         results = value_results(cfg, value, device, f'{i + 1}/{len(values)}', reused)
         rows.append(table_row(cfg, value, results))
         evaluated.append({**value_config(cfg, value), **results[0]['config']})  # the first seed's, for figures
-    for row in rows if cfg['seeds'] > 1 else ():
-        row['against_first'] = '—' if row is rows[0] else difference_text(paired_difference(rows[0], row))
+    if cfg['seeds'] > 1:
+        against_first(rows)  # every value is scored on the same held-out images
     validation = value_splits(cfg, evaluated[0]).validation()
     save_csv(rows, os.path.join(cfg['save_dir'], 'sweep.csv'))
     table = markdown_table(rows, cfg, validation.description, reused, list(zip(values, evaluated)))
