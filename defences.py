@@ -1,7 +1,7 @@
 """Defences: what the device does to the tensor before sending it. Each defence is one object in DEFENCES that owns
 its flags, their checks, the settings that switch it on, what it does and its name in outputs; main, sweep,
 evaluate and visualize ask it. Fixed defences are arithmetic on the sent tensor. Trained ones fine-tune the device's
-half of the victim (--defend, run by train.train_defence) into a defended victim that --weights loads and the
+half of the victim (--train_defence, run by train.train_defence) into a defended victim that --weights loads and the
 normal attack then attacks from scratch; they are charged against the original victim's predictions."""
 import hashlib
 import math
@@ -10,8 +10,9 @@ import os
 import torch
 import torch.nn.functional as F
 
-from models import (DecoderSpec, SplitAttack, Sparsify, SplitVictim, bottleneck, build_decoder, build_victim,
-                    feature_shape, keep_count, probe_feature_shape, select_channels, with_bottleneck)
+from models import (DecoderSpec, OnTensor, SplitAttack, SplitVictim, bottleneck, build_decoder, build_victim,
+                    feature_shape, keep_count, probe_feature_shape, random_like, select_channels,
+                    with_bottleneck)
 from utils import UsageError, setting
 
 DEFENDED_FILE, DEFENCE_RECORD = 'defended_victim.pth', 'defence.json'
@@ -125,8 +126,11 @@ class KeepChannels(Defence):
         attack.keep_only(cfg['channel_indices'], channels)
 
 
-class Sparsifying(Defence):
-    """Zeroes elements of the tensor (--defence KIND with its own strength flag)."""
+class Selected(Defence):
+    """Arithmetic on the sent tensor, switched on by --defence NAME with its own strength flag. A new one is a
+    subclass with its flag, check, describe and transform (docs/extending.md)."""
+    zeroes = False  # True where the elements it zeroes are known not to be sent: the white-box attack skips them
+    summary = ''  # what it does, in --defence's help
 
     @property
     def keys(self):
@@ -139,14 +143,36 @@ class Sparsifying(Defence):
         return {'defence': self.name, self.flag: strength}
 
     def apply(self, attack, cfg, calibration_images):
-        attack.sparsify = Sparsify(self.name, cfg[self.flag])
+        attack.on_tensor.append(OnTensor(self, cfg[self.flag]))
+
+    def transform(self, features, strength, generator=None):
+        """What the device sends instead of `features`; `generator`: one, a list of one per image (see
+        models.random_like), or None for a fixed seed."""
+        raise NotImplementedError
+
+    def as_seen(self, sent, strength):
+        """The sent tensor as a white-box attacker, who knows the defence, reads it (e.g. dropout's scaling undone)."""
+        return sent
 
 
-class Dropout(Sparsifying):
-    name, flag = 'dropout', 'defence_p'
+class Dropout(Selected):
+    """Each element zeroed with probability p, survivors scaled by 1 / (1 - p) as dropout does, so the server's
+    layers see the same expected activation."""
+    name, flag, zeroes = 'dropout', 'defence_p', True
+    summary = 'zero each element with probability --defence_p (survivors scaled by 1/(1-p))'
 
     def add_arguments(self, group):
         group.add_argument('--defence_p', type=float, default=0.5, help='dropout probability, in [0, 1)')
+
+    def transform(self, features, strength, generator=None):
+        if strength == 0:
+            return features
+        generator = generator or torch.Generator(device=features.device).manual_seed(0)
+        kept = random_like(features, torch.rand, generator) >= strength
+        return features * kept / (1 - strength)
+
+    def as_seen(self, sent, strength):
+        return sent * (1 - strength)
 
     def check(self, cfg, strength, source):
         if not 0 <= strength < 1:
@@ -156,8 +182,10 @@ class Dropout(Sparsifying):
         return f'dropout p={cfg["defence_p"]:g}'
 
 
-class TopK(Sparsifying):
-    name, flag = 'topk', 'defence_k'
+class TopK(Selected):
+    """Exactly the k largest-magnitude elements of each sample are sent (a fraction of C x H x W, or a count)."""
+    name, flag, zeroes = 'topk', 'defence_k', True
+    summary = 'keep the --defence_k largest-magnitude elements of each sample'
 
     def add_arguments(self, group):
         group.add_argument('--defence_k', type=float, default=0.1,
@@ -169,6 +197,12 @@ class TopK(Sparsifying):
 
     def describe(self, cfg):
         return f'top-k {cfg["defence_k"]:g}'
+
+    def transform(self, features, strength, generator=None):
+        flat = features.flatten(1)
+        k = min(keep_count(strength, flat.shape[1]), flat.shape[1])
+        kept = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, flat.abs().topk(k, dim=1).indices, True)
+        return (flat * kept).view_as(features)  # exactly k per sample, even where magnitudes tie
 
 
 class Trained(Defence):
@@ -182,14 +216,14 @@ class Trained(Defence):
         group.add_argument(f'--{self.flag}', type=float, default=self.default, help=self.__doc__.split('\n\n')[0])
 
     def strength(self, cfg):
-        return cfg[self.flag] if cfg.get('defend') == self.name else None
+        return cfg[self.flag] if cfg.get('train_defence') == self.name else None
 
     def check(self, cfg, strength, source):
         if strength < 0:
             raise UsageError(f'{source}: a weight cannot be negative, got {strength:g}')
 
     def settings(self, strength):
-        return {'defend': self.name, self.flag: strength}
+        return {'train_defence': self.name, self.flag: strength}
 
     def describe(self, cfg):
         return f'{self.name} ({self.meaning} {self.strength(cfg):g})'
@@ -239,20 +273,20 @@ class Bottleneck(Trained):
 KEEP_CHANNELS = KeepChannels()
 DEFENCES = {d.name: d for d in (FeatureNoise(), KEEP_CHANNELS, Dropout(), TopK(), NoPeek(), Adversarial(),
                                 Bottleneck())}
-SPARSIFYING = tuple(name for name, d in DEFENCES.items() if isinstance(d, Sparsifying))
+SELECTED = tuple(name for name, d in DEFENCES.items() if isinstance(d, Selected))
 FIXED_KEYS = tuple(dict.fromkeys(key for d in DEFENCES.values() for key in d.keys))
 TRAINED = tuple(name for name, d in DEFENCES.items() if d.trained)
 
 
-def add_arguments(parser):
+def add_arguments(parser, modes):
+    """The defences' flags; --train_defence, a mode of its own, into `modes`."""
+    modes.add_argument('--train_defence', choices=TRAINED, metavar='{' + ','.join(TRAINED) + '}',
+                       help='fine-tune the victim into a defended victim for --weights (its strength: the kind\'s '
+                            'flag under "trained defences")')
     fixed = parser.add_argument_group('defences (on the device, before the tensor is sent)')
-    fixed.add_argument('--defence', choices=('none',) + SPARSIFYING, default='none',
-                       help='dropout: zero each element with probability --defence_p (survivors scaled by 1/(1-p)); '
-                            'topk: keep the --defence_k largest-magnitude elements of each sample')
-    trained = parser.add_argument_group('defence training (--defend KIND writes a defended victim for --weights)')
-    trained.add_argument('--defend', choices=TRAINED,
-                         help='fine-tune the victim into a defended one (a mode of its own); each kind\'s strength is '
-                              'its flag below')
+    fixed.add_argument('--defence', choices=('none',) + SELECTED, default='none',
+                       help='; '.join(f'{name}: {DEFENCES[name].summary}' for name in SELECTED))
+    trained = parser.add_argument_group('trained defences (--train_defence KIND)')
     for defence in DEFENCES.values():
         defence.add_arguments(trained if defence.trained else fixed)
     trained.add_argument('--reference', metavar='pretrained|FILE',
@@ -332,7 +366,8 @@ def check_sweep_value(cfg, value):
 
 
 def without_defences(cfg):
-    return {**cfg, 'aug': False, 'test_noise': False, 'keep_channels': None, 'defence': 'none', 'defend': None}
+    return {**cfg, 'train_noise': False, 'test_noise': False, 'keep_channels': None, 'defence': 'none',
+            'train_defence': None}
 
 
 def build_attack(cfg, device, calibration_images=None):
@@ -355,8 +390,9 @@ def build_attack(cfg, device, calibration_images=None):
         defence.apply(attack, cfg, calibration_images)
     if victim.defended is not None:
         if cfg.get('reference'):
-            raise UsageError(f'--reference: --weights {cfg["weights"]} is a defended victim written by --defend, which '
-                             'names the original victim it is charged against itself; drop --reference')
+            raise UsageError(f'--reference: --weights {cfg["weights"]} is a defended victim written by '
+                             '--train_defence, which names the original victim it is charged against itself; drop '
+                             '--reference')
         reference = victim.defended['reference']
         attack.charge_against(build_victim(cfg['arch'], cfg['split'], reference['pretrained'], reference['weights'],
                                            reference['seed']))

@@ -17,25 +17,49 @@ from models import (ARCHS, DECODER_DEPTHS, DECODERS, DEFAULT_SPLIT, INTERPOLATIO
 from report import write_report
 from sweep import SWEEPS, run_seeds, run_sweep
 from train import LOSSES, train_and_evaluate, train_defence
-from utils import (COMMAND_KEYS, RUN_KEYS, RunError, UsageError, fresh_run_dir, init_distributed, is_main_process,
-                   load_checkpoint, make_deterministic, pick_device, rank_and_world, same_on_all_processes, setting)
+from utils import (COMMAND_KEYS, RENAMED_FLAGS, RUN_KEYS, RunError, UsageError, fresh_run_dir, init_distributed,
+                   is_main_process, load_checkpoint, make_deterministic, pick_device, rank_and_world, renamed_value,
+                   same_on_all_processes, setting)
 from visualize import run_attack, run_visualize
 
 # Flags that define the attack's model: they must agree with a checkpoint that is being loaded.
 MODEL_KEYS = ('arch', 'split', 'pretrained', 'decoder', 'interpolation', 'decoder_depth', 'decoder_width',
               'decoder_blocks', 'decoder_norm', 'image_size') + defences.FIXED_KEYS
-MODES = ('train', 'resume', 'eval_pth', 'eval_ckpt', 'visualize', 'sweep', 'defend', 'report')
-EVALUATIONS = ('eval_pth', 'eval_ckpt')
+MODES = ('train', 'resume', 'eval', 'visualize', 'sweep', 'train_defence', 'report')
 # Modes that write a new record: into a fresh folder beside a --save_dir that holds one (unless --overwrite).
-NEW_RECORDS = ('train', 'attack', 'defend', 'report') + EVALUATIONS
+NEW_RECORDS = ('train', 'attack', 'train_defence', 'report', 'eval')
 # Flags that act only when another flag has a value: (flag, value) -> they.
 DEPENDENT_FLAGS = {('scheduler', 'cosine'): ('warmup_epochs',), ('scheduler', 'step'): ('step_size', 'gamma'),
-                   ('aug', True): ('noise_mean', 'noise_var'), ('test_noise', True): ('test_noise_mean', 'test_noise_var'),
+                   ('train_noise', True): ('noise_mean', 'noise_var'),
+                   ('test_noise', True): ('test_noise_mean', 'test_noise_var'),
                    ('sparse', True): ('sparse_reg',)}
 BUILTIN_IMAGE_SIZE, USER_IMAGE_SIZE = 64, 320
 PRESETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'presets')
 PRESET_SUFFIX = '.args'
 RENAMED_PRESETS = {'strongest': 'adamw_cosine'}  # old name -> new: the old one still works, with a notice
+USAGE = 'main.py MODE [flags]   (MODE: ' + ' | '.join('--' + m for m in MODES) + ' | --attack optimize)'
+START = ('start with:  python main.py --train --split layer1 --attack decoder+optimize --num_epochs 6 --batch_size 16\n'
+         '            (the built-in photos, offline, a few minutes on a CPU; README.md says what it shows)\n'
+         'every flag:  python main.py --help;  README.md and docs/ explain the rest')
+EXAMPLES = '''examples:
+  python main.py --train --split layer1 --attack decoder+optimize     # the leak on the built-in photos
+  python main.py --train --data_dir ~/data/celeba --arch mobilenet_v2 --use_pretrained --seeds 3
+  python main.py --eval --model_path results/model.pth --data_dir other_photos
+  python main.py --sweep defence --arch mobilenet_v2 --use_pretrained
+  python main.py --train_defence nopeek --arch mobilenet_v2 --use_pretrained --save_dir runs/nopeek
+  python main.py --report runs/* --save_dir runs/report
+
+@FILE reads flags from FILE (one or more a line, # comments); a flag after it overrides it. Presets of published
+settings: '''
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Each default printed once: not where the help already gives it, not for switches or flags without one
+    (the hook argparse's own ArgumentDefaultsHelpFormatter uses)."""
+
+    def _get_help_string(self, action):
+        shown = action.default not in (None, False, argparse.SUPPRESS) and 'default' not in action.help
+        return action.help + (' (default: %(default)s)' if shown and action.option_strings else '')
 
 
 class Parser(argparse.ArgumentParser):
@@ -43,6 +67,10 @@ class Parser(argparse.ArgumentParser):
 
     def convert_arg_line_to_args(self, line):
         return resolve_presets(shlex.split(line, comments=True))
+
+    def error(self, message):
+        """One line and where to start, not the whole usage block."""
+        self.exit(2, f'usage: {USAGE}\nerror: {message}\n')
 
 
 def presets():
@@ -52,8 +80,30 @@ def presets():
 
 def resolve_presets(argv):
     """`@FILE` arguments as paths argparse can open: the file as given, else this tool's preset of that name
-    (`@original` and `@presets/original.args` work from any folder)."""
-    return [preset_path(arg) if arg.startswith('@') else arg for arg in argv]
+    (`@original` and `@presets/original.args` work from any folder); renamed flags and values under their new
+    names."""
+    return current_names([preset_path(arg) if arg.startswith('@') else arg for arg in argv])
+
+
+def current_names(argv):
+    """Flags (and values) under a name they had before, renamed to the current one with a one-line notice."""
+    renamed = []
+    for arg in argv:
+        flag, eq, value = arg.partition('=')
+        negated = flag.startswith('--no-')
+        old = flag.removeprefix('--no-' if negated else '--')
+        if flag.startswith('--') and old in RENAMED_FLAGS:
+            new = ('--no-' if negated else '--') + RENAMED_FLAGS[old]
+            print(f'note: {flag} is now {new} (the old name will be removed)', file=sys.stderr)
+            flag, arg = new, new + eq + value
+        renamed += [flag, value] if eq and flag.startswith('--') else [arg]  # --flag=value as two, for its value
+    for i, arg in enumerate(renamed[1:], 1):
+        key = renamed[i - 1].removeprefix('--')
+        if renamed_value(key, arg) != arg:
+            print(f'note: --{key} {arg} is now --{key} {renamed_value(key, arg)} (the old name will be removed)',
+                  file=sys.stderr)
+            renamed[i] = renamed_value(key, arg)
+    return renamed
 
 
 def preset_path(arg):
@@ -69,27 +119,27 @@ def preset_path(arg):
 
 
 def build_parser():
-    p = Parser(description=__doc__.splitlines()[0], allow_abbrev=False, fromfile_prefix_chars='@',
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-               epilog='@FILE reads flags from FILE (one or more a line, # comments); a flag after it overrides it. '
-                      'Presets of published settings: ' + ', '.join(f'@{n}' for n in presets()) + ' (presets/)')
-    mode = p.add_argument_group('what to do (one of)')
+    p = Parser(description=__doc__.splitlines()[0], usage=USAGE, allow_abbrev=False, fromfile_prefix_chars='@',
+               formatter_class=HelpFormatter,
+               epilog=EXAMPLES + ', '.join(f'@{n}' for n in presets()) + ' (presets/)')
+    mode = p.add_argument_group('what to do (one of these, or --attack optimize alone: the white-box attack, '
+                                'which needs no decoder)')
     mode.add_argument('--train', action='store_true', help='train a decoder (then evaluate and draw figures)')
     mode.add_argument('--resume', action='store_true', help='continue training from --model_path X.ckpt')
-    mode.add_argument('--eval_pth', action='store_true', help='evaluate the .pth at --model_path')
-    mode.add_argument('--eval_ckpt', action='store_true', help='evaluate the .ckpt at --model_path')
+    mode.add_argument('--eval', action='store_true', help='evaluate the model.pth or ckpt_N.ckpt at --model_path')
     mode.add_argument('--visualize', action='store_true', help='draw the figures for --model_path (.pth or .ckpt)')
     mode.add_argument('--sweep', choices=SWEEPS, help='train and evaluate one decoder per --sweep_values value')
     mode.add_argument('--report', nargs='+', metavar='RUN',
                       help='one table and figure across finished runs and sweeps (folders or globs) into --save_dir')
     mode.add_argument('--model_path', help='a model.pth or ckpt_N.ckpt written by --train')
     mode.add_argument('--eval_split', choices=('val', 'test'), default='val',
-                      help="what --eval_pth / --eval_ckpt / --visualize score on the training data: the images held "
+                      help="what --eval / --visualize score on the training data: the images held "
                            "out at training (val), or CelebA's official test partition (test)")
 
     victim = p.add_argument_group('victim (frozen, cut at --split)')
     victim.add_argument('--arch', choices=ARCHS, default='resnet18', help='torchvision classifier the device runs')
-    victim.add_argument('--split', help='cut point; default: ' + ', '.join(f'{a} {s}' for a, s in DEFAULT_SPLIT.items()))
+    victim.add_argument('--split', help='where the victim is cut: ' + '; '.join(
+        f'{a}: {" ".join(SPLITS[a])} (default {DEFAULT_SPLIT[a]})' for a in ARCHS))
     setting(victim, '--use_pretrained', "ImageNet weights (IMAGENET1K_V1) through torchvision's hub cache",
             dest='pretrained')
     victim.add_argument('--weights', help='a local state-dict file for the victim instead')
@@ -132,7 +182,7 @@ def build_parser():
                       help="cache the victim's clean features up to this size (0: off)")
 
     noise = p.add_argument_group('noise (variance, not std)')
-    setting(noise, '--aug', 'add Gaussian noise during training')
+    setting(noise, '--train_noise', 'add Gaussian noise during training')
     noise.add_argument('--noise_mean', type=float, default=0.0, help='mean of the training noise')
     noise.add_argument('--noise_var', type=float, default=0.01, help='variance of the training noise')
     setting(noise, '--test_noise', 'add Gaussian noise at evaluation / visualisation')
@@ -141,7 +191,7 @@ def build_parser():
     noise.add_argument('--noise_at', choices=('input', 'features'), default='input',
                        help='on the image before the victim, or on the intercepted tensor (a defence)')
 
-    defences.add_arguments(p)
+    defences.add_arguments(p, mode)
 
     attack = p.add_argument_group('attacks (how the sent tensor is turned into an image when evaluating)')
     plan = AttackPlan()
@@ -179,10 +229,10 @@ def build_parser():
     train.add_argument('--stop_patience', type=int, default=0,
                        help='stop training when the PSNR on stopping images (drawn out of the training images, never '
                             'the ones reported) has not risen by --stop_delta for this many epochs; --num_epochs or '
-                            '--minutes is then the cap (0: off). For --defend: its objective (KL + privacy term), '
+                            '--minutes is then the cap (0: off). For --train_defence: its objective (KL + privacy term), '
                             'by that fraction of itself')
     train.add_argument('--stop_delta', type=float, default=0.05,
-                       help='the rise in dB (for --defend: relative) that counts as improving')
+                       help='the rise in dB (for --train_defence: relative) that counts as improving')
     train.add_argument('--minutes', type=float,
                        help='train for about this many minutes instead: the first epoch is timed and --num_epochs '
                             'set to what fits (recorded); compares attackers at equal wall-clock time')
@@ -193,9 +243,9 @@ def build_parser():
     train.add_argument('--seed', type=int, default=0,
                        help="seeds the attacker: its decoder's initial weights, the data order and the noise")
     train.add_argument('--seeds', type=int, default=1,
-                       help='--train, --sweep and --defend: run every setting at N seeds (--seed and the N - 1 after '
-                            'it), each in SAVE_DIR/seed=S; tables give the mean over the seeds and their spread, and '
-                            'call a difference real only where a paired 95 %% interval over the seeds excludes 0')
+                       help='--train, --sweep and --train_defence: run every setting at N seeds (--seed and the N - 1 '
+                            'after it), each in SAVE_DIR/seed=S; tables give the mean over the seeds and their spread, '
+                            'and call a difference real only where a paired 95 %% interval over the seeds excludes 0')
     train.add_argument('--split_seed', type=int, default=0,
                        help='seeds the train / held-out split (and the built-in crops), fixed while --seed varies, '
                             'so that runs over several seeds are scored on the same images')
@@ -208,12 +258,12 @@ def build_parser():
                        help='bf16: bf16 autocast where the hardware has bf16 arithmetic (CUDA; CPUs with '
                             'AVX512-BF16 or AMX), else fp32; metrics are always computed in fp32')
     setting(train, '--compile', "torch.compile the victim's encoder and the decoder's training step")
-    train.add_argument('--save_dir', default='results', help='outputs; a folder holding a run gets a fresh _N sibling')
-    setting(train, '--overwrite', 'write into --save_dir even if it holds a run')
-    setting(train, '--tensorboard', 'also log the training curves and validation reconstructions (every '
+    outputs = p.add_argument_group('outputs')
+    outputs.add_argument('--save_dir', default='results', help='outputs; a folder holding a run gets a fresh _N sibling')
+    setting(outputs, '--overwrite', 'write into --save_dir even if it holds a run')
+    setting(outputs, '--tensorboard', 'also log the training curves and validation reconstructions (every '
             '--log_interval epochs) for TensorBoard, in --save_dir: tensorboard --logdir RUNS')
-
-    p.add_argument('--num_samples', type=int, default=8, help='images in the sample grid')
+    outputs.add_argument('--num_samples', type=int, default=8, help='images in the sample grid')
     return p
 
 
@@ -282,12 +332,12 @@ def resolve_config(parser, args, argv):
         return cfg, None
     if cfg['sweep_values'] and cfg['mode'] != 'sweep':
         parser.error('--sweep_values needs --sweep')
-    if cfg['seeds'] > 1 and cfg['mode'] not in ('train', 'sweep', 'defend'):
-        parser.error(f'--seeds is for --train, --sweep and --defend (what trains), not --{cfg["mode"]}')
-    if 'eval_split' in given and cfg['mode'] not in ('eval_pth', 'eval_ckpt', 'visualize'):
-        parser.error('--eval_split is for --eval_pth, --eval_ckpt and --visualize')
+    if cfg['seeds'] > 1 and cfg['mode'] not in ('train', 'sweep', 'train_defence'):
+        parser.error(f'--seeds is for --train, --sweep and --train_defence (what trains), not --{cfg["mode"]}')
+    if 'eval_split' in given and cfg['mode'] not in ('eval', 'visualize'):
+        parser.error('--eval_split is for --eval and --visualize')
     state = None
-    if cfg['mode'] not in ('train', 'sweep', 'attack', 'defend'):
+    if cfg['mode'] not in ('train', 'sweep', 'attack', 'train_defence'):
         if not cfg['model_path']:
             parser.error(f'--{cfg["mode"]} needs --model_path FILE')
         if cfg['mode'] == 'resume' and not cfg['model_path'].endswith('.ckpt'):
@@ -318,7 +368,7 @@ def default_save_dir(cfg):
     """Beside the file: resuming and drawing write into its run's folder; an evaluation into a folder of its own
     (eval_ckpt_5, eval_model_test, ...), so that it never replaces the record of another evaluation."""
     folder = os.path.dirname(os.path.abspath(cfg['model_path']))
-    if cfg['mode'] not in EVALUATIONS:
+    if cfg['mode'] != 'eval':
         return folder
     stem = os.path.splitext(os.path.basename(cfg['model_path']))[0]
     return os.path.join(folder, f'eval_{stem}' + ('_test' if cfg['eval_split'] == 'test' else ''))
@@ -382,7 +432,7 @@ def run(argv):
 
 
 def dispatch(cfg, state, device):
-    if cfg['seeds'] > 1 and cfg['mode'] in ('train', 'defend'):  # a sweep runs its values' seeds itself
+    if cfg['seeds'] > 1 and cfg['mode'] in ('train', 'train_defence'):  # a sweep runs its values' seeds itself
         run_seeds(cfg, device)
     elif cfg['mode'] in ('train', 'resume'):
         train_and_evaluate(cfg, device, state if cfg['mode'] == 'resume' else None)
@@ -392,9 +442,9 @@ def dispatch(cfg, state, device):
         run_attack(attack, splits.validation(), cfg)
     elif cfg['mode'] == 'sweep':
         run_sweep(cfg, device)
-    elif cfg['mode'] == 'defend':
+    elif cfg['mode'] == 'train_defence':
         train_defence(cfg, device)
-    elif cfg['mode'] in EVALUATIONS:
+    elif cfg['mode'] == 'eval':
         scored = evaluation_images(cfg, state)
         print(f'evaluating {cfg["model_path"]} (epoch {state["epoch"]}) on {scored.description}')
         run_attack(load_trained_attack(cfg, state, device), scored, cfg,
@@ -405,6 +455,9 @@ def dispatch(cfg, state, device):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        print(f'usage: {USAGE}\n{START}')
+        return
     try:
         run(argv)
     except UsageError as e:

@@ -30,11 +30,11 @@ DEFAULT_SPLIT = {'resnet18': 'layer2', 'resnet34': 'layer2', 'resnet50': 'layer2
                  'mobilenet_v2': 'block6', 'mobilenet_v3_large': 'block13_expand'}
 
 DECODERS = ('original', 'residual')
-# The original work's decoder: (base width, extra convs a stage) per --decoder_depth; x2 by 'transpose' or 'upsample'.
+# The original work's decoder: (base width, extra convs a stage) per --decoder_depth; x2 by 'transpose' or 'bicubic'.
 DECODER_DEPTHS = {'light': (16, 0), 'medium': (32, 1), 'deep': (64, 2)}
 # The residual decoder: (width where the tensor arrives, residual blocks there) per --decoder_depth.
 RESIDUAL_DEPTHS = {'light': (64, 0), 'medium': (128, 1), 'deep': (256, 2)}
-INTERPOLATIONS = {'original': ('transpose', 'upsample'), 'residual': ('transpose', 'pixelshuffle', 'bicubic')}
+INTERPOLATIONS = {'original': ('transpose', 'bicubic'), 'residual': ('transpose', 'pixelshuffle', 'bicubic')}
 NORMS = ('none', 'group', 'batch')
 MIN_WIDTH = 32  # the residual decoder halves its width at each x2 stage, down to this
 
@@ -372,12 +372,17 @@ class Noise(NamedTuple):
     var: float  # variance, as the flags say, not the standard deviation
 
 
-class Sparsify(NamedTuple):
-    """Device-side defences that zero elements of the intercepted tensor."""
-    kind: str  # 'dropout': each element with probability `amount` (survivors scaled by 1 / (1 - p), as dropout
-    #            does, so the server's layers see the same expected activation); 'topk': all but the `amount`
-    #            largest-magnitude elements of each sample (a fraction in (0, 1] or a count above 1)
-    amount: float
+class OnTensor(NamedTuple):
+    """A fixed defence switched on at `strength`: its arithmetic on the intercepted tensor, which
+    SplitAttack.defend applies on the device, and what a white-box attacker, who knows it, undoes."""
+    defence: object  # a defences.Selected: transform(features, strength, generator), as_seen(sent, strength), zeroes
+    strength: float
+
+    def __call__(self, features, generator=None):
+        return self.defence.transform(features, self.strength, generator)
+
+    def as_seen(self, sent):
+        return self.defence.as_seen(sent, self.strength)
 
 
 def random_like(x, draw, generator):
@@ -386,20 +391,6 @@ def random_like(x, draw, generator):
     if isinstance(generator, list):
         return torch.stack([draw(x.shape[1:], generator=g, device=x.device, dtype=x.dtype) for g in generator])
     return draw(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-
-
-def sparsify(features, defence, generator=None):
-    """`generator`: one, a list of one per image (see random_like), or None for a fixed seed."""
-    if defence.kind == 'dropout':
-        if defence.amount == 0:
-            return features
-        generator = generator or torch.Generator(device=features.device).manual_seed(0)
-        kept = random_like(features, torch.rand, generator) >= defence.amount
-        return features * kept / (1 - defence.amount)
-    flat = features.flatten(1)
-    k = min(keep_count(defence.amount, flat.shape[1]), flat.shape[1])
-    kept = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, flat.abs().topk(k, dim=1).indices, True)
-    return (flat * kept).view_as(features)  # exactly k per sample, even where magnitudes tie
 
 
 def add_noise(x, noise, generator):
@@ -453,7 +444,7 @@ class SplitAttack:
         self.run_victim = torch.compile(self.victim.encode) if compile else self.victim.encode
         self.decoder_step = torch.compile(self.decoder) if compile and decoder is not None else self.decoder
         self.channel_mask = None  # (1, C, 1, 1) of 0 / 1 when the device sends a subset of the channels
-        self.sparsify = None  # a Sparsify defence, or None
+        self.on_tensor = []  # the fixed defences' arithmetic (OnTensor), in order
         self.reference = None  # for a defended victim: the original one, what its predictions are charged against
 
     def charge_against(self, reference):
@@ -498,12 +489,13 @@ class SplitAttack:
         return features.clone()  # a normal tensor again, which autograd may save (the decoder's first layer does)
 
     def defend(self, features, noise=None, generator=None):
-        """What the device sends: the intercepted tensor after its feature-side defences (noise, then dropout or
-        top-k sparsification, then the channel subset), so that dropped elements reach the server as exact zeros."""
+        """What the device sends: the intercepted tensor after its feature-side defences (noise, then the fixed
+        defences' arithmetic such as dropout or top-k, then the channel subset), so that dropped elements reach the
+        server as exact zeros. `generator`: one, a list of one per image (see random_like), or None."""
         if noise is not None and noise.at == 'features':
             features = add_noise(features, noise, generator)
-        if self.sparsify is not None:
-            features = sparsify(features, self.sparsify, generator)
+        for defence in self.on_tensor:
+            features = defence(features, generator)
         if self.channel_mask is not None:
             features = features * self.channel_mask
         return features
@@ -544,9 +536,9 @@ def feature_error(attack, images, sent):
     """Per image: ||f(x) - z||^2 / ||z||^2 between the frozen victim's encoding of `images` and the sent tensor z,
     over the elements the attacker can see (a defence's zeros are not matched; dropout's 1 / (1 - p) undone).
     Relative, so a weight on it means the same for every cut. Gradients flow to `images` only."""
-    trusted = (sent != 0) if attack.sparsify is not None else attack.channel_mask
-    if attack.sparsify is not None and attack.sparsify.kind == 'dropout':
-        sent = sent * (1 - attack.sparsify.amount)
+    trusted = (sent != 0) if any(d.defence.zeroes for d in attack.on_tensor) else attack.channel_mask
+    for defence in attack.on_tensor:
+        sent = defence.as_seen(sent)
     with attack.autocast():
         features = attack.victim.encode(images.contiguous(memory_format=torch.channels_last)).float()
     error = features - sent if trusted is None else (features - sent) * trusted
@@ -578,7 +570,7 @@ def attacker_label(cfg):
 
 
 def train_noise(cfg):
-    return Noise(cfg['noise_at'], cfg['noise_mean'], cfg['noise_var']) if cfg['aug'] else None
+    return Noise(cfg['noise_at'], cfg['noise_mean'], cfg['noise_var']) if cfg['train_noise'] else None
 
 
 def test_noise(cfg):

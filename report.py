@@ -10,13 +10,13 @@ from evaluate import (ATTACK_KEYS, ATTACKS, RESULT_HEADER, SEEDS_HEADER, against
                       over_seeds, result_cells, result_columns, seed_cells)
 from models import random_victim
 from sweep import tensor_columns
-from utils import NOT_SETTINGS, UsageError, atomic_write_bytes, read_json, save_csv, with_separate_seeds
+from utils import NOT_SETTINGS, UsageError, atomic_write_bytes, current_config, read_json, save_csv
 from visualize import plot_privacy_utility
 
 EVALUATIONS = {f'eval{attack_slug(kind)}.json': kind for kind in ATTACKS}  # file -> the attack it scored
 # Named above the table when every run shares them.
-SUMMARY_KEYS = ('arch', 'split', 'pretrained', 'weights', 'data_dir', 'image_size', 'decoder', 'interpolation',
-                'decoder_depth', 'num_epochs', 'batch_size', 'seed')
+SUMMARY_KEYS = ('arch', 'split', 'pretrained', 'weights', 'defence', 'data_dir', 'image_size', 'decoder',
+                'interpolation', 'decoder_depth', 'num_epochs', 'batch_size', 'seed')
 
 
 def find_evaluations(patterns):
@@ -46,7 +46,7 @@ def run_settings(result, kind, defaults, idle_flags):
     """What the run computed with: its configuration (flags newer than the run at their defaults), those that
     made no difference to it (`idle_flags`, and the optimisation's for the decoder alone) as None, the attack this
     evaluation scored, and the defences named as every output names them."""
-    config = {**defaults, **with_separate_seeds(result['config'])}
+    config = {**defaults, **current_config(result['config'])}
     idle = idle_flags(config) | (set(ATTACK_KEYS) if kind == 'decoder' else set())
     return {**{k: None if k in idle else v for k, v in config.items() if k not in NOT_SETTINGS}, 'attack': kind,
             'defence': '; '.join(describe_defences(config)) or 'none'}, config

@@ -12,13 +12,13 @@ from evaluate import (ATTACK_KEYS, ATTACKS, RESULT_HEADER, SEEDS_HEADER, against
                       result_columns, seed_cells, swept_attacker, utility_note)
 from models import DECODERS, INTERPOLATIONS, SPLITS, DecoderSpec, check_cut, probe_feature_shape, victim_label
 from train import train, train_and_evaluate, train_defence
-from utils import (DERIVED_KEYS, NOT_SETTINGS, UsageError, atomic_write_bytes, fresh_run_dir, load_checkpoint,
-                   read_json, save_csv, save_json)
+from utils import (DERIVED_KEYS, NOT_SETTINGS, UsageError, atomic_write_bytes, current_config, fresh_run_dir,
+                   load_checkpoint, read_json, renamed_value, save_csv, save_json)
 from visualize import (describe_sweep, plot_privacy_utility, plot_sweep, plot_sweep_samples, plot_training_time,
                        sample_sent, samples)
 
 SWEEPS = ('split', 'keep_channels', 'noise_var', 'attack', 'defence', 'decoder')
-DEFAULT_VALUES = {'decoder': ('original:transpose', 'original:upsample', 'residual'),
+DEFAULT_VALUES = {'decoder': ('original:transpose', 'original:bicubic', 'residual'),
                   'keep_channels': ('1', '0.5', '0.25', '0.125', '0.0625'),
                   'noise_var': ('0', '0.01', '0.05', '0.1', '0.5'),
                   'attack': tuple(ATTACKS),
@@ -28,8 +28,9 @@ DEFAULT_VALUES = {'decoder': ('original:transpose', 'original:upsample', 'residu
 
 
 def parse_decoder(value):
-    """'original:upsample' -> ('original', 'upsample'); 'residual' -> ('residual', its default upsampling)."""
+    """'original:bicubic' -> ('original', 'bicubic'); 'residual' -> ('residual', its default upsampling)."""
     kind, _, interpolation = value.partition(':')
+    interpolation = renamed_value('interpolation', interpolation)
     if kind not in DECODERS or (interpolation and interpolation not in INTERPOLATIONS[kind]):
         raise UsageError(f'--sweep_values for --sweep decoder: {value!r} is not one of '
                          + ', '.join(f'{k}[:{"|".join(i)}]' for k, i in INTERPOLATIONS.items()))
@@ -114,8 +115,8 @@ def value_config(cfg, value, seed=None):
 
 
 def defence_training_config(cfg, run):
-    """The --defend run that writes the defended victim a trained-defence value attacks: the original victim."""
-    return {**run, 'mode': 'defend', 'weights': cfg['weights'], 'save_dir': os.path.dirname(run['weights'])}
+    """The --train_defence run that writes the defended victim a trained-defence value attacks: the original victim."""
+    return {**run, 'mode': 'train_defence', 'weights': cfg['weights'], 'save_dir': os.path.dirname(run['weights'])}
 
 
 def ensure_defended_victim(cfg, run, device):
@@ -135,9 +136,10 @@ def decoder_run(cfg, run):
 
 def comparable(cfg):
     """What must match for a finished value to be reused (with --minutes, the epochs are what the budget gave;
-    defence training's flags only where a defended victim is trained)."""
+    defence training's flags only where a defended victim is trained); a record's under the current names."""
+    cfg = current_config(cfg)
     ignored = NOT_SETTINGS | ({'num_epochs'} if cfg.get('minutes') else set()) | (
-        set() if cfg.get('defend') else training_keys())
+        set() if cfg.get('train_defence') else training_keys())
     return {k: v for k, v in cfg.items() if k not in ignored}
 
 
@@ -184,7 +186,7 @@ def defence_cost(cfg, run):
     """A trained defence's training minutes (from its defence.json), for the table's notes."""
     if cfg['sweep'] != 'defence':
         return {}
-    if not run.get('defend'):
+    if not run.get('train_defence'):
         return {'defence_minutes': None}
     record = read_json(os.path.join(os.path.dirname(run['weights']), DEFENCE_RECORD))
     return {'defence_minutes': record['minutes'] if record else float('nan')}
@@ -289,7 +291,7 @@ def sample_reconstructions(cfg, runs, sample, device):
 def run_value(cfg, run, device):
     """Train the decoder this value needs unless a finished one is shared, then evaluate the value's attack;
     returns its eval json."""
-    if run.get('defend'):
+    if run.get('train_defence'):
         ensure_defended_victim(cfg, run, device)
     if run['attack'] != 'optimize':  # the white-box attack needs no decoder
         trainee = decoder_run(cfg, run)
@@ -357,14 +359,14 @@ def run_sweep(cfg, device):
 
 
 def run_seeds(cfg, device):
-    """--seeds N with --train or --defend: the setting once per seed of the attacker (or of defence training),
+    """--seeds N with --train or --train_defence: the setting once per seed of the attacker (or of defence training),
     each in SAVE_DIR/seed=S and scored on the same held-out images, then one table over the seeds (seeds.md,
     seeds.csv). Sweeps run their seeds themselves."""
     runs = [{**cfg, 'seed': seed, 'seeds': 1, 'save_dir': seed_dir(cfg, cfg['save_dir'], seed)} for seed in seeds(cfg)]
     for i, run in enumerate(runs):
         print(f'seed {run["seed"]} ({i + 1} of {len(runs)}), into {run["save_dir"]}')
-        (train_defence if cfg['mode'] == 'defend' else train_and_evaluate)(run, device)
-    rows = defence_seed_rows(runs) if cfg['mode'] == 'defend' else attack_seed_rows(cfg, runs)
+        (train_defence if cfg['mode'] == 'train_defence' else train_and_evaluate)(run, device)
+    rows = defence_seed_rows(runs) if cfg['mode'] == 'train_defence' else attack_seed_rows(cfg, runs)
     save_csv(rows, os.path.join(cfg['save_dir'], 'seeds.csv'))
     table = seeds_table(cfg, rows)
     atomic_write_bytes(os.path.join(cfg['save_dir'], 'seeds.md'), table.encode())
@@ -395,7 +397,7 @@ def seeds_table(cfg, rows):
     title = (f'{cfg["mode"]} over {seeds_text(cfg)}: {cfg["arch"]} ({victim_label(cfg)}) cut at {cfg["split"]}, '
              f'{cfg["image_size"]} px; every seed scored on the same held-out images (--split_seed '
              f'{cfg["split_seed"]}).')
-    if cfg['mode'] == 'defend':
+    if cfg['mode'] == 'train_defence':
         header = ' | '.join(rows[0])
         lines = [f'| {header} |', '|' + '---|' * len(rows[0])] + [
             '| ' + ' | '.join(v if isinstance(v, str) else f'{v:.4g}' for v in row.values()) + ' |' for row in rows]

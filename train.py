@@ -1,5 +1,5 @@
 """Training: the attacker's decoder on what crosses the cut (checkpoints carry all that rebuilds the attack), and
---defend's defended victims."""
+--train_defence's defended victims."""
 import copy
 import math
 import os
@@ -251,11 +251,30 @@ def train_one_epoch(attack, splits, cache, cfg, optimizer, epoch, stop=None, res
     return mean_loss
 
 
+class BestWeights:
+    """--stop_patience: the attacking decoder's weights at the stopping rule's best epoch, chosen on the stopping
+    images (never the reported ones); the attack uses them once training stops, as an attacker who watched a
+    held-out set of its own would."""
+
+    def __init__(self):
+        self.epoch, self.decoder = 0, None
+
+    def keep(self, decoder, epoch):
+        self.epoch, self.decoder = epoch, {k: v.detach().clone() for k, v in decoder.state_dict().items()}
+
+    def state_dict(self):
+        return {'epoch': self.epoch, 'decoder': self.decoder}
+
+    def load_state_dict(self, state):
+        self.epoch, self.decoder = state['epoch'], state['decoder']
+
+
 class Trainer(NamedTuple):
     """What training updates besides the decoder: saved in training checkpoints to go on exactly."""
     optimizer: torch.optim.Optimizer
     scheduler: object  # an LRScheduler or None
     average: AveragedModel = None  # --ema
+    best: BestWeights = None  # --stop_patience
 
 
 def checkpoint(attack, splits, cfg, history, epoch, trainer, resumable=True):
@@ -269,6 +288,8 @@ def checkpoint(attack, splits, cfg, history, epoch, trainer, resumable=True):
         state['scheduler'] = trainer.scheduler.state_dict() if trainer.scheduler is not None else None
         if average is not None:
             state['trained_decoder'], state['average'] = attack.decoder.state_dict(), average.state_dict()
+        if trainer.best is not None and trainer.best.decoder is not None:
+            state['best'] = trainer.best.state_dict()
     return state
 
 
@@ -365,7 +386,7 @@ def train(cfg, device, resume_state=None):
     distribute(attack, cfg)
     optimizer = make_optimizer(cfg, attack.decoder.parameters(), device)
     trainer = Trainer(optimizer, make_scheduler(cfg, optimizer, len(splits.train_idx)),
-                      make_average(cfg, attack.decoder))
+                      make_average(cfg, attack.decoder), BestWeights() if cfg['stop_patience'] else None)
     baselines = {'mean_image': summarise(mean_image_baseline(splits)), 'untrained_decoder': validate(attack, splits, cfg)}
     history, start_epoch, partial = [], 0, None
     if resume_state is not None:
@@ -397,6 +418,8 @@ def train(cfg, device, resume_state=None):
             stopping = validate(attack, splits, cfg, trainer.average, splits.stop_idx) if plateau.patience else None
             history.append(history_row(epoch + 1, train_loss, summary, optimizer, time.time() - started, stopping))
             plateau.update(history[-1])
+            if plateau.best_epoch == epoch + 1 and trainer.best is not None:
+                trainer.best.keep(attacking_decoder(attack, trainer.average), epoch + 1)
             if curves is not None:
                 curves.log(epoch + 1, {tag: history[-1][key] for key, tag in CURVES.items()})
                 curves.reconstructions(epoch + 1, attack.using(attacking_decoder(attack, trainer.average)))
@@ -415,9 +438,18 @@ def train(cfg, device, resume_state=None):
             epoch += 1
     if plateau.patience:
         print(stopping_note(plateau.record(len(history), cfg['num_epochs'])))
+        use_best_weights(attack, trainer, len(history))
     save_if_main(save_torch, checkpoint(attack, splits, cfg, history, len(history), trainer, resumable=False),
                  os.path.join(save_dir, 'model.pth'))
     return attack.using(attacking_decoder(attack, trainer.average)), splits, history, baselines
+
+
+def use_best_weights(attack, trainer, epochs):
+    """The stopping rule's best epoch's weights into the attacking decoder (and so into model.pth)."""
+    best = trainer.best
+    if best.decoder is not None and best.epoch < epochs:
+        attacking_decoder(attack, trainer.average).load_state_dict(best.decoder)
+        print(f'the attack uses the decoder of epoch {best.epoch}, the best on the stopping images')
 
 
 def stopping_note(record, what='training'):
@@ -459,6 +491,8 @@ def resume_training(attack, trainer, state, cfg):
         trainer.scheduler.load_state_dict(state['scheduler'])
     if trainer.average is not None:
         trainer.average.load_state_dict(state['average'])
+    if trainer.best is not None and state.get('best'):
+        trainer.best.load_state_dict(state['best'])
     partial = state.get('partial_epoch')
     print(f'resuming epoch {state["epoch"] + 1} of {cfg["num_epochs"]}'
           + (f' at step {partial["step"] + 1} of {partial["of"]}' if partial else ''))
@@ -545,10 +579,10 @@ def defended_record(cfg, defence, net, student, splits):
 
 
 def train_defence(cfg, device):
-    """--defend KIND: fine-tune the victim with the defence's privacy term beside distillation to the original,
+    """--train_defence KIND: fine-tune the victim with the defence's privacy term beside distillation to the original,
     then write defended_victim.pth (for --weights) and defence.json (settings, per-epoch losses, held-out
     utility, time). Its privacy is measured by attacking it afresh, never by its own simulated attacker."""
-    defence = DEFENCES[cfg['defend']]
+    defence = DEFENCES[cfg['train_defence']]
     splits = load_splits(cfg)
     net, student, reference = trainable_victim(cfg)
     reference, student = reference.to(device), student.to(device)

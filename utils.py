@@ -165,10 +165,28 @@ FORMAT_2_SETTINGS = {'decoder': 'original', 'decoder_width': None, 'decoder_bloc
                      'minutes': None}
 
 
-def with_separate_seeds(config):
-    """A configuration written before --split_seed and --victim_seed (checkpoint formats 2 and 3, their eval
-    jsons): --seed seeded the split and the random victim too."""
-    return {'split_seed': config.get('seed', 0), 'victim_seed': config.get('seed', 0), **config}
+# Renamed flags (config keys), old -> new: the old flag still works with a notice, and checkpoints, eval jsons and
+# presets written with the old name still load.
+RENAMED_FLAGS = {'aug': 'train_noise', 'defend': 'train_defence', 'eval_pth': 'eval', 'eval_ckpt': 'eval'}
+# Renamed values of a flag, old -> new, read the same way.
+RENAMED_VALUES = {'interpolation': {'upsample': 'bicubic'}}
+
+
+def renamed_value(key, value):
+    return RENAMED_VALUES.get(key, {}).get(value, value) if isinstance(value, str) else value
+
+
+def current_config(config):
+    """A configuration as this version names it: one written under a renamed flag or value, or before --split_seed
+    and --victim_seed (checkpoint formats 2 and 3, their eval jsons: --seed seeded the split and the random victim
+    too), read as it was meant."""
+    current = {}
+    for key, value in config.items():
+        key = RENAMED_FLAGS.get(key, key)
+        current[key] = value or current.get(key) if key == 'eval' else renamed_value(key, value)
+    if 'mode' in current:
+        current['mode'] = RENAMED_FLAGS.get(current['mode'], current['mode'])
+    return {'split_seed': config.get('seed', 0), 'victim_seed': config.get('seed', 0), **current}
 
 
 def load_checkpoint(path, need_optimizer=False):
@@ -191,7 +209,7 @@ def load_checkpoint(path, need_optimizer=False):
                          f'trained on, so none can be scored as held out; train it again')
     if state.get('format') == 'recon-attack/2':
         state['config'] = {**FORMAT_2_SETTINGS, **state['config']}
-    state['config'] = with_separate_seeds(state['config'])
+    state['config'] = current_config(state['config'])
     if need_optimizer and 'optimizer' not in state:
         raise UsageError(f'--model_path {path}: holds no optimizer state (a model.pth); resume from a ckpt_N.ckpt')
     return state

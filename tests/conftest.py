@@ -12,7 +12,9 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-torch.set_num_threads(2)
+# Two cores: both for one test, or one for each of pytest-xdist's two workers (-n 2).
+THREADS = 1 if os.environ.get('PYTEST_XDIST_WORKER') else 2
+torch.set_num_threads(THREADS)
 
 
 def tiny_config(tmp_path, **overrides):
@@ -29,7 +31,7 @@ def tiny_config(tmp_path, **overrides):
 
 def run_cli(cwd, *args, check=True):
     """Runs main.py in a subprocess in `cwd` (decode cache under it); returns the CompletedProcess."""
-    env = {**os.environ, 'RECON_CACHE_DIR': os.path.join(cwd, 'cache'), 'OMP_NUM_THREADS': '2'}
+    env = {**os.environ, 'RECON_CACHE_DIR': os.path.join(cwd, 'cache'), 'OMP_NUM_THREADS': str(THREADS)}
     result = subprocess.run([sys.executable, os.path.join(ROOT, 'main.py'), *map(str, args)], cwd=cwd,
                             capture_output=True, text=True, env=env, timeout=300)
     if check and result.returncode != 0:

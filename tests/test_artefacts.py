@@ -47,7 +47,7 @@ def trained_run(tmp_path_factory):
 def test_an_evaluation_never_overwrites_another_and_records_its_own_epochs(trained_run, main_here):
     before = (trained_run / 'run' / 'eval.json').read_bytes()
     for _ in range(2):
-        assert main_here(trained_run, '--eval_ckpt', '--model_path', 'run/ckpt_1.ckpt').returncode == 0
+        assert main_here(trained_run, '--eval', '--model_path', 'run/ckpt_1.ckpt').returncode == 0
     assert (trained_run / 'run' / 'eval.json').read_bytes() == before  # the training run's own record
     first, second = (read(trained_run / 'run' / name / 'eval.json') for name in ('eval_ckpt_1', 'eval_ckpt_1_1'))
     assert first['training']['epochs'] == second['training']['epochs'] == first['epoch'] == 1
@@ -90,7 +90,7 @@ def test_report_prints_run_paths_as_given(trained_run, main_here, tmp_path):
 
 def defend_then_attack(main_here, cwd, *defend, attack=()):
     common = ('--image_size', '32', '--batch_size', '16', '--num_batches', '8', '--num_workers', '0')
-    assert main_here(cwd, '--defend', *defend, *common, '--save_dir', 'defended').returncode == 0
+    assert main_here(cwd, '--train_defence', *defend, *common, '--save_dir', 'defended').returncode == 0
     result = main_here(cwd, '--train', '--weights', 'defended/defended_victim.pth', '--num_epochs', '1',
                        '--decoder_depth', 'light', *common, *attack, '--save_dir', 'attack')
     assert result.returncode == 0, result.stderr
@@ -134,7 +134,7 @@ def test_an_unchanged_defended_victim_costs_nothing_even_in_bf16(tmp_path):
 def test_no_image_a_defence_was_fine_tuned_on_is_scored_against_it(tmp_path, main_here):
     write_photos(tmp_path / 'data', [f'p{i:02d}.png' for i in range(88)])
     common = ('--data_dir', 'data', '--image_size', '32', '--batch_size', '4', '--num_workers', '0')
-    assert main_here(tmp_path, '--defend', 'nopeek', '--defend_epochs', '1', '--num_batches', '11', *common,
+    assert main_here(tmp_path, '--train_defence', 'nopeek', '--defend_epochs', '1', '--num_batches', '11', *common,
                      '--save_dir', 'defended').returncode == 0
     defended = torch.load(tmp_path / 'defended' / 'defended_victim.pth', weights_only=True)['data']['train']
     result = main_here(tmp_path, '--train', '--weights', 'defended/defended_victim.pth', '--seed', '1',
@@ -144,7 +144,7 @@ def test_no_image_a_defence_was_fine_tuned_on_is_scored_against_it(tmp_path, mai
     assert 'validation images are images the defence trained on' in result.stdout
     scored = {r['image'] for r in read_csv(tmp_path / 'attack' / 'eval_per_image.csv')}
     assert scored and not scored & set(defended)
-    again = main_here(tmp_path, '--eval_pth', '--model_path', 'attack/model.pth', '--save_dir', 'again')
+    again = main_here(tmp_path, '--eval', '--model_path', 'attack/model.pth', '--save_dir', 'again')
     assert again.returncode == 0, again.stderr
     assert {r['image'] for r in read_csv(tmp_path / 'again' / 'eval_per_image.csv')} == scored
 
@@ -200,7 +200,7 @@ def test_defence_minutes_count_defence_training_only(tmp_path, monkeypatch):
         return losses
     monkeypatch.setattr(training, 'held_out_utility', slow_measure)
     monkeypatch.setattr(training, 'defence_epoch', timed_epoch)
-    cfg = tiny_config(tmp_path, mode='defend', defend='nopeek', defend_epochs=1, num_batches=6)
+    cfg = tiny_config(tmp_path, mode='train_defence', train_defence='nopeek', defend_epochs=1, num_batches=6)
     record = training.train_defence(cfg, CPU)
     assert record['minutes'] * 60 == pytest.approx(sum(epoch_seconds), abs=0.5)
 
@@ -285,9 +285,9 @@ def test_a_cache_damaged_in_place_is_refused_not_fingerprinted(tmp_path, main_he
     with open(index.with_suffix('.u8'), 'r+b') as f:  # same size, other pixels
         f.seek(position * 3 * 32 * 32)
         f.write(bytes(3 * 32 * 32))
-    result = main_here(tmp_path, '--eval_pth', '--model_path', 'run/model.pth', '--save_dir', 'eval')
+    result = main_here(tmp_path, '--eval', '--model_path', 'run/model.pth', '--save_dir', 'eval')
     assert result.returncode == 1 and 'Traceback' not in result.stderr
     assert f'is damaged: {held_out} no longer holds the pixels decoded from its file; delete it' in result.stderr
     assert not (tmp_path / 'eval' / 'eval.json').exists()
     shutil.rmtree(tmp_path / 'cache')  # the fix the message gives
-    assert main_here(tmp_path, '--eval_pth', '--model_path', 'run/model.pth', '--save_dir', 'eval').returncode == 0
+    assert main_here(tmp_path, '--eval', '--model_path', 'run/model.pth', '--save_dir', 'eval').returncode == 0

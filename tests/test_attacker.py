@@ -34,7 +34,7 @@ def test_residual_decoder_is_wide_where_the_tensor_arrives_and_narrows_to_the_im
 
 
 def test_configurations_from_before_the_residual_decoder_rebuild_the_original_one():
-    spec = DecoderSpec.from_config({'interpolation': 'upsample', 'decoder_depth': 'light'})
+    spec = DecoderSpec.from_config({'interpolation': 'bicubic', 'decoder_depth': 'light'})
     assert spec.kind == 'original' and type(spec.build(128, 8)).__name__ == 'Decoder'
 
 
@@ -214,7 +214,7 @@ def test_checkpoints_from_before_the_residual_decoder_evaluate_as_they_were_trai
                 'ema', 'warmup_epochs', 'minutes'):
         del state['config'][key]
     torch.save(state, tmp_path / 'old.pth')
-    result = main_here(tmp_path, '--eval_pth', '--model_path', 'old.pth', '--save_dir', 'eval')
+    result = main_here(tmp_path, '--eval', '--model_path', 'old.pth', '--save_dir', 'eval')
     assert result.returncode == 0, result.stderr
     assert 'black-box original transpose decoder (light)' in result.stdout
     history = json.load(open(os.path.join(cfg['save_dir'], 'metrics.json')))['history']
@@ -222,8 +222,29 @@ def test_checkpoints_from_before_the_residual_decoder_evaluate_as_they_were_trai
     assert scored == pytest.approx(history[-1]['psnr'], abs=1e-4)
 
 
+def test_checkpoints_and_commands_under_renamed_flags_still_work_with_a_notice(tmp_path, main_here):
+    """A checkpoint whose configuration has the old names (aug, defend, eval_pth, interpolation 'upsample') loads
+    as the run it was; the old flags on the command line say their new names and do the same."""
+    cfg = tiny_config(tmp_path, interpolation='bicubic', num_epochs=1)
+    train(cfg, CPU)
+    state = torch.load(os.path.join(cfg['save_dir'], 'model.pth'), weights_only=True)
+    config = state['config']
+    config.update(aug=config.pop('train_noise'), defend=config.pop('train_defence'), eval_pth=config.pop('eval'),
+                  eval_ckpt=False, interpolation='upsample')
+    torch.save(state, tmp_path / 'old.pth')
+    result = main_here(tmp_path, '--eval_pth', '--model_path', 'old.pth', '--no-aug', '--save_dir', 'eval')
+    assert result.returncode == 0, result.stderr
+    assert 'note: --eval_pth is now --eval' in result.stderr
+    assert 'note: --no-aug is now --no-train_noise' in result.stderr
+    assert 'black-box original bicubic decoder (light)' in result.stdout
+    history = json.load(open(os.path.join(cfg['save_dir'], 'metrics.json')))['history']
+    scored = json.load(open(tmp_path / 'eval' / 'eval.json'))
+    assert scored['metrics']['psnr']['mean'] == pytest.approx(history[-1]['psnr'], abs=1e-4)
+    assert 'aug' not in scored['config'] and scored['config']['interpolation'] == 'bicubic'
+
+
 @pytest.mark.parametrize('flags,message', [
-    (('--decoder', 'original', '--interpolation', 'pixelshuffle'), 'the original decoder upsamples by transpose or upsample'),
+    (('--decoder', 'original', '--interpolation', 'pixelshuffle'), 'the original decoder upsamples by transpose or bicubic'),
     (('--decoder', 'original', '--decoder_width', '64'), '--decoder_width: for --decoder residual'),
     (('--ema', '1'), '--ema: a decay in [0, 1)'),
     (('--minutes', '0'), '--minutes: must be positive'),

@@ -10,8 +10,8 @@ import main as cli
 from conftest import run_cli, tiny_config
 from data import load_splits
 from evaluate import AttackPlan, evaluate, mean_image_baseline, summarise
-from defences import build_attack
-from models import Sparsify, invert_features, sparsify, total_variation
+from defences import DEFENCES, build_attack
+from models import invert_features, total_variation
 
 CPU = torch.device('cpu')
 TINY = ('--image_size', '32', '--batch_size', '16', '--num_batches', '22', '--num_epochs', '1',
@@ -49,18 +49,18 @@ def test_optimisation_moves_only_the_image_and_towards_the_sent_tensor(tmp_path)
 
 def test_harmless_dropout_and_topk_leave_the_tensor_unchanged():
     features = torch.randn(4, 8, 5, 5)
-    assert torch.equal(sparsify(features, Sparsify('dropout', 0.0)), features)
-    assert torch.equal(sparsify(features, Sparsify('topk', 1.0)), features)
-    assert torch.equal(sparsify(features, Sparsify('topk', 200)), features)
+    assert torch.equal(DEFENCES['dropout'].transform(features, 0.0), features)
+    assert torch.equal(DEFENCES['topk'].transform(features, 1.0), features)
+    assert torch.equal(DEFENCES['topk'].transform(features, 200), features)
 
 
 def test_dropout_zeroes_about_that_fraction_and_topk_keeps_the_largest():
     features = torch.randn(10, 64, 16, 16) + 5  # no zeros of its own
-    dropped = sparsify(features, Sparsify('dropout', 0.3), torch.Generator().manual_seed(0))
+    dropped = DEFENCES['dropout'].transform(features, 0.3, torch.Generator().manual_seed(0))
     assert (dropped == 0).float().mean().item() == pytest.approx(0.3, abs=0.01)
     survivors = dropped != 0
     assert torch.allclose(dropped[survivors], features[survivors] / 0.7)
-    kept = sparsify(features, Sparsify('topk', 0.1))
+    kept = DEFENCES['topk'].transform(features, 0.1)
     per_sample = (kept != 0).flatten(1).sum(1)
     assert per_sample.tolist() == [round(0.1 * 64 * 16 * 16)] * 10
     smallest_kept = kept.abs().flatten(1).masked_fill(kept.flatten(1) == 0, float('inf')).min(1).values
@@ -70,10 +70,10 @@ def test_dropout_zeroes_about_that_fraction_and_topk_keeps_the_largest():
 
 def test_topk_sends_exactly_k_elements_even_when_magnitudes_tie():
     tied = torch.ones(2, 4, 3, 3)
-    assert (sparsify(tied, Sparsify('topk', 5)) != 0).flatten(1).sum(1).tolist() == [5, 5]
+    assert (DEFENCES['topk'].transform(tied, 5) != 0).flatten(1).sum(1).tolist() == [5, 5]
     rounded = torch.randn(6, 32, 8, 8, generator=torch.Generator().manual_seed(0)).bfloat16().float()
     assert rounded[0].abs().unique().numel() < rounded[0].numel()  # bf16 rounding makes ties
-    kept = sparsify(rounded, Sparsify('topk', 0.1))
+    kept = DEFENCES['topk'].transform(rounded, 0.1)
     assert (kept != 0).flatten(1).sum(1).tolist() == [round(0.1 * 32 * 8 * 8)] * 6
 
 
@@ -89,7 +89,7 @@ def test_every_attack_receives_the_same_defended_tensor(tmp_path, monkeypatch, c
     monkeypatch.setattr(evaluate_module, 'recover', spy)
     monkeypatch.chdir(tmp_path)
     defences = ('--keep_channels', '0.5', '--defence', 'dropout', '--defence_p', '0.3', '--noise_at', 'features',
-                '--aug', '--test_noise', '--test_noise_var', '0.05')
+                '--train_noise', '--test_noise', '--test_noise_var', '0.05')
     common = (*TINY, '--attack_steps', '2', *defences, '--cache_dir', str(tmp_path / 'cache'))
     cli.main(['--sweep', 'attack', *common, '--save_dir', 'sweep'])
     cli.main(['--attack', 'optimize', *common, '--save_dir', 'alone'])

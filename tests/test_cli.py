@@ -51,10 +51,10 @@ def test_train_writes_checkpoints_metrics_and_figures(workdir):
         assert_valid_png(run / 'samples' / name, min_side=32)
 
 
-@pytest.mark.parametrize('mode, filename', [('--eval_pth', 'model.pth'), ('--eval_ckpt', 'ckpt_2.ckpt')])
-def test_evaluation_reproduces_the_final_validation_metrics(workdir, mode, filename):
+@pytest.mark.parametrize('filename', ['model.pth', 'ckpt_2.ckpt'])
+def test_evaluation_reproduces_the_final_validation_metrics(workdir, filename):
     out = f'eval_{filename}'
-    result = run_cli(workdir, mode, '--model_path', f'run/{filename}', '--save_dir', out)
+    result = run_cli(workdir, '--eval', '--model_path', f'run/{filename}', '--save_dir', out)
     assert 'PSNR' in result.stdout and 'MS-SSIM: 2 of 5 scales at 32px' in result.stdout
     with open(workdir / out / 'eval.json') as f:
         evaluation = json.load(f)
@@ -127,9 +127,9 @@ def test_running_the_main_command_twice_keeps_the_first_run(workdir):
 
 @pytest.mark.parametrize('args, message', [
     (('--train', '--split', 'layer9'), "invalid choice for resnet18: 'layer9' (choose from layer1, layer2"),
-    (('--train', '--eval_pth'), 'choose exactly one of'),
-    (('--eval_pth', '--model_path', 'missing.pth'), 'missing.pth: no such file'),
-    (('--eval_pth', '--model_path', 'run/model.pth', '--arch', 'resnet50'),
+    (('--train', '--eval'), 'choose exactly one of'),
+    (('--eval', '--model_path', 'missing.pth'), 'missing.pth: no such file'),
+    (('--eval', '--model_path', 'run/model.pth', '--arch', 'resnet50'),
      '--arch resnet50 contradicts the checkpoint run/model.pth, trained with arch=resnet18'),
     (('--resume', '--model_path', 'run/model.pth'), '--resume needs a training checkpoint'),
     (('--train', '--batch_size', '0'), '--batch_size: must be at least 1'),
@@ -141,9 +141,9 @@ def test_running_the_main_command_twice_keeps_the_first_run(workdir):
      '--lr 0.1 contradicts the checkpoint run/ckpt_1.ckpt, trained with lr=0.001; --resume goes on as the run was'),
     (('--resume', '--model_path', 'run/ckpt_1.ckpt', '--data_dir', 'elsewhere'), '--data_dir elsewhere contradicts'),
     (('--resume', '--model_path', 'run/ckpt_1.ckpt', '--batch_size', '8'), '--batch_size 8 contradicts'),
-    (('--eval_pth', '--model_path', 'run/model.pth', '--eval_split', 'test'),
+    (('--eval', '--model_path', 'run/model.pth', '--eval_split', 'test'),
      '--eval_split test: the built-in photos has no list_eval_partition.txt'),
-    (('--train', '--eval_split', 'test'), '--eval_split is for --eval_pth, --eval_ckpt and --visualize'),
+    (('--train', '--eval_split', 'test'), '--eval_split is for --eval and --visualize'),
 ])
 def test_bad_flags_exit_2_with_one_line(workdir, main_here, args, message):
     result = main_here(workdir, *args)

@@ -113,7 +113,7 @@ def test_utility_is_the_defended_victims_agreement_with_the_undefended_one(torch
     assert measured['top5_agreement'].tolist() == expected[1].tolist()
     assert torch.allclose(measured['kl'].double(), expected[2], rtol=1e-3, atol=1e-4)
     assert 0 < expected[0].mean() < 1 and expected[2].mean() > 0.1  # this defence costs something to measure
-    attack.sparsify = None
+    attack.on_tensor = []
     undefended = evaluate(attack, images, torch.arange(32), 16, utility=True)
     assert undefended['top1_agreement'].mean() == 1 and undefended['kl'].abs().max() < 1e-6
 

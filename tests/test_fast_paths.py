@@ -132,9 +132,10 @@ def run_processes(cwd, world, argv, stop_at_check=None):
 
 
 def test_ranks_split_each_batch_and_resume_with_their_own_noise(tmp_path, monkeypatch, capsys):
-    """Input noise (--aug) and dropout both draw from each process's own generator: a run stopped mid-epoch
+    """Input noise (--train_noise) and dropout both draw from each process's own generator: a run stopped mid-epoch
     under two processes must resume to the uninterrupted run's figures exactly."""
-    args = (*TINY, '--aug', '--noise_var', '0.02', '--defence', 'dropout', '--defence_p', '0.2', '--log_interval', '1')
+    args = (*TINY, '--train_noise', '--noise_var', '0.02', '--defence', 'dropout', '--defence_p', '0.2',
+            '--log_interval', '1')
     whole = run_processes(tmp_path, 2, [*args, '--save_dir', 'whole'])
     alone = run_processes(tmp_path, 1, [*args, '--save_dir', 'alone'])[0]
     assert len(whole[0]) == len(whole[1]) == len(alone) == 40  # 20 steps in each of the 2 epochs

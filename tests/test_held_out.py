@@ -39,7 +39,7 @@ def test_evaluation_scores_the_recorded_held_out_images_whatever_the_path_spelli
     assert len(record['train']) == 31 and len(record['held_out']) == 3
     assert not set(record['train']) & set(record['held_out'])
     for i, spelling in enumerate(('data', './data', 'data/', str(tmp_path / 'data'))):
-        out = run('--eval_pth', '--model_path', 'run/model.pth', '--data_dir', spelling, '--save_dir', f'eval{i}')
+        out = run('--eval', '--model_path', 'run/model.pth', '--data_dir', spelling, '--save_dir', f'eval{i}')
         assert scored(tmp_path / f'eval{i}') == set(record['held_out']), spelling
         assert '3 images held out at training' in out
 
@@ -49,13 +49,13 @@ def test_files_added_changed_or_removed_after_training_never_make_training_image
     run(*TRAIN, '--data_dir', 'data', '--log_interval', '1')
     record = recorded(tmp_path / 'run' / 'model.pth')
     write_photos(tmp_path / 'data', ['a_new_one.png', 'another.png', 'zz_third.png'], seed=1)  # shifts the listing
-    run('--eval_pth', '--model_path', 'run/model.pth', '--save_dir', 'added')
+    run('--eval', '--model_path', 'run/model.pth', '--save_dir', 'added')
     assert scored(tmp_path / 'added') == set(record['held_out'])
 
     changed, gone, kept = sorted(record['held_out'])
     write_photos(tmp_path / 'data', [changed], seed=2)
     os.remove(tmp_path / 'data' / gone)
-    out = run('--eval_pth', '--model_path', 'run/model.pth', '--save_dir', 'damaged')
+    out = run('--eval', '--model_path', 'run/model.pth', '--save_dir', 'damaged')
     assert 'of the 3 images held out at training, 1 are gone and 1 changed: scoring the 1 unchanged ones' in out
     assert scored(tmp_path / 'damaged') == {kept}
 
@@ -72,10 +72,10 @@ def test_another_folder_is_scored_without_the_images_trained_on(tmp_path, run):
     for i, name in enumerate(copies):  # the same content under other names
         shutil.copy(tmp_path / 'data' / name, tmp_path / 'other' / f'copy{i}.png')
     write_photos(tmp_path / 'other', ['fresh0.png', 'fresh1.png'], seed=3)
-    out = run('--eval_pth', '--model_path', 'run/model.pth', '--data_dir', 'other', '--save_dir', 'other_eval')
+    out = run('--eval', '--model_path', 'run/model.pth', '--data_dir', 'other', '--save_dir', 'other_eval')
     assert '3 of the 5 images are images the decoder trained on (the same content): left out of the score' in out
     assert scored(tmp_path / 'other_eval') == {'fresh0.png', 'fresh1.png'}
-    code, error = run('--eval_pth', '--model_path', 'run/model.pth', '--data_dir', 'data', '--eval_split', 'test',
+    code, error = run('--eval', '--model_path', 'run/model.pth', '--data_dir', 'data', '--eval_split', 'test',
                       '--save_dir', 'no_test')
     assert code == 2 and 'has no list_eval_partition.txt' in error
 
@@ -90,14 +90,14 @@ def test_celeba_uses_its_official_partition_and_evaluates_val_or_test(tmp_path, 
     assert "CelebA's official train / val partition" in out
     record = recorded(tmp_path / 'run' / 'model.pth')
     assert set(record['train']) == set(names[:28]) and set(record['held_out']) == set(names[28:34])
-    run('--eval_pth', '--model_path', 'run/model.pth', '--save_dir', 'val')
+    run('--eval', '--model_path', 'run/model.pth', '--save_dir', 'val')
     assert scored(tmp_path / 'val') == set(names[28:34])
-    out = run('--eval_pth', '--model_path', 'run/model.pth', '--eval_split', 'test', '--save_dir', 'test')
+    out = run('--eval', '--model_path', 'run/model.pth', '--eval_split', 'test', '--save_dir', 'test')
     assert scored(tmp_path / 'test') == set(names[34:])
     assert "6 images of CelebA's official test partition" in out
 
 
 def test_a_checkpoint_that_does_not_record_its_images_is_refused(tmp_path, run):
     torch.save({'config': {}, 'decoder': {}}, tmp_path / 'old.pth')
-    code, error = run('--eval_pth', '--model_path', 'old.pth')
+    code, error = run('--eval', '--model_path', 'old.pth')
     assert code == 2 and 'did not record which images it trained on' in error

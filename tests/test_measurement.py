@@ -92,7 +92,7 @@ def test_a_sweep_over_seeds_compares_each_value_with_the_first_across_seeds(tmp_
 
 
 @pytest.mark.parametrize('args, message', [
-    (('--attack', 'optimize', '--seeds', '2'), '--seeds is for --train, --sweep and --defend (what trains), not --attack'),
+    (('--attack', 'optimize', '--seeds', '2'), '--seeds is for --train, --sweep and --train_defence (what trains), not --attack'),
     (('--train', '--seeds', '0'), '--seeds: must be at least 1'),
 ])
 def test_bad_seeds_are_one_line(tmp_path, main_here, args, message):
@@ -127,7 +127,7 @@ def test_the_stopping_rule_follows_its_figure_and_is_rebuilt_from_a_history():
 
 def test_training_stops_on_a_plateau_or_says_the_cap_stopped_it(tmp_path, main_here):
     plateau = main_here(tmp_path, '--train', *TINY, '--num_epochs', '4', '--stop_patience', '1', '--stop_delta', '100',
-                        '--save_dir', 'plateau')
+                        '--log_interval', '1', '--save_dir', 'plateau')
     assert plateau.returncode == 0, plateau.stderr
     assert 'training stopped after epoch 2: the PSNR on the stopping images last improved' in plateau.stdout
     evaluation = read_json(tmp_path / 'plateau' / 'eval.json')
@@ -135,7 +135,13 @@ def test_training_stops_on_a_plateau_or_says_the_cap_stopped_it(tmp_path, main_h
     assert evaluation['training']['stopping'] == {'patience': 1, 'delta': 100.0, 'on': 'stop_psnr', 'best_epoch': 1,
                                                   'epochs': 2, 'plateau_reached': True, 'cap_hit': False}
     history = read_json(tmp_path / 'plateau' / 'metrics.json')['history']
-    assert all('stop_psnr' in row for row in history) and load_checkpoint(str(tmp_path / 'plateau' / 'model.pth'))['epoch'] == 2
+    model = load_checkpoint(str(tmp_path / 'plateau' / 'model.pth'))
+    assert all('stop_psnr' in row for row in history) and model['epoch'] == 2
+    # the attack uses the weights of the best epoch on the stopping images (epoch 1), not the last epoch's
+    assert 'the attack uses the decoder of epoch 1, the best on the stopping images' in plateau.stdout
+    best = load_checkpoint(str(tmp_path / 'plateau' / 'ckpt_1.ckpt'))['decoder']
+    assert all(torch.equal(value, best[key]) for key, value in model['decoder'].items())
+    assert evaluation['metrics']['psnr']['mean'] == pytest.approx(history[0]['psnr'], abs=1e-4) != history[1]['psnr']
     capped = main_here(tmp_path, '--train', *TINY, '--stop_patience', '3', '--save_dir', 'capped')
     assert capped.returncode == 0, capped.stderr
     assert 'the cap of 1 epochs stopped training before a plateau' in capped.stdout
@@ -143,7 +149,7 @@ def test_training_stops_on_a_plateau_or_says_the_cap_stopped_it(tmp_path, main_h
 
 
 def test_defence_training_stops_when_its_objective_flattens_and_draws_both_curves(tmp_path, main_here):
-    result = main_here(tmp_path, '--defend', 'nopeek', '--image_size', '32', '--batch_size', '16', '--num_batches',
+    result = main_here(tmp_path, '--train_defence', 'nopeek', '--image_size', '32', '--batch_size', '16', '--num_batches',
                        '8', '--num_workers', '0', '--defend_epochs', '5', '--stop_patience', '1', '--stop_delta',
                        '0.99', '--save_dir', 'defended')
     assert result.returncode == 0, result.stderr

@@ -60,10 +60,22 @@ def test_a_renamed_preset_still_works_and_says_its_new_name(capsys):
     assert 'note: @strongest is now @adamw_cosine' in capsys.readouterr().err
 
 
+def test_renamed_flags_and_values_still_work_in_commands_and_preset_files(tmp_path, capsys):
+    old = tmp_path / 'old.args'
+    old.write_text('--train --aug --interpolation upsample  # written before the renames\n')
+    current = parse('--train', '--train_noise', '--interpolation', 'bicubic')
+    assert parse(f'@{old}') == parse('--train', '--aug', '--interpolation=upsample') == current
+    assert parse('--defend', 'nopeek')['mode'] == 'train_defence'
+    notes = capsys.readouterr().err
+    for note in ('--aug is now --train_noise', '--interpolation upsample is now --interpolation bicubic',
+                 '--defend is now --train_defence'):
+        assert note in notes
+
+
 def test_a_flag_after_a_preset_overrides_it_and_one_before_does_not():
-    cfg = parse('--interpolation', 'transpose', '@original', '--interpolation', 'upsample', '--no-use_pretrained',
+    cfg = parse('--interpolation', 'transpose', '@original', '--interpolation', 'bicubic', '--no-use_pretrained',
                 '--num_epochs', '3')
-    assert (cfg['interpolation'], cfg['pretrained'], cfg['num_epochs']) == ('upsample', False, 3)
+    assert (cfg['interpolation'], cfg['pretrained'], cfg['num_epochs']) == ('bicubic', False, 3)
     assert (cfg['arch'], cfg['split'], cfg['image_size']) == ('mobilenet_v3_large', 'block13_expand', 320)
     assert parse('--num_epochs', '3', '@original')['num_epochs'] == 10
 

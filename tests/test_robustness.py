@@ -13,7 +13,7 @@ from PIL import Image
 
 import main as cli
 import train as train_module
-from conftest import ROOT, run_cli, write_photos
+from conftest import ROOT, THREADS, run_cli, write_photos
 from data import load_images
 from utils import atomic_write_bytes, load_checkpoint
 
@@ -104,11 +104,11 @@ def test_bad_data_dir_is_one_line_with_exit_2(tmp_path, cli_error, make, args, m
 
 def test_model_path_that_is_not_a_checkpoint_or_unsafe(tmp_path, cli_error):
     (tmp_path / 'random.pth').write_bytes(os.urandom(1000))
-    assert 'random.pth: not a checkpoint' in cli_error('--eval_pth', '--model_path', 'random.pth')
+    assert 'random.pth: not a checkpoint' in cli_error('--eval', '--model_path', 'random.pth')
     torch.save({'some': 'dict'}, tmp_path / 'state_dict.pth')
-    assert 'not a recon-attack checkpoint' in cli_error('--eval_pth', '--model_path', 'state_dict.pth')
+    assert 'not a recon-attack checkpoint' in cli_error('--eval', '--model_path', 'state_dict.pth')
     torch.save({'config': {}, 'decoder': {}, 'args': argparse.Namespace(lr=1)}, tmp_path / 'pickled.pth')
-    line = cli_error('--eval_pth', '--model_path', 'pickled.pth')
+    line = cli_error('--eval', '--model_path', 'pickled.pth')
     assert 'refused as unsafe' in line and 'argparse.Namespace' in line
 
 
@@ -165,7 +165,7 @@ def test_a_failed_write_leaves_the_previous_file_whole(tmp_path, monkeypatch):
 
 def interrupt_in_epoch_two(cwd, signum, *args):
     """Starts training and sends `signum` as soon as the second epoch's progress bar appears."""
-    env = {**os.environ, 'RECON_CACHE_DIR': str(cwd / 'cache'), 'OMP_NUM_THREADS': '2'}
+    env = {**os.environ, 'RECON_CACHE_DIR': str(cwd / 'cache'), 'OMP_NUM_THREADS': str(THREADS)}
     process = subprocess.Popen([sys.executable, '-u', os.path.join(ROOT, 'main.py'), '--train', *args], cwd=cwd,
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seen = ''

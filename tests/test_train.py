@@ -59,7 +59,7 @@ def test_training_repeats_bit_for_bit_on_the_cpu(tmp_path, trained):
     assert without_time[0] == without_time[1]
 
 
-@pytest.mark.parametrize('overrides', [{'interpolation': 'upsample'}, {'aug': True, 'noise_var': 0.05},
+@pytest.mark.parametrize('overrides', [{'interpolation': 'bicubic'}, {'train_noise': True, 'noise_var': 0.05},
                                        {'optim': 'sgd', 'lr': 0.05}, {'optim': 'adamw', 'weight_decay': 1.0},
                                        {'decoder': 'residual', 'interpolation': 'pixelshuffle', 'decoder_width': 32,
                                         'decoder_blocks': 1, 'decoder_norm': 'group'},

@@ -1,4 +1,4 @@
-"""Trained defences (--defend), the defence registry, and the privacy-utility frontier."""
+"""Trained defences (--train_defence), the defence registry, and the privacy-utility frontier."""
 import json
 import os
 
@@ -19,7 +19,7 @@ CPU = torch.device('cpu')
 
 
 def defence_config(tmp_path, kind, **overrides):
-    return tiny_config(tmp_path, mode='defend', defend=kind, defend_epochs=1, num_batches=6, **overrides)
+    return tiny_config(tmp_path, mode='train_defence', train_defence=kind, defend_epochs=1, num_batches=6, **overrides)
 
 
 def by_definition(x, z):
@@ -95,11 +95,11 @@ def test_the_defended_file_loads_with_weights_and_sends_the_same_tensor(tmp_path
 
 
 def test_defend_then_attack_end_to_end(tmp_path, main_here):
-    """--defend writes the defended victim; --train --weights attacks it from scratch, and its utility is charged
+    """--train_defence writes the defended victim; --train --weights attacks it from scratch, and its utility is charged
     against the original victim on the same held-out images as defence training measured."""
     common = ('--image_size', '32', '--batch_size', '16', '--num_batches', '8', '--num_workers', '0')
-    out = main_here(tmp_path, '--defend', 'bottleneck', '--bottleneck_channels', '32', '--defend_epochs', '2', *common,
-                    '--save_dir', 'defended').stdout
+    out = main_here(tmp_path, '--train_defence', 'bottleneck', '--bottleneck_channels', '32', '--defend_epochs', '2',
+                    *common, '--save_dir', 'defended').stdout
     assert 'bottleneck (channels 32): 2 epochs' in out and 'outputs written to' in out
     record = json.loads((tmp_path / 'defended' / 'defence.json').read_text())
     assert record['sent_shape'] == [32, 4, 4] and len(record['history']) == 2
@@ -127,11 +127,11 @@ def test_each_defence_is_switched_on_by_its_own_settings(tmp_path):
     (('--defence', 'topk', '--defence_k', '2.5'), 'topk:2.5', 'a fraction in (0, 1] or a whole count, got 2.5'),
     (('--defence', 'dropout', '--defence_p', '1'), 'dropout:1', 'a dropout probability in [0, 1), got 1'),
     (('--keep_channels', '500'), 'keep_channels:500', 'resnet18 cut at layer2 sends only 128 channels, got 500'),
-    (('--defend', 'nopeek', '--nopeek_weight', '-1'), 'nopeek:-1', 'a weight cannot be negative, got -1'),
-    (('--defend', 'bottleneck', '--bottleneck_channels', '0'), 'bottleneck:0', 'must be positive, got 0'),
+    (('--train_defence', 'nopeek', '--nopeek_weight', '-1'), 'nopeek:-1', 'a weight cannot be negative, got -1'),
+    (('--train_defence', 'bottleneck', '--bottleneck_channels', '0'), 'bottleneck:0', 'must be positive, got 0'),
 ])
 def test_a_flag_and_its_sweep_value_are_checked_alike(main_here, tmp_path, flag, sweep_value, message):
-    by_flag = main_here(tmp_path, *(('--train',) if flag[0] != '--defend' else ()), *flag)
+    by_flag = main_here(tmp_path, *(('--train',) if flag[0] != '--train_defence' else ()), *flag)
     by_sweep = main_here(tmp_path, '--sweep', 'defence', '--sweep_values', sweep_value)
     for result in (by_flag, by_sweep):
         assert result.returncode == 2 and message in result.stderr and 'Traceback' not in result.stderr
