@@ -10,6 +10,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from fisher import calibrated_variance, jacobian_norms, rademacher
 from models import (DecoderSpec, OnTensor, SplitAttack, SplitVictim, bottleneck, build_decoder, build_victim,
                     feature_shape, keep_count, probe_feature_shape, random_like, select_channels,
                     with_bottleneck)
@@ -70,11 +71,13 @@ class FeatureNoise(Defence):
             raise UsageError(f'{source}: a variance cannot be negative, got {strength:g}')
 
     def settings(self, strength):  # the same noise while the attacker trains and when it is measured
-        return dict(aug=True, test_noise=True, noise_at='features', noise_var=strength, test_noise_var=strength,
+        return dict(train_noise=True, test_noise=True, noise_at='features', noise_var=strength, test_noise_var=strength,
                     noise_mean=0.0, test_noise_mean=0.0)
 
     def describe(self, cfg):
-        return f'noise on the tensor (mean {cfg["test_noise_mean"]:g}, var {cfg["test_noise_var"]:g})'
+        bound = (f', set for a {cfg["noise_for_bound"]:g} dB unbiased-attacker ceiling'
+                 if cfg.get('noise_for_bound') is not None else '')
+        return f'noise on the tensor (mean {cfg["test_noise_mean"]:g}, var {cfg["test_noise_var"]:.4g}{bound})'
 
 
 class KeepChannels(Defence):
@@ -232,8 +235,9 @@ class Trained(Defence):
         """The victim to fine-tune, with any modules the defence adds at the cut."""
         return victim
 
-    def privacy_term(self, cfg, shape, device):
-        """A function (images, sent) -> the privacy loss to add, weighted; None for distillation alone."""
+    def privacy_term(self, cfg, shape, device, victim):
+        """A function (images, sent) -> the privacy loss to add, weighted; None for distillation alone. `victim`:
+        the one being fine-tuned."""
         return None
 
 
@@ -242,7 +246,7 @@ class NoPeek(Trained):
     2020)"""
     name, flag = 'nopeek', 'nopeek_weight'
 
-    def privacy_term(self, cfg, shape, device):
+    def privacy_term(self, cfg, shape, device, victim):
         return lambda images, sent: cfg[self.flag] * distance_correlation(images, sent)
 
 
@@ -251,8 +255,24 @@ class Adversarial(Trained):
     device's half is trained to raise (the ResSFL / adversarial-representation recipe)"""
     name, flag = 'adversarial', 'adversarial_weight'
 
-    def privacy_term(self, cfg, shape, device):
+    def privacy_term(self, cfg, shape, device, victim):
         return SimulatedAttacker(cfg, shape, device, cfg[self.flag])
+
+
+class FisherPenalty(Trained):
+    """fil: weight of the Jacobian penalty tr(J^T J) / ||z||^2 of the device's half (one random probe a step), which
+    lowers the Fisher information its sent tensor z carries about the image under noise (dFIL, Maeng et al. 2023);
+    relative to z's energy, so that scaling z up or down does not change it"""
+    name, flag = 'fil', 'fil_weight'
+
+    def privacy_term(self, cfg, shape, device, victim):
+        generator = torch.Generator(device=device).manual_seed(cfg['seed'])
+
+        def penalty(images, sent):
+            probes = rademacher(images.shape, generator=generator, device=images.device, dtype=images.dtype)
+            energy = sent.pow(2).flatten(1).sum(1).clamp_min(1e-12)
+            return cfg[self.flag] * (jacobian_norms(victim.encode, images, probes) / energy).mean()
+        return penalty
 
 
 class Bottleneck(Trained):
@@ -272,7 +292,7 @@ class Bottleneck(Trained):
 
 KEEP_CHANNELS = KeepChannels()
 DEFENCES = {d.name: d for d in (FeatureNoise(), KEEP_CHANNELS, Dropout(), TopK(), NoPeek(), Adversarial(),
-                                Bottleneck())}
+                                FisherPenalty(), Bottleneck())}
 SELECTED = tuple(name for name, d in DEFENCES.items() if isinstance(d, Selected))
 FIXED_KEYS = tuple(dict.fromkeys(key for d in DEFENCES.values() for key in d.keys))
 TRAINED = tuple(name for name, d in DEFENCES.items() if d.trained)
@@ -388,6 +408,8 @@ def build_attack(cfg, device, calibration_images=None):
     cfg['sent_shape'] = list(shape)
     for defence, _ in active(cfg):
         defence.apply(attack, cfg, calibration_images)
+    if cfg.get('noise_for_bound') is not None and cfg.get('bound_calibration') is None:
+        calibrate_noise(attack, cfg, calibration_images)
     if victim.defended is not None:
         if cfg.get('reference'):
             raise UsageError(f'--reference: --weights {cfg["weights"]} is a defended victim written by '
@@ -402,6 +424,20 @@ def build_attack(cfg, device, calibration_images=None):
         cfg['victim_defence'] = (f'your defence: --weights {os.path.basename(cfg["weights"])}, charged against '
                                  f'--reference {cfg["reference"]}')
     return attack
+
+
+def calibrate_noise(attack, cfg, calibration_images):
+    """--noise_for_bound DB: the noise defence, on while the attacker trains and when it is measured, at the variance
+    where the mean unbiased-attacker PSNR ceiling on `calibration_images` (uint8, training images) is DB; the
+    variance and how it was found go into cfg, so every later evaluation of the run sees the same noise."""
+    if calibration_images is None:
+        raise ValueError('--noise_for_bound needs calibration images to set its noise')
+    variance, record = calibrated_variance(attack, attack.to_images(calibration_images), cfg['noise_for_bound'],
+                                           cfg['fil_probes'])
+    cfg.update(DEFENCES['noise'].settings(variance), bound_calibration=record)
+    print(f'--noise_for_bound {cfg["noise_for_bound"]:g}: noise of variance {variance:.4g} (sigma '
+          f'{record["sigma"]:.4g}) on the tensor, where the mean unbiased-attacker PSNR ceiling on {record["images"]} '
+          f'training images is {cfg["noise_for_bound"]:g} dB')
 
 
 def reference_victim(cfg):

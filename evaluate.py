@@ -16,6 +16,7 @@ from scipy import stats
 
 from data import held_out_images
 from defences import active, build_attack
+from fisher import Bound, format_bound, no_bound
 from models import attacker_label, invert_features, random_victim, test_noise
 from utils import UsageError, progress, save_csv, save_json, to_unit
 
@@ -201,20 +202,21 @@ def evaluate(attack, images, indices, batch_size, noise=None, desc='evaluating',
              perceptual=None, first=0, measures=None):
     """Per-image metrics (CPU tensors) of the attack's reconstructions of images[indices] (none with plan None);
     with `utility`, also the victim's agreement between what the device sends and the undefended tensor; LPIPS
-    with `perceptual`; `measures(images, sent)`: more per-image figures. `first`: the position of
+    with `perceptual`; `measures(images, sent, positions)`: more per-image figures. `first`: the position of
     images[indices[0]] among the images scored (a slice of them under torchrun)."""
     if attack.decoder is not None:
         attack.decoder.eval()
     results = {}
     for start in progress(range(0, len(indices), batch_size), desc=desc):
         target = attack.to_images(images[indices[start:start + batch_size]])
-        encoded, sent = received(attack, target, range(first + start, first + start + len(target)), noise)
+        positions = range(first + start, first + start + len(target))
+        encoded, sent = received(attack, target, positions, noise)
         measured = {} if plan is None else score(recover(attack, sent, plan, target.shape), target, perceptual)
         if utility:  # against the undefended tensor: what was encoded, unless the input itself was noised
             undefended = attack.encode(target) if noise is not None and noise.at == 'input' else encoded
             measured.update(victim_agreement(attack.undefended_logits(target, undefended), attack.classify(sent)))
         if measures is not None:
-            measured.update(measures(target, sent))
+            measured.update(measures(target, sent, positions))
         for name, values in measured.items():
             results.setdefault(name, []).append(values.cpu())
     return {m: torch.cat(v) for m, v in results.items()}
@@ -260,13 +262,15 @@ def result_columns(result):
     means = {name: stats['mean'] for name, stats in result['metrics'].items()}
     training = result.get('training', {})
     return {'epochs': training.get('epochs'), 'train_minutes': training.get('minutes'),
-            'psnr': means['psnr'], 'psnr_std': result['metrics']['psnr']['std'], 'ssim': means['ssim'],
+            'psnr': means['psnr'], 'psnr_std': result['metrics']['psnr']['std'],
+            'psnr_ceiling': means.get('psnr_ceiling'), 'unbounded': isinstance(result.get('bound'), str),
+            'ssim': means['ssim'],
             'ms_ssim': means['ms_ssim'], 'lpips': means.get(PERCEPTUAL), 'mse': means['mse'],
             **{name: means.get(name) for name in UTILITY}, 'n_images': result['n_images']}
 
 
-RESULT_HEADER = ('epochs | training (min) | PSNR (dB) | SSIM | MS-SSIM | LPIPS | top-1 agreement | top-5 agreement | '
-                 'KL (nats)')
+RESULT_HEADER = ('epochs | training (min) | PSNR (dB) | unbiased ceiling (dB, dFIL) | SSIM | MS-SSIM | LPIPS | '
+                 'top-1 agreement | top-5 agreement | KL (nats)')
 RESULT_FORMATS = {'epochs': '{:.3g}', 'train_minutes': '{:.1f}', 'ssim': '{:.3f}', 'ms_ssim': '{:.3f}', 'lpips': '{:.3f}',
                   'top1_agreement': '{:.3f}', 'top5_agreement': '{:.3f}', 'kl': '{:.4f}'}
 
@@ -275,11 +279,18 @@ def result_cells(row):
     """The Markdown cells of RESULT_HEADER for a row of `result_columns` ('—' for what was not measured)."""
     cells = {k: '—' if row[k] is None else form.format(row[k]) for k, form in RESULT_FORMATS.items()}
     return ' | '.join([cells['epochs'], cells['train_minutes'], f'{row["psnr"]:.2f} ± {row["psnr_std"]:.2f}',
-                       *(cells[k] for k in ('ssim', 'ms_ssim', 'lpips', *UTILITY))])
+                       ceiling_cell(row), *(cells[k] for k in ('ssim', 'ms_ssim', 'lpips', *UTILITY))])
 
 
-SEEDS_HEADER = ('seeds | epochs | training (min) | PSNR (dB, mean ± spread over seeds) | per-image PSNR std | SSIM | '
-                'MS-SSIM | LPIPS | top-1 agreement | top-5 agreement | KL (nats)')
+def ceiling_cell(row):
+    """The unbiased-attacker ceiling: a number only where the sent tensor carries noise the bound covers."""
+    if row['psnr_ceiling'] is not None:
+        return f'{row["psnr_ceiling"]:.2f}'
+    return 'no bound' if row['unbounded'] else '—'  # '—': an evaluation from before the bound was recorded
+
+
+SEEDS_HEADER = ('seeds | epochs | training (min) | PSNR (dB, mean ± spread over seeds) | per-image PSNR std | '
+                'unbiased ceiling (dB, dFIL) | SSIM | MS-SSIM | LPIPS | top-1 agreement | top-5 agreement | KL (nats)')
 CONFIDENCE = 0.95  # of the paired interval over seeds that decides "better"
 
 
@@ -291,6 +302,7 @@ def over_seeds(results):
     psnr_by_seed = {r['config']['seed']: row['psnr'] for r, row in zip(results, rows)}
     means = {key: None if any(row[key] is None for row in rows) else sum(row[key] for row in rows) / len(rows)
              for key in rows[0]}
+    means['unbounded'] = all(row['unbounded'] for row in rows)
     values = torch.tensor(list(psnr_by_seed.values()), dtype=torch.float64)
     return {**means, 'psnr_seed_std': values.std().item() if len(values) > 1 else 0.0, 'n_seeds': len(rows),
             'psnr_by_seed': psnr_by_seed}
@@ -403,6 +415,15 @@ class Plateau:
                 epochs >= cap}
 
 
+def checkpoint_epochs(state):
+    """A checkpoint's training, as the logs name it: its epoch, and the epoch of its weights where the stopping rule
+    chose an earlier epoch's."""
+    if state.get('weights_epoch'):
+        return (f'{state["epoch"]} epochs, the weights of epoch {state["weights_epoch"]}, the best on the stopping '
+                'images')
+    return f'epoch {state["epoch"]}'
+
+
 def training_record(history, cfg=None):
     """How long the decoder an evaluation used was trained (epochs, minutes), from its history up to the epoch it
     was saved at, and (--stop_patience) whether it stopped on a plateau or at the cap: recorded in the eval json,
@@ -417,16 +438,20 @@ def training_record(history, cfg=None):
 def evaluate_and_report(attack, scored, cfg, extra=None, plan=AttackPlan(), history=()):
     """The full evaluation (quality and victim utility) of the Scored images, printed and written as
     eval{_attack}.json and eval{_attack}_per_image.csv; `history`: the training history of the decoder used."""
+    unbounded = no_bound(attack, cfg)
+    bound = Bound(attack, cfg) if unbounded is None else None
     per_image = evaluate(attack, scored.images, scored.indices, cfg['batch_size'], test_noise(cfg),
-                         utility=utility_charged(cfg), plan=plan, perceptual=load_lpips(attack.device))
+                         utility=utility_charged(cfg), plan=plan, perceptual=load_lpips(attack.device), measures=bound)
     attacker = attacker_name(cfg, plan.kind)
     settings = {**(extra or {}), 'attack': plan._asdict(), 'attacker': attacker,
+                'bound': bound.record() if bound else unbounded,
                 'training': training_record(history if plan.kind != 'optimize' else (), cfg),
                 'data': scored.description,
                 'held_out': scored.fingerprint, 'msssim': msssim_note(cfg['image_size']),
                 'utility': utility_note(cfg), 'config': cfg}
     summary = write_evaluation(per_image, scored.names, settings, cfg['save_dir'], 'eval' + attack_slug(plan.kind))
     print(f'{plan.kind} attack ({attacker}) on {len(scored.names)} images: {format_summary(summary)}')
+    print(format_bound(summary, per_image) if bound else unbounded)
     if utility_charged(cfg):
         print(format_utility(summary))
     print(f'{utility_note(cfg)}\n{msssim_note(cfg["image_size"])}')

@@ -3,6 +3,7 @@
 main.py only parses flags, resolves them against a checkpoint, and dispatches."""
 import argparse
 import copy
+import math
 import os
 import shlex
 import sys
@@ -11,7 +12,7 @@ import torch
 
 import defences
 from data import load_splits
-from evaluate import ATTACKS, AttackPlan, evaluation_images, load_trained_attack
+from evaluate import ATTACKS, AttackPlan, checkpoint_epochs, evaluation_images, load_trained_attack
 from models import (ARCHS, DECODER_DEPTHS, DECODERS, DEFAULT_SPLIT, INTERPOLATIONS, NORMS, RESIDUAL_DEPTHS, SPLITS,
                     DecoderSpec, check_cut, random_victim, victim_label)
 from report import write_report
@@ -24,7 +25,8 @@ from visualize import run_attack, run_visualize
 
 # Flags that define the attack's model: they must agree with a checkpoint that is being loaded.
 MODEL_KEYS = ('arch', 'split', 'pretrained', 'decoder', 'interpolation', 'decoder_depth', 'decoder_width',
-              'decoder_blocks', 'decoder_norm', 'image_size') + defences.FIXED_KEYS
+              'decoder_blocks', 'decoder_norm', 'image_size', 'noise_for_bound') + defences.FIXED_KEYS
+NOISE_FLAGS = tuple(defences.DEFENCES['noise'].settings(0))  # what --noise_for_bound sets
 MODES = ('train', 'resume', 'eval', 'visualize', 'sweep', 'train_defence', 'report')
 # Modes that write a new record: into a fresh folder beside a --save_dir that holds one (unless --overwrite).
 NEW_RECORDS = ('train', 'attack', 'train_defence', 'report', 'eval')
@@ -190,6 +192,11 @@ def build_parser():
     noise.add_argument('--test_noise_var', type=float, default=0.01, help='variance of the test noise')
     noise.add_argument('--noise_at', choices=('input', 'features'), default='input',
                        help='on the image before the victim, or on the intercepted tensor (a defence)')
+    noise.add_argument('--noise_for_bound', type=float, metavar='DB',
+                       help='noise on the tensor, in training and evaluation, of the variance at which the mean '
+                            'unbiased-attacker PSNR ceiling (dFIL) on training images is DB dB')
+    noise.add_argument('--fil_probes', type=int, default=16,
+                       help='random probes per image of the dFIL estimate wherever the tensor carries noise')
 
     defences.add_arguments(p, mode)
 
@@ -282,6 +289,14 @@ def check_flags(parser, cfg):
                      f"(choose from {', '.join(splits)})")
     positive = ('batch_size', 'num_epochs', 'image_size', 'log_interval', 'step_size', 'num_samples', 'attack_steps',
                 'seeds')
+    if cfg['fil_probes'] < 2:
+        parser.error(f'argument --fil_probes: at least 2 (the estimate\'s standard error needs two), got '
+                     f'{cfg["fil_probes"]}')
+    if cfg['noise_for_bound'] is not None and not math.isfinite(cfg['noise_for_bound']):
+        parser.error(f'argument --noise_for_bound: a PSNR ceiling in dB, got {cfg["noise_for_bound"]}')
+    if cfg['noise_for_bound'] is not None and cfg['defence'] != 'none':
+        parser.error(f'argument --noise_for_bound: the bound covers Gaussian noise alone, not --defence '
+                     f'{cfg["defence"]} acting on the noisy tensor')
     for key in positive + ('num_batches',):
         if cfg[key] is not None and cfg[key] < 1:
             parser.error(f'argument --{key}: must be at least 1, got {cfg[key]}')
@@ -357,6 +372,9 @@ def resolve_config(parser, args, argv):
         if 'save_dir' not in given:
             cfg['save_dir'] = default_save_dir(cfg)
     else:
+        overridden = sorted(given & set(NOISE_FLAGS)) if cfg['noise_for_bound'] is not None else []
+        if overridden:
+            parser.error(f'argument --noise_for_bound sets the noise on the tensor itself: drop --{overridden[0]}')
         cfg['split'] = cfg['split'] or DEFAULT_SPLIT[cfg['arch']]
         cfg['image_size'] = cfg['image_size'] or (USER_IMAGE_SIZE if cfg['data_dir'] else BUILTIN_IMAGE_SIZE)
         cfg.update(DecoderSpec.from_config(cfg).settings())
@@ -446,7 +464,7 @@ def dispatch(cfg, state, device):
         train_defence(cfg, device)
     elif cfg['mode'] == 'eval':
         scored = evaluation_images(cfg, state)
-        print(f'evaluating {cfg["model_path"]} (epoch {state["epoch"]}) on {scored.description}')
+        print(f'evaluating {cfg["model_path"]} ({checkpoint_epochs(state)}) on {scored.description}')
         run_attack(load_trained_attack(cfg, state, device), scored, cfg,
                    {'model_path': os.path.abspath(cfg['model_path']), 'epoch': state['epoch']}, state['history'])
     else:

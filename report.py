@@ -8,6 +8,7 @@ import string
 from defences import describe as describe_defences, family
 from evaluate import (ATTACK_KEYS, ATTACKS, RESULT_HEADER, SEEDS_HEADER, against_first, attack_slug, msssim_note,
                       over_seeds, result_cells, result_columns, seed_cells)
+from fisher import CEILING_NOTE
 from models import random_victim
 from sweep import tensor_columns
 from utils import NOT_SETTINGS, UsageError, atomic_write_bytes, current_config, read_json, save_csv
@@ -153,7 +154,7 @@ def markdown_report(rows, columns, settings, configs, patterns, sets, grouped=()
         lines.append(f'| {r["#"]} | {r["run"]} | {" | ".join(r[k] for k in columns)} | {r["tensor"]} | '
                      f'{result_cells(r)} | {r["held_out_set"]} |')
     notes = [held_out_warning(rows, sets)] if comparable_sets(sets) is None else []
-    notes += sorted({msssim_note(c['image_size']) for c in configs})
+    notes += sorted({msssim_note(c['image_size']) for c in configs}) + [CEILING_NOTE]
     if all(r['lpips'] is None for r in rows):
         notes.append('LPIPS not scored: its AlexNet weights were not in the torch hub cache')
     if any(random_victim(c) for c in configs):

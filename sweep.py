@@ -7,9 +7,10 @@ import torch
 from data import load_splits
 from defences import (DEFENCE_RECORD, DEFENCES, DEFENDED_FILE, KEEP_CHANNELS, build_attack, check_sweep_value, family,
                        parse_sweep_value, training_keys, without_defences)
-from evaluate import (ATTACK_KEYS, ATTACKS, RESULT_HEADER, SEEDS_HEADER, against_first, attack_plan, attack_slug,
-                      evaluate_and_report, load_trained_attack, msssim_note, over_seeds, recover, result_cells,
-                      result_columns, seed_cells, swept_attacker, utility_note)
+from evaluate import (ATTACK_KEYS, ATTACKS, RESULT_HEADER, SEEDS_HEADER, AttackPlan, against_first, attack_plan,
+                      attack_slug, evaluate_and_report, load_trained_attack, msssim_note, over_seeds, recover,
+                      result_cells, result_columns, seed_cells, swept_attacker, utility_note)
+from fisher import CEILING_NOTE
 from models import DECODERS, INTERPOLATIONS, SPLITS, DecoderSpec, check_cut, probe_feature_shape, victim_label
 from train import train, train_and_evaluate, train_defence
 from utils import (DERIVED_KEYS, NOT_SETTINGS, UsageError, atomic_write_bytes, current_config, fresh_run_dir,
@@ -17,10 +18,11 @@ from utils import (DERIVED_KEYS, NOT_SETTINGS, UsageError, atomic_write_bytes, c
 from visualize import (describe_sweep, plot_privacy_utility, plot_sweep, plot_sweep_samples, plot_training_time,
                        sample_sent, samples)
 
-SWEEPS = ('split', 'keep_channels', 'noise_var', 'attack', 'defence', 'decoder')
+SWEEPS = ('split', 'keep_channels', 'noise_var', 'noise_for_bound', 'attack', 'defence', 'decoder')
 DEFAULT_VALUES = {'decoder': ('original:transpose', 'original:bicubic', 'residual'),
                   'keep_channels': ('1', '0.5', '0.25', '0.125', '0.0625'),
                   'noise_var': ('0', '0.01', '0.05', '0.1', '0.5'),
+                  'noise_for_bound': ('10', '15', '20', '25', '30'),
                   'attack': tuple(ATTACKS),
                   'defence': ('none', 'noise:0.1', 'noise:1', 'keep_channels:0.5', 'keep_channels:0.25',
                               'dropout:0.25', 'dropout:0.5', 'dropout:0.75', 'topk:0.5', 'topk:0.1', 'nopeek:1',
@@ -64,6 +66,11 @@ def parse_values(cfg):
         values = [float(v) for v in raw]
     except ValueError:
         raise UsageError(f'--sweep_values for --sweep {name} must be numbers, got {" ".join(raw)}') from None
+    if name == 'noise_for_bound':  # a ceiling in dB may be any number
+        if cfg['defence'] != 'none':
+            raise UsageError(f'--sweep noise_for_bound: the bound covers Gaussian noise alone, not --defence '
+                             f'{cfg["defence"]} acting on the noisy tensor')
+        return values
     for value in values:
         DEFENCES['noise' if name == 'noise_var' else name].check(cfg, value, f'--sweep_values {value:g}')
     return values
@@ -88,14 +95,16 @@ def value_config(cfg, value, seed=None):
     --save_dir."""
     seed = cfg['seed'] if seed is None else seed
     folder = os.path.join(cfg['save_dir'], f'{cfg["sweep"]}={value_label(value).replace("+", "_")}')
-    run = {**cfg, 'mode': 'train', 'sweep': None, 'sweep_values': None, 'channel_indices': None, 'seed': seed,
-           'seeds': 1, 'save_dir': seed_dir(cfg, folder, seed)}
+    run = {**cfg, 'mode': 'train', 'sweep': None, 'sweep_values': None, 'channel_indices': None,
+           'bound_calibration': None, 'seed': seed, 'seeds': 1, 'save_dir': seed_dir(cfg, folder, seed)}
     if cfg['sweep'] == 'split':
         run['split'] = value
     elif cfg['sweep'] == 'keep_channels':
         run['keep_channels'] = value
     elif cfg['sweep'] == 'noise_var':  # the same noise while the attacker trains and when it is measured
-        run.update(aug=value > 0, test_noise=value > 0, noise_var=value, test_noise_var=value)
+        run.update(train_noise=value > 0, test_noise=value > 0, noise_var=value, test_noise_var=value)
+    elif cfg['sweep'] == 'noise_for_bound':  # the noise is calibrated on the run's own victim and images
+        run['noise_for_bound'] = value
     elif cfg['sweep'] == 'attack':
         run['attack'] = value
     elif cfg['sweep'] == 'decoder':  # the same data, victim, recipe and budget (--minutes or --num_epochs)
@@ -139,7 +148,8 @@ def comparable(cfg):
     defence training's flags only where a defended victim is trained); a record's under the current names."""
     cfg = current_config(cfg)
     ignored = NOT_SETTINGS | ({'num_epochs'} if cfg.get('minutes') else set()) | (
-        set() if cfg.get('train_defence') else training_keys())
+        set() if cfg.get('train_defence') else training_keys()) | (
+        set(DEFENCES['noise'].settings(0)) if cfg.get('noise_for_bound') is not None else set())  # derived then
     return {k: v for k, v in cfg.items() if k not in ignored}
 
 
@@ -176,10 +186,21 @@ def table_row(cfg, value, results):
         defence, strength = parse_sweep_value(value)
         labels = {'defence': defence.name if defence else 'none', 'family': family(run),
                   'strength': '' if strength is None else f'{strength:g}'}
+    elif cfg['sweep'] == 'noise_for_bound':  # the noise each ceiling was calibrated to (on the first seed's run)
+        labels = {cfg['sweep']: f'{value:g} dB (sigma {run["bound_calibration"]["sigma"]:.3g})'}
     else:
         labels = {cfg['sweep']: value_label(value)}
     figures = result_columns(results[0]) if cfg['seeds'] == 1 else over_seeds(results)
-    return {**labels, **tensor_columns(run), **figures, **defence_cost(cfg, run)}
+    return {**labels, **tensor_columns(run), **figures, **decoder_psnr(cfg, results), **defence_cost(cfg, run)}
+
+
+def decoder_psnr(cfg, results):
+    """Where the swept attack refines the decoder's output, the decoder's own mean PSNR on the same images (its
+    eval.json beside), over the seeds: the figure draws both attacks."""
+    if cfg['sweep'] in ('attack', 'defence') or cfg['attack'] in ('decoder', 'optimize'):
+        return {}
+    own = [read_json(os.path.join(r['config']['save_dir'], 'eval.json')) for r in results]
+    return {'decoder_psnr': None if None in own else sum(o['metrics']['psnr']['mean'] for o in own) / len(own)}
 
 
 def defence_cost(cfg, run):
@@ -224,7 +245,7 @@ def markdown_table(rows, cfg, description, reused=(), decoder_runs=()):
         figures = f'{seed_cells(r)} | {r["against_first"]}' if several else result_cells(r)
         lines.append(f'| {" | ".join(r[c] for c in label_columns)} | {r["tensor"]} | {r["channels_sent"]} | '
                      f'{figures} |')
-    notes = [msssim_note(cfg['image_size']), utility_note(cfg)]
+    notes = [msssim_note(cfg['image_size']), utility_note(cfg), CEILING_NOTE]
     if all(r['lpips'] is None for r in rows):
         notes.append('LPIPS not scored: its AlexNet weights were not in the torch hub cache')
     if cfg['sweep'] == 'decoder':
@@ -244,6 +265,9 @@ def markdown_table(rows, cfg, description, reused=(), decoder_runs=()):
                      + ', '.join(f'{r["defence"]} {r["strength"]} {r["defence_minutes"]:.1f} min' for r in trained)
                      + '; each then attacked by a decoder trained from scratch against it; its agreement and KL are '
                      'against the original victim')
+    if any(r.get('decoder_psnr') is not None for r in rows):
+        notes.append('the decoder alone, before the refinement (PSNR, dB): ' + ', '.join(
+            f'{row_label(cfg, r)}: {r["decoder_psnr"]:.2f}' for r in rows if r.get('decoder_psnr') is not None))
     if reused:
         notes.append(f'rows read from an earlier, unfinished run of this sweep, not re-run: {", ".join(reused)}')
     lines += ['', '. '.join(notes) + '.', '']
@@ -288,6 +312,13 @@ def sample_reconstructions(cfg, runs, sample, device):
     return rows
 
 
+def refined_and_decoder(run):
+    """The attacks a value's training run evaluates: its own, and the decoder alone where its own refines the
+    decoder's output (eval.json beside, for decoder_psnr)."""
+    plan = attack_plan(run)
+    return [plan, AttackPlan()] if plan.kind == 'decoder+optimize' else [plan]
+
+
 def run_value(cfg, run, device):
     """Train the decoder this value needs unless a finished one is shared, then evaluate the value's attack;
     returns its eval json."""
@@ -297,8 +328,8 @@ def run_value(cfg, run, device):
         trainee = decoder_run(cfg, run)
         if trainee is run or finished_result(trainee) is None:
             attack, splits, history, _ = train(trainee, device)
-            evaluate_and_report(attack, splits.validation(), trainee, {'sweep': cfg['sweep']}, attack_plan(trainee),
-                                history)
+            for plan in refined_and_decoder(trainee):
+                evaluate_and_report(attack, splits.validation(), trainee, {'sweep': cfg['sweep']}, plan, history)
             if trainee is run:
                 return finished_result(run)
     splits = value_splits(cfg, run)

@@ -290,6 +290,8 @@ def checkpoint(attack, splits, cfg, history, epoch, trainer, resumable=True):
             state['trained_decoder'], state['average'] = attack.decoder.state_dict(), average.state_dict()
         if trainer.best is not None and trainer.best.decoder is not None:
             state['best'] = trainer.best.state_dict()
+    elif trainer.best is not None and 0 < trainer.best.epoch < epoch:  # use_best_weights put them in the decoder
+        state['weights_epoch'] = trainer.best.epoch
     return state
 
 
@@ -544,7 +546,7 @@ def defence_epoch(student, reference, term, optimizer, splits, cfg, device, gene
     return {'kl': kl, 'privacy': privacy}
 
 
-def batch_dependence(images, sent):
+def batch_dependence(images, sent, positions):
     """The distance correlation between a batch of images and the tensor sent for them, for each image."""
     return {'distance_correlation': distance_correlation(images, sent).expand(len(images))}
 
@@ -590,7 +592,7 @@ def train_defence(cfg, device):
         calibration = student.encode(to_unit(splits.calibration_images(256).to(device)))
     student = defence.prepare(student, cfg[defence.flag], calibration)
     shape = feature_shape(student, cfg['image_size'])
-    term = defence.privacy_term(cfg, shape, device)
+    term = defence.privacy_term(cfg, shape, device, student)
     optimizer = torch.optim.Adam(parameter_groups(student, net, cfg['defend_lr']))
     before = held_out_utility(student, reference, splits, cfg, device)
     generator, history, started = torch.Generator().manual_seed(cfg['seed']), [], time.perf_counter()

@@ -19,7 +19,7 @@ COMMAND_KEYS = frozenset({'mode', 'model_path', 'device', 'save_dir', 'overwrite
                           'cache_dir', 'eval_split'})
 RUN_KEYS = COMMAND_KEYS | {'feature_cache_gb', 'log_interval', 'compile', 'deterministic', 'tensorboard'}
 # What a run derives and writes into its configuration itself (never a flag).
-DERIVED_KEYS = ('channel_indices', 'victim_fingerprint', 'victim_defence', 'sent_shape')
+DERIVED_KEYS = ('channel_indices', 'victim_fingerprint', 'victim_defence', 'sent_shape', 'bound_calibration')
 # Not settings of what a run computes: compared by neither a sweep's resume nor a report.
 NOT_SETTINGS = RUN_KEYS | set(DERIVED_KEYS) | {'sweep_values', 'seeds'}
 
@@ -183,7 +183,10 @@ def current_config(config):
     current = {}
     for key, value in config.items():
         key = RENAMED_FLAGS.get(key, key)
-        current[key] = value or current.get(key) if key == 'eval' else renamed_value(key, value)
+        if key == 'eval':  # --eval_pth and --eval_ckpt were one mode: either one switched on is --eval
+            current[key] = value or current.get(key, False)
+        else:
+            current[key] = renamed_value(key, value)
     if 'mode' in current:
         current['mode'] = RENAMED_FLAGS.get(current['mode'], current['mode'])
     return {'split_seed': config.get('seed', 0), 'victim_seed': config.get('seed', 0), **current}

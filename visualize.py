@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torchvision.utils import make_grid, save_image  # noqa: E402
 
-from evaluate import (AttackPlan, attack_plan, attack_slug, attacker_name, evaluate,  # noqa: E402
+from evaluate import (AttackPlan, attack_plan, attack_slug, attacker_name, checkpoint_epochs, evaluate,  # noqa: E402
                       evaluate_and_report, evaluation_images, load_trained_attack, received, recover, score,
                       swept_attacker)
 from defences import describe as describe_defences  # noqa: E402
@@ -252,7 +252,7 @@ def run_attack(attack, scored, cfg, extra=None, history=()):
 def run_visualize(cfg, state, device):
     attack = load_trained_attack(cfg, state, device)
     scored = evaluation_images(cfg, state)
-    print(f'drawing {cfg["model_path"]} (epoch {state["epoch"]}) on {scored.description}')
+    print(f'drawing {cfg["model_path"]} ({checkpoint_epochs(state)}) on {scored.description}')
     return draw_all(attack, scored, cfg, state.get('history'), cfg['save_dir'])
 
 
@@ -277,9 +277,15 @@ def plot_sweep(rows, labels, cfg, path):
     x = range(len(rows))
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2), layout='constrained')
     psnr_line = left.errorbar(x, [r['psnr'] for r in rows], yerr=[r['psnr_std'] for r in rows], fmt='o-', capsize=3,
-                              label='attack PSNR (dB, ± std)')
+                              label=f'{cfg["attack"]} attack PSNR (dB, ± std)')
     left.set(xlabel=cfg['sweep'], ylabel='validation PSNR (dB)', title='reconstruction vs victim utility')
     handles = [psnr_line]
+    if any(r.get('decoder_psnr') is not None for r in rows):  # the swept attack refines the decoder's output
+        handles += left.plot(x, [measured(r.get('decoder_psnr')) for r in rows], 'o-', color='tab:green',
+                             label='decoder alone (PSNR, dB)')
+    if any(r['psnr_ceiling'] is not None for r in rows):
+        handles += left.plot(x, [measured(r['psnr_ceiling']) for r in rows], 'v:', color='k',
+                             label='unbiased-attacker ceiling (dFIL; an attacker with a prior can beat it)')
     if cfg['sweep'] not in ('split', 'decoder'):  # a defence: what it costs the victim
         agreement = left.twinx()
         agreement.plot(x, [measured(r['top1_agreement']) for r in rows], 's--', color='tab:red',
@@ -363,7 +369,7 @@ def plot_privacy_utility(rows, labels, title, path):
 
 def plot_sweep_samples(sample, reconstructions, labels, cfg, path):
     """One row of reconstructions of the same validation images per swept value, originals on top."""
-    rows = [('original', to_unit(sample.images))] + [(f'{cfg["sweep"]}={label}', recon)
+    rows = [('original', to_unit(sample.images))] + [(f'{cfg["sweep"]}=\n{label}', recon)  # two short lines
                                                      for label, recon in zip(labels, reconstructions)]
     return plot_image_grid(rows, sample.names, describe_sweep(cfg), path)
 

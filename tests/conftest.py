@@ -1,4 +1,6 @@
+import contextlib
 import hashlib
+import io
 import os
 import subprocess
 import sys
@@ -29,14 +31,37 @@ def tiny_config(tmp_path, **overrides):
     return cfg
 
 
-def run_cli(cwd, *args, check=True):
-    """Runs main.py in a subprocess in `cwd` (decode cache under it); returns the CompletedProcess."""
+def run_script(cwd, *args, check=True):
+    """Runs main.py as a script, in a subprocess in `cwd` (decode cache under it): the entry point as users start
+    it. Starting an interpreter that imports torch costs more than most runs here, so few tests do."""
     env = {**os.environ, 'RECON_CACHE_DIR': os.path.join(cwd, 'cache'), 'OMP_NUM_THREADS': str(THREADS)}
     result = subprocess.run([sys.executable, os.path.join(ROOT, 'main.py'), *map(str, args)], cwd=cwd,
                             capture_output=True, text=True, env=env, timeout=300)
+    return checked(result, check)
+
+
+def checked(result, check):
     if check and result.returncode != 0:
         raise AssertionError(f'exit {result.returncode}\n{result.stdout}\n{result.stderr}')
     return result
+
+
+def run_cli(cwd, *args, check=True):
+    """main.py's command line run in this process in folder `cwd` (decode cache under it), its output captured;
+    returns a CompletedProcess (exit status 0, or what it exited with)."""
+    import main as cli
+    out, err, here = io.StringIO(), io.StringIO(), os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                cli.main([*map(str, args), '--cache_dir', os.path.join(cwd, 'cache')])
+                code = 0
+            except SystemExit as e:
+                code = e.code
+    finally:
+        os.chdir(here)
+    return checked(subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue()), check)
 
 
 def main_in(cwd, *args):

@@ -1,4 +1,4 @@
-"""The command-line flows, run as a user runs them: main.py in a subprocess."""
+"""The command-line flows, run as a user runs them: main.py as a script for the first run, then its command line."""
 import csv
 import json
 import os
@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_cli, tiny_config
+from conftest import run_cli, run_script, tiny_config
 from defences import build_attack
 from visualize import capture_decoder_activations
 
@@ -20,7 +20,7 @@ FIGURES = ('loss.png', 'samples.png', 'feature_maps.png', 'decoder_layers.png', 
 def workdir(tmp_path_factory):
     """A folder holding one 2-epoch training run in run/ (a checkpoint after every epoch)."""
     cwd = tmp_path_factory.mktemp('cli')
-    result = run_cli(cwd, '--train', *TINY, '--num_epochs', '2', '--log_interval', '1', '--save_dir', 'run')
+    result = run_script(cwd, '--train', *TINY, '--num_epochs', '2', '--log_interval', '1', '--save_dir', 'run')
     assert f'outputs written to {cwd / "run"}' in result.stdout
     return cwd
 
@@ -144,6 +144,12 @@ def test_running_the_main_command_twice_keeps_the_first_run(workdir):
     (('--eval', '--model_path', 'run/model.pth', '--eval_split', 'test'),
      '--eval_split test: the built-in photos has no list_eval_partition.txt'),
     (('--train', '--eval_split', 'test'), '--eval_split is for --eval and --visualize'),
+    (('--train', '--fil_probes', '1'), '--fil_probes: at least 2'),
+    (('--train', '--noise_for_bound', '15', '--test_noise_var', '0.1'),
+     '--noise_for_bound sets the noise on the tensor itself: drop --test_noise_var'),
+    (('--train', '--noise_for_bound', '15', '--defence', 'dropout'), 'the bound covers Gaussian noise alone'),
+    (('--train', '--noise_for_bound', 'nan'), '--noise_for_bound: a PSNR ceiling in dB, got nan'),
+    (('--sweep', 'noise_for_bound', '--defence', 'topk'), 'the bound covers Gaussian noise alone, not --defence topk'),
 ])
 def test_bad_flags_exit_2_with_one_line(workdir, main_here, args, message):
     result = main_here(workdir, *args)

@@ -14,7 +14,7 @@ from evaluate import evaluate, summarise
 from defences import build_attack
 from models import IMAGENET_MEAN, IMAGENET_STD, Noise, keep_count, select_channels
 from train import train
-from utils import load_checkpoint
+from utils import DERIVED_KEYS, load_checkpoint
 
 CPU = torch.device('cpu')
 
@@ -173,3 +173,21 @@ def test_a_sweep_writes_its_table_and_figures_and_resumes(tmp_path):
     assert 'not re-run: 1.' in (folder / 'sweep.md').read_text()
     with open(folder / 'sweep.csv') as f:
         assert [r['psnr'] for r in csv.DictReader(f)][0] == rows[0]['psnr']
+
+
+def test_every_defence_and_noise_sweep_value_sets_only_flags_that_exist(tmp_path):
+    """A defence switched on by a sweep or a preset must set the flags the run reads: the noise defence trains its
+    attacker with the very noise it is measured with (an attacker trained without it would flatter the defence)."""
+    from defences import DEFENCES
+    from models import test_noise, train_noise
+    from sweep import value_config
+    cfg = tiny_config(tmp_path)
+    for defence in DEFENCES.values():
+        unknown = set(defence.settings(0.5)) - set(cfg)
+        assert not unknown, f'{defence.name} sets flags that do not exist: {unknown}'
+    noised = {**cfg, **DEFENCES['noise'].settings(0.1)}
+    assert train_noise(noised) == test_noise(noised) == Noise('features', 0.0, 0.1)
+    for sweep, value in (('noise_var', 0.1), ('defence', 'noise:0.1')):
+        run = value_config({**cfg, 'sweep': sweep, 'noise_at': 'features'}, value)
+        assert not set(run) - set(cfg) - set(DERIVED_KEYS), set(run) - set(cfg)
+        assert train_noise(run) == test_noise(run) == Noise('features', 0.0, 0.1)

@@ -30,10 +30,19 @@ def test_every_flag_the_readme_and_docs_name_exists():
     assert not unknown, sorted(unknown)
 
 
+def heading_anchors(markdown):
+    """GitHub's anchors of a Markdown file's headings: lower case, punctuation dropped, spaces as hyphens."""
+    return {re.sub(r'[^\w -]', '', title.strip().lower()).replace(' ', '-')
+            for title in re.findall(r'^#+ (.*)$', markdown, re.M)}
+
+
 def test_every_doc_the_readme_links_exists():
     readme = DOCS[0].read_text()
-    links = re.findall(r'\]\(((?:docs/)?[\w./-]+\.(?:md|png|cff)|LICENSE)\)', readme)
-    assert len(links) >= 8 and all((pathlib.Path(ROOT) / link).exists() for link in links), links
+    links = re.findall(r'\]\(((?:docs/)?[\w./-]+\.(?:md|png|cff)|LICENSE)(?:#([\w-]+))?\)', readme)
+    assert len(links) >= 8 and all((pathlib.Path(ROOT) / link).exists() for link, _ in links), links
+    for link, anchor in links:
+        if anchor:
+            assert anchor in heading_anchors((pathlib.Path(ROOT) / link).read_text()), (link, anchor)
 
 
 def test_help_prints_each_default_once_and_lists_the_cuts():

@@ -136,7 +136,9 @@ def test_training_stops_on_a_plateau_or_says_the_cap_stopped_it(tmp_path, main_h
                                                   'epochs': 2, 'plateau_reached': True, 'cap_hit': False}
     history = read_json(tmp_path / 'plateau' / 'metrics.json')['history']
     model = load_checkpoint(str(tmp_path / 'plateau' / 'model.pth'))
-    assert all('stop_psnr' in row for row in history) and model['epoch'] == 2
+    assert all('stop_psnr' in row for row in history) and model['epoch'] == 2 and model['weights_epoch'] == 1
+    evaluated = main_here(tmp_path, '--eval', '--model_path', 'plateau/model.pth')
+    assert '(2 epochs, the weights of epoch 1, the best on the stopping images)' in evaluated.stdout
     # the attack uses the weights of the best epoch on the stopping images (epoch 1), not the last epoch's
     assert 'the attack uses the decoder of epoch 1, the best on the stopping images' in plateau.stdout
     best = load_checkpoint(str(tmp_path / 'plateau' / 'ckpt_1.ckpt'))['decoder']

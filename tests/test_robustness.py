@@ -180,7 +180,7 @@ def interrupt_in_epoch_two(cwd, signum, *args):
 
 @pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM])
 def test_interrupt_saves_and_resume_matches_an_uninterrupted_run(tmp_path, signum):
-    args = ('--image_size', '64', '--batch_size', '16', '--num_batches', '44', '--num_epochs', '2',
+    args = ('--image_size', '32', '--batch_size', '16', '--num_batches', '44', '--num_epochs', '2',
             '--decoder_depth', 'light', '--num_samples', '2', '--num_workers', '0', '--log_interval', '1',
             '--augment', '--ema', '0.9', '--scheduler', 'cosine')  # per-batch schedule, crops, average: exactly
     code, out, err = interrupt_in_epoch_two(tmp_path, signum, *args, '--save_dir', 'cut')

@@ -65,8 +65,9 @@ def test_defence_training_leaves_the_original_victim_bit_identical(tmp_path, kin
     net, student, reference = trainable_victim(cfg)
     splits = load_splits(cfg)
     original = {k: v.clone() for k, v in reference.state_dict().items()}
-    student = DEFENCES[kind].prepare(student, cfg[DEFENCES[kind].flag], student.encode(torch.rand(8, 3, 32, 32)).detach())
-    term = DEFENCES[kind].privacy_term(cfg, feature_shape(student, 32), CPU)
+    defence = DEFENCES[kind]
+    student = defence.prepare(student, cfg[defence.flag], student.encode(torch.rand(8, 3, 32, 32)).detach())
+    term = defence.privacy_term(cfg, feature_shape(student, 32), CPU, student)
     optimizer = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=1e-3)
     defence_epoch(student, reference, term, optimizer, splits, cfg, CPU, torch.Generator().manual_seed(0))
     assert all(torch.equal(original[k], v) for k, v in reference.state_dict().items())
@@ -158,3 +159,27 @@ def test_defence_training_flags_matter_only_to_trained_sweep_values(tmp_path):
     assert comparable(value_config(cfg, 'dropout:0.5')) == comparable(value_config(changed, 'dropout:0.5'))
     assert comparable(value_config(cfg, 'nopeek:1')) != comparable(value_config(changed, 'nopeek:1'))
     assert value_config(cfg, 'nopeek:1')['nopeek_weight'] == 1.0
+
+
+def test_the_fisher_defence_lowers_the_jacobian_energy_it_penalises(tmp_path):
+    """--train_defence fil: after an epoch, the device's half has less tr(J^T J) per unit of sent energy (what sets
+    dFIL under noise scaled to the tensor) than the victim it started from, and than distillation alone leaves."""
+    from fisher import generators_for, hutchinson_trace
+    images = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+    def jacobian_energy(victim):
+        with torch.no_grad():
+            trace, _ = hutchinson_trace(victim.encode, images, 8, generators_for(range(6)))
+            return (trace / victim.encode(images).pow(2).flatten(1).sum(1)).mean().item()
+
+    after = {}
+    for weight in (0.0, 10.0):
+        cfg = defence_config(tmp_path, 'fil', fil_weight=weight, defend_lr=1e-3)
+        _, student, reference = trainable_victim(cfg)
+        before = jacobian_energy(student)
+        term = DEFENCES['fil'].privacy_term(cfg, feature_shape(student, 32), CPU, student)
+        optimizer = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=1e-3)
+        defence_epoch(student, reference, term, optimizer, load_splits(cfg), cfg, CPU, torch.Generator().manual_seed(0))
+        after[weight] = jacobian_energy(student)
+    assert after[10.0] < 0.7 * before
+    assert after[10.0] < 0.7 * after[0.0]

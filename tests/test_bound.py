@@ -1,0 +1,161 @@
+"""The attacker-independent bound (dFIL): its estimates, what it promises, and where the tool reports it."""
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import main_in, tiny_config
+from defences import build_attack
+from fisher import (DB, NO_NOISE, Bound, calibrated_variance, device_half, exact_trace, generators_for,
+                    hutchinson_trace, leakage)
+from models import build_victim
+
+CPU = torch.device('cpu')
+SIGMA = 0.1
+
+
+def linear_half(weight):
+    """A device half that is the fixed matrix `weight` on the flattened image."""
+    return lambda images: images.flatten(1) @ weight.T
+
+
+def test_on_a_linear_half_dfil_is_the_frobenius_norm_and_hutchinson_converges_to_it():
+    torch.manual_seed(0)
+    shape, d = (3, 4, 4), 48
+    weight = torch.randn(20, d, dtype=torch.float64)
+    half = linear_half(weight)
+    image = torch.rand(*shape, dtype=torch.float64)
+    exact = exact_trace(half, image).item()
+    assert exact == pytest.approx(weight.pow(2).sum().item(), rel=1e-12)
+    assert leakage(torch.tensor(exact, dtype=torch.float64), d, SIGMA ** 2)['dfil'].item() == pytest.approx(
+        weight.pow(2).sum().item() / (d * SIGMA ** 2), rel=1e-12)
+    errors = []
+    for probes in (16, 256):
+        estimate, error = hutchinson_trace(half, image.repeat(8, 1, 1, 1), probes, generators_for(range(8)))
+        assert (estimate - exact).abs().max() <= 4 * error.max()  # within its reported error, on every image
+        errors.append(error.mean().item())
+    assert errors[1] < errors[0] / 3  # the error falls as 1 / sqrt(probes)
+
+
+def test_exact_and_hutchinson_agree_on_a_resnet_cut_at_16_pixels():
+    victim = build_victim('resnet18', 'layer1')
+    half = victim.encode
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    estimate, error = hutchinson_trace(half, images, 64, generators_for(range(2)))
+    for image, mean, se in zip(images, estimate, error):
+        exact = exact_trace(half, image)
+        assert abs(mean - exact) <= 4 * se
+        assert se / exact < 0.05
+    assert all(not p.requires_grad for p in victim.parameters())
+
+
+def test_no_unbiased_attacker_beats_the_bound_on_a_linear_half():
+    """Least-squares inversion is unbiased: its per-pixel MSE over many noise draws is at least 1 / dFIL, and
+    equal to it where W is a scaled orthogonal matrix (all its singular values alike)."""
+    torch.manual_seed(0)
+    d, draws = 48, 4000
+    image = torch.rand(d, dtype=torch.float64)
+    orthogonal = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64))[0]
+    spread = orthogonal @ torch.diag(torch.linspace(0.5, 2.0, d, dtype=torch.float64)) @ orthogonal.T
+    for weight, tight in ((3 * orthogonal, True), (spread, False)):
+        bound = leakage(weight.pow(2).sum(), d, SIGMA ** 2)['mse_bound'].item()
+        sent = weight @ image + SIGMA * torch.randn(draws, d, dtype=torch.float64)
+        recovered = torch.linalg.solve(weight, sent.T).T
+        mse = (recovered - image).pow(2).mean().item()
+        assert mse >= bound * 0.97  # the sampling error of 4000 draws is about 1 %
+        if tight:
+            assert mse == pytest.approx(bound, rel=0.03)
+        else:
+            assert mse > bound * 1.2  # a spread of singular values leaves the bound loose
+
+
+def test_scaling_the_tensor_with_its_noise_leaves_dfil_alone_and_channels_not_sent_lower_it(tmp_path):
+    victim = build_victim('resnet18', 'layer1')
+    image = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(1))
+    trace = exact_trace(victim.encode, image)
+    scaled = exact_trace(lambda x: 5 * victim.encode(x), image)
+    assert leakage(scaled, image.numel(), (5 * SIGMA) ** 2)['dfil'].item() == pytest.approx(
+        leakage(trace, image.numel(), SIGMA ** 2)['dfil'].item(), rel=1e-5)
+    attack = build_attack(tiny_config(tmp_path, split='layer1', keep_channels=0.25, channel_select='first',
+                                      image_size=16), CPU, torch.zeros(4, 3, 16, 16, dtype=torch.uint8))
+    kept = exact_trace(device_half(attack), image)
+    assert kept < trace
+    assert kept.item() == pytest.approx(exact_trace(lambda x: victim.encode(x)[:, :16], image).item(), rel=1e-5)
+
+
+def test_each_images_bound_does_not_depend_on_its_batch(tmp_path):
+    cfg = tiny_config(tmp_path, **{'test_noise': True, 'noise_at': 'features', 'test_noise_var': 0.5})
+    attack = build_attack(cfg, CPU)
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    bound = Bound(attack, cfg)
+    whole = bound(images, None, range(4))
+    halves = [bound(images[:2], None, range(2)), bound(images[2:], None, range(2, 4))]
+    for key in whole:
+        assert torch.allclose(whole[key], torch.cat([h[key] for h in halves]))
+    assert torch.allclose(whole['psnr_ceiling'], DB * torch.log(whole['dfil']))
+    assert torch.allclose(whole['mse_bound'], 10 ** (-whole['psnr_ceiling'] / 10), rtol=1e-4)
+    input_noise = Bound(attack, {**cfg, 'noise_at': 'input'})(images, None, range(4))
+    assert torch.allclose(input_noise['mse_bound'], torch.full((4,), 0.5))  # data processing: sigma^2 itself
+
+
+def test_noise_calibrated_to_a_bound_gives_that_mean_ceiling(tmp_path):
+    attack = build_attack(tiny_config(tmp_path), CPU)
+    images = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    variance, record = calibrated_variance(attack, images, 20.0, 8)
+    trace, _ = hutchinson_trace(device_half(attack), images, 8, generators_for(range(6)))
+    ceilings = leakage(trace, images[0].numel(), variance)['psnr_ceiling']
+    assert ceilings.mean().item() == pytest.approx(20.0, abs=1e-3)
+    assert record['sigma'] == pytest.approx(math.sqrt(variance))
+
+
+@pytest.fixture(scope='module')
+def bounded_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp('bound')
+    main_in(folder, '--train', '--image_size', '32', '--batch_size', '16', '--num_batches', '6', '--num_epochs', '1',
+            '--decoder_depth', 'light', '--num_workers', '0', '--noise_for_bound', '12', '--fil_probes', '4',
+            '--save_dir', 'run')
+    return folder / 'run'
+
+
+def test_a_run_with_noise_for_a_bound_reports_the_ceiling_beside_the_attack(bounded_run):
+    result = json.loads((bounded_run / 'eval.json').read_text())
+    config = result['config']
+    calibration = config['bound_calibration']
+    assert config['train_noise'] and config['test_noise'] and config['noise_at'] == 'features'
+    assert config['noise_var'] == config['test_noise_var'] == pytest.approx(calibration['variance'])
+    assert calibration['target_db'] == 12 and calibration['probes'] == 4
+    assert 'unbiased attackers only' in result['bound']['note']
+    ceiling = result['metrics']['psnr_ceiling']['mean']
+    assert abs(ceiling - 12) < 3  # calibrated on training images, scored on held-out ones
+    rows = list(csv.DictReader(open(bounded_run / 'eval_per_image.csv')))
+    assert {'dfil', 'mse_bound', 'psnr_ceiling', 'psnr_ceiling_se'} <= set(rows[0])
+    per_image = torch.tensor([float(r['psnr_ceiling']) for r in rows])
+    assert per_image.mean().item() == pytest.approx(ceiling, rel=1e-4)
+
+
+def test_a_deterministic_tensor_reports_no_bound(tmp_path, main_here):
+    result = main_here(tmp_path, '--train', '--image_size', '32', '--batch_size', '16', '--num_batches', '4',
+                       '--num_epochs', '1', '--decoder_depth', 'light', '--num_workers', '0', '--save_dir', 'run')
+    assert NO_NOISE in result.stdout
+    record = json.loads((tmp_path / 'run' / 'eval.json').read_text())
+    assert record['bound'] == NO_NOISE
+    assert 'psnr_ceiling' not in record['metrics']
+
+
+def test_a_sweep_over_the_bound_sets_each_noise_from_its_ceiling(tmp_path):
+    main_in(tmp_path, '--sweep', 'noise_for_bound', '--sweep_values', '10', '25', '--attack', 'decoder+optimize',
+            '--attack_steps', '3', '--image_size', '32', '--batch_size', '16', '--num_batches', '4',
+            '--num_epochs', '1', '--decoder_depth', 'light', '--num_workers', '0', '--fil_probes', '2',
+            '--save_dir', 'sweep')
+    rows = list(csv.DictReader(open(tmp_path / 'sweep' / 'sweep.csv')))
+    low, high = (float(r['psnr_ceiling']) for r in rows)
+    assert high - low == pytest.approx(15, abs=1e-3)  # the same images and probes: only sigma moved
+    variances = [json.loads((tmp_path / 'sweep' / f'noise_for_bound={v}' / 'eval.json').read_text())['config']
+                 ['test_noise_var'] for v in ('10', '25')]
+    assert variances[0] / variances[1] == pytest.approx(10 ** 1.5, rel=1e-4)
+    assert all('sigma' in r['noise_for_bound'] and r['decoder_psnr'] for r in rows)
+    table = (tmp_path / 'sweep' / 'sweep.md').read_text()
+    assert 'unbiased ceiling (dB, dFIL)' in table and 'the decoder alone, before the refinement' in table
+    assert (tmp_path / 'sweep' / 'sweep.png').is_file()
