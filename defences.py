@@ -4,6 +4,7 @@ evaluate and visualize ask it. Fixed defences are arithmetic on the sent tensor.
 half of the victim (--train_defence, run by train.train_defence) into a defended victim that --weights loads and the
 normal attack then attacks from scratch; they are charged against the original victim's predictions."""
 import hashlib
+import inspect
 import math
 import os
 
@@ -58,6 +59,12 @@ class Defence:
         """Switch the defence on in a built attack (fixed defences whose arithmetic SplitAttack.defend does)."""
 
 
+def noise_flags(variance):
+    """The same Gaussian noise while the attacker trains and when it is measured (none at variance 0): an attacker
+    measured against noise it never trained with would flatter the noise."""
+    return dict(train_noise=variance > 0, test_noise=variance > 0, noise_var=variance, test_noise_var=variance)
+
+
 class FeatureNoise(Defence):
     """Gaussian noise on the intercepted tensor; its flags (--noise_at features, --test_noise_var...) are shared
     with input noise, so main owns them."""
@@ -70,9 +77,8 @@ class FeatureNoise(Defence):
         if strength < 0:
             raise UsageError(f'{source}: a variance cannot be negative, got {strength:g}')
 
-    def settings(self, strength):  # the same noise while the attacker trains and when it is measured
-        return dict(train_noise=True, test_noise=True, noise_at='features', noise_var=strength, test_noise_var=strength,
-                    noise_mean=0.0, test_noise_mean=0.0)
+    def settings(self, strength):
+        return {**noise_flags(strength), 'noise_at': 'features', 'noise_mean': 0.0, 'test_noise_mean': 0.0}
 
     def describe(self, cfg):
         bound = (f', set for a {cfg["noise_for_bound"]:g} dB unbiased-attacker ceiling'
@@ -131,9 +137,15 @@ class KeepChannels(Defence):
 
 class Selected(Defence):
     """Arithmetic on the sent tensor, switched on by --defence NAME with its own strength flag. A new one is a
-    subclass with its flag, check, describe and transform (docs/extending.md)."""
+    subclass with its flag, check, describe and transform, and a docstring whose first paragraph says what it does
+    for --defence's help (docs/extending.md)."""
     zeroes = False  # True where the elements it zeroes are known not to be sent: the white-box attack skips them
-    summary = ''  # what it does, in --defence's help
+
+    @property
+    def summary(self):
+        """What it does, in --defence's help: its docstring's first paragraph."""
+        text = ' '.join(inspect.getdoc(self).split('\n\n')[0].split())
+        return text[0].lower() + text[1:]
 
     @property
     def keys(self):
@@ -159,10 +171,10 @@ class Selected(Defence):
 
 
 class Dropout(Selected):
-    """Each element zeroed with probability p, survivors scaled by 1 / (1 - p) as dropout does, so the server's
-    layers see the same expected activation."""
+    """Zero each element with probability --defence_p (survivors scaled by 1/(1-p))
+
+    The scaling is dropout's: the server's layers see the same expected activation."""
     name, flag, zeroes = 'dropout', 'defence_p', True
-    summary = 'zero each element with probability --defence_p (survivors scaled by 1/(1-p))'
 
     def add_arguments(self, group):
         group.add_argument('--defence_p', type=float, default=0.5, help='dropout probability, in [0, 1)')
@@ -186,9 +198,10 @@ class Dropout(Selected):
 
 
 class TopK(Selected):
-    """Exactly the k largest-magnitude elements of each sample are sent (a fraction of C x H x W, or a count)."""
+    """Keep the --defence_k largest-magnitude elements of each sample
+
+    Exactly k (a fraction of C x H x W, or a count) are sent, even where magnitudes tie."""
     name, flag, zeroes = 'topk', 'defence_k', True
-    summary = 'keep the --defence_k largest-magnitude elements of each sample'
 
     def add_arguments(self, group):
         group.add_argument('--defence_k', type=float, default=0.1,
@@ -303,10 +316,10 @@ def add_arguments(parser, modes):
     modes.add_argument('--train_defence', choices=TRAINED, metavar='{' + ','.join(TRAINED) + '}',
                        help='fine-tune the victim into a defended victim for --weights (its strength: the kind\'s '
                             'flag under "trained defences")')
-    fixed = parser.add_argument_group('defences (on the device, before the tensor is sent)')
+    fixed = parser.flag_group('defences (on the device, before the tensor is sent)')
     fixed.add_argument('--defence', choices=('none',) + SELECTED, default='none',
                        help='; '.join(f'{name}: {DEFENCES[name].summary}' for name in SELECTED))
-    trained = parser.add_argument_group('trained defences (--train_defence KIND)')
+    trained = parser.flag_group('trained defences (--train_defence KIND)')
     for defence in DEFENCES.values():
         defence.add_arguments(trained if defence.trained else fixed)
     trained.add_argument('--reference', metavar='pretrained|FILE',

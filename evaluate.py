@@ -16,7 +16,7 @@ from scipy import stats
 
 from data import held_out_images
 from defences import active, build_attack
-from fisher import Bound, format_bound, no_bound
+from fisher import Bound
 from models import attacker_label, invert_features, random_victim, test_noise
 from utils import UsageError, progress, save_csv, save_json, to_unit
 
@@ -199,11 +199,12 @@ def recover(attack, sent, plan, shape):
 
 @torch.no_grad()
 def evaluate(attack, images, indices, batch_size, noise=None, desc='evaluating', utility=False, plan=AttackPlan(),
-             perceptual=None, first=0, measures=None):
+             perceptual=None, first=0, measures=()):
     """Per-image metrics (CPU tensors) of the attack's reconstructions of images[indices] (none with plan None);
     with `utility`, also the victim's agreement between what the device sends and the undefended tensor; LPIPS
-    with `perceptual`; `measures(images, sent, positions)`: more per-image figures. `first`: the position of
-    images[indices[0]] among the images scored (a slice of them under torchrun)."""
+    with `perceptual`; each of `measures(images, sent, positions, recon)`: more per-image figures (a dict) from
+    each batch. `first`: the position of images[indices[0]] among the images scored (a slice of them under
+    torchrun)."""
     if attack.decoder is not None:
         attack.decoder.eval()
     results = {}
@@ -211,12 +212,13 @@ def evaluate(attack, images, indices, batch_size, noise=None, desc='evaluating',
         target = attack.to_images(images[indices[start:start + batch_size]])
         positions = range(first + start, first + start + len(target))
         encoded, sent = received(attack, target, positions, noise)
-        measured = {} if plan is None else score(recover(attack, sent, plan, target.shape), target, perceptual)
+        recon = None if plan is None else recover(attack, sent, plan, target.shape)
+        measured = {} if recon is None else score(recon, target, perceptual)
         if utility:  # against the undefended tensor: what was encoded, unless the input itself was noised
             undefended = attack.encode(target) if noise is not None and noise.at == 'input' else encoded
             measured.update(victim_agreement(attack.undefended_logits(target, undefended), attack.classify(sent)))
-        if measures is not None:
-            measured.update(measures(target, sent, positions))
+        for measure in measures:
+            measured.update(measure(target, sent, positions, recon))
         for name, values in measured.items():
             results.setdefault(name, []).append(values.cpu())
     return {m: torch.cat(v) for m, v in results.items()}
@@ -435,23 +437,24 @@ def training_record(history, cfg=None):
     return record
 
 
-def evaluate_and_report(attack, scored, cfg, extra=None, plan=AttackPlan(), history=()):
+def evaluate_and_report(attack, scored, cfg, extra=None, plan=AttackPlan(), history=(), bound=None, measures=()):
     """The full evaluation (quality and victim utility) of the Scored images, printed and written as
-    eval{_attack}.json and eval{_attack}_per_image.csv; `history`: the training history of the decoder used."""
-    unbounded = no_bound(attack, cfg)
-    bound = Bound(attack, cfg) if unbounded is None else None
+    eval{_attack}.json and eval{_attack}_per_image.csv; `history`: the training history of the decoder used;
+    `bound`: the Bound of these images where another attack on them already has one; `measures`: more per-batch
+    hooks, as `evaluate` takes. Returns (per-image figures, summary)."""
+    bound = bound or Bound(attack, cfg)
     per_image = evaluate(attack, scored.images, scored.indices, cfg['batch_size'], test_noise(cfg),
-                         utility=utility_charged(cfg), plan=plan, perceptual=load_lpips(attack.device), measures=bound)
+                         utility=utility_charged(cfg), plan=plan, perceptual=load_lpips(attack.device),
+                         measures=[*measures, *([bound] if bound.missing is None else [])])
     attacker = attacker_name(cfg, plan.kind)
-    settings = {**(extra or {}), 'attack': plan._asdict(), 'attacker': attacker,
-                'bound': bound.record() if bound else unbounded,
+    settings = {**(extra or {}), 'attack': plan._asdict(), 'attacker': attacker, 'bound': bound.record(),
                 'training': training_record(history if plan.kind != 'optimize' else (), cfg),
                 'data': scored.description,
                 'held_out': scored.fingerprint, 'msssim': msssim_note(cfg['image_size']),
                 'utility': utility_note(cfg), 'config': cfg}
     summary = write_evaluation(per_image, scored.names, settings, cfg['save_dir'], 'eval' + attack_slug(plan.kind))
     print(f'{plan.kind} attack ({attacker}) on {len(scored.names)} images: {format_summary(summary)}')
-    print(format_bound(summary, per_image) if bound else unbounded)
+    print(bound.line(summary, per_image))
     if utility_charged(cfg):
         print(format_utility(summary))
     print(f'{utility_note(cfg)}\n{msssim_note(cfg["image_size"])}')

@@ -55,13 +55,18 @@ EXAMPLES = '''examples:
 settings: '''
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Each default printed once: not where the help already gives it, not for switches or flags without one
-    (the hook argparse's own ArgumentDefaultsHelpFormatter uses)."""
+class Group:
+    """An argument group whose flags print their default once: appended to their help through argparse's public
+    %(default)s unless the help already gives it or the flag has none (None, a switch's False)."""
 
-    def _get_help_string(self, action):
-        shown = action.default not in (None, False, argparse.SUPPRESS) and 'default' not in action.help
-        return action.help + (' (default: %(default)s)' if shown and action.option_strings else '')
+    def __init__(self, group):
+        self.group = group
+
+    def add_argument(self, *flags, **kwargs):
+        default, help = kwargs.get('default'), kwargs.get('help', '')
+        if not any(default is none for none in (None, False, argparse.SUPPRESS)) and 'default' not in help:
+            kwargs['help'] = help + ' (default: %(default)s)'
+        return self.group.add_argument(*flags, **kwargs)
 
 
 class Parser(argparse.ArgumentParser):
@@ -69,6 +74,10 @@ class Parser(argparse.ArgumentParser):
 
     def convert_arg_line_to_args(self, line):
         return resolve_presets(shlex.split(line, comments=True))
+
+    def flag_group(self, title):
+        """A titled group of flags whose help gives each default once (Group)."""
+        return Group(self.add_argument_group(title))
 
     def error(self, message):
         """One line and where to start, not the whole usage block."""
@@ -122,9 +131,9 @@ def preset_path(arg):
 
 def build_parser():
     p = Parser(description=__doc__.splitlines()[0], usage=USAGE, allow_abbrev=False, fromfile_prefix_chars='@',
-               formatter_class=HelpFormatter,
+               formatter_class=argparse.RawDescriptionHelpFormatter,
                epilog=EXAMPLES + ', '.join(f'@{n}' for n in presets()) + ' (presets/)')
-    mode = p.add_argument_group('what to do (one of these, or --attack optimize alone: the white-box attack, '
+    mode = p.flag_group('what to do (one of these, or --attack optimize alone: the white-box attack, '
                                 'which needs no decoder)')
     mode.add_argument('--train', action='store_true', help='train a decoder (then evaluate and draw figures)')
     mode.add_argument('--resume', action='store_true', help='continue training from --model_path X.ckpt')
@@ -138,7 +147,7 @@ def build_parser():
                       help="what --eval / --visualize score on the training data: the images held "
                            "out at training (val), or CelebA's official test partition (test)")
 
-    victim = p.add_argument_group('victim (frozen, cut at --split)')
+    victim = p.flag_group('victim (frozen, cut at --split)')
     victim.add_argument('--arch', choices=ARCHS, default='resnet18', help='torchvision classifier the device runs')
     victim.add_argument('--split', help='where the victim is cut: ' + '; '.join(
         f'{a}: {" ".join(SPLITS[a])} (default {DEFAULT_SPLIT[a]})' for a in ARCHS))
@@ -146,7 +155,7 @@ def build_parser():
             dest='pretrained')
     victim.add_argument('--weights', help='a local state-dict file for the victim instead')
 
-    attacker = p.add_argument_group('attacker (decoder)')
+    attacker = p.flag_group('attacker (decoder)')
     spec = DecoderSpec()
     attacker.add_argument('--decoder', choices=DECODERS, default=spec.kind,
                           help="original: the original work's, unchanged (stride-2 transposed convs or bicubic "
@@ -171,7 +180,7 @@ def build_parser():
                                'with the frozen victim and penalises its relative distance to the sent tensor '
                                '(0: black-box, the victim\'s weights unknown)')
 
-    data = p.add_argument_group('data')
+    data = p.flag_group('data')
     data.add_argument('--data_dir', help='folder of images, .zip of images, or CelebA root; none: built-in sample photos')
     data.add_argument('--image_size', type=int,
                       help=f'square side in pixels (default {USER_IMAGE_SIZE} with --data_dir, else {BUILTIN_IMAGE_SIZE})')
@@ -183,7 +192,7 @@ def build_parser():
     data.add_argument('--feature_cache_gb', type=float, default=4.0,
                       help="cache the victim's clean features up to this size (0: off)")
 
-    noise = p.add_argument_group('noise (variance, not std)')
+    noise = p.flag_group('noise (variance, not std)')
     setting(noise, '--train_noise', 'add Gaussian noise during training')
     noise.add_argument('--noise_mean', type=float, default=0.0, help='mean of the training noise')
     noise.add_argument('--noise_var', type=float, default=0.01, help='variance of the training noise')
@@ -200,7 +209,7 @@ def build_parser():
 
     defences.add_arguments(p, mode)
 
-    attack = p.add_argument_group('attacks (how the sent tensor is turned into an image when evaluating)')
+    attack = p.flag_group('attacks (how the sent tensor is turned into an image when evaluating)')
     plan = AttackPlan()
     attack.add_argument('--attack', choices=ATTACKS, default=plan.kind,
                         help='; '.join(f'{kind}: {what}' for kind, what in ATTACKS.items()))
@@ -209,12 +218,12 @@ def build_parser():
     attack.add_argument('--tv_weight', type=float, default=plan.tv_weight,
                         help='weight of the total-variation prior against the relative feature error')
 
-    sweep = p.add_argument_group('sweeps')
+    sweep = p.flag_group('sweeps')
     sweep.add_argument('--sweep_values', nargs='+', metavar='VALUE',
                        help='values for --sweep (default: every split of the arch; keep_channels 1 0.5 0.25 0.125 '
                             '0.0625; noise_var 0 0.01 0.05 0.1 0.5)')
 
-    train = p.add_argument_group('training')
+    train = p.flag_group('training')
     train.add_argument('--optim', choices=('adam', 'adamw', 'sgd'), default='adam',
                        help='optimizer (adam with --weight_decay is L2; adamw decouples it; sgd: momentum 0.9)')
     train.add_argument('--lr', type=float, default=1e-3, help='learning rate (the peak of a schedule)')
@@ -265,7 +274,7 @@ def build_parser():
                        help='bf16: bf16 autocast where the hardware has bf16 arithmetic (CUDA; CPUs with '
                             'AVX512-BF16 or AMX), else fp32; metrics are always computed in fp32')
     setting(train, '--compile', "torch.compile the victim's encoder and the decoder's training step")
-    outputs = p.add_argument_group('outputs')
+    outputs = p.flag_group('outputs')
     outputs.add_argument('--save_dir', default='results', help='outputs; a folder holding a run gets a fresh _N sibling')
     setting(outputs, '--overwrite', 'write into --save_dir even if it holds a run')
     setting(outputs, '--tensorboard', 'also log the training curves and validation reconstructions (every '
@@ -275,11 +284,11 @@ def build_parser():
 
 
 def explicit_flags(parser, argv):
-    """The destinations the user actually typed (to tell them from defaults)."""
-    shadow = copy.deepcopy(parser)
-    for action in shadow._actions:
-        action.default = argparse.SUPPRESS
-    return set(vars(shadow.parse_args(argv)))
+    """The destinations the user actually typed (to tell them from defaults): argv parsed again with every default
+    replaced by a marker."""
+    shadow, unset = copy.deepcopy(parser), object()
+    shadow.set_defaults(**dict.fromkeys(vars(parser.parse_args([])), unset))
+    return {dest for dest, value in vars(shadow.parse_args(argv)).items() if value is not unset}
 
 
 def check_flags(parser, cfg):

@@ -6,11 +6,11 @@ import torch
 
 from data import load_splits
 from defences import (DEFENCE_RECORD, DEFENCES, DEFENDED_FILE, KEEP_CHANNELS, build_attack, check_sweep_value, family,
-                       parse_sweep_value, training_keys, without_defences)
+                       noise_flags, parse_sweep_value, training_keys, without_defences)
 from evaluate import (ATTACK_KEYS, ATTACKS, RESULT_HEADER, SEEDS_HEADER, AttackPlan, against_first, attack_plan,
                       attack_slug, evaluate_and_report, load_trained_attack, msssim_note, over_seeds, recover,
                       result_cells, result_columns, seed_cells, swept_attacker, utility_note)
-from fisher import CEILING_NOTE
+from fisher import CEILING_NOTE, Bound
 from models import DECODERS, INTERPOLATIONS, SPLITS, DecoderSpec, check_cut, probe_feature_shape, victim_label
 from train import train, train_and_evaluate, train_defence
 from utils import (DERIVED_KEYS, NOT_SETTINGS, UsageError, atomic_write_bytes, current_config, fresh_run_dir,
@@ -101,8 +101,8 @@ def value_config(cfg, value, seed=None):
         run['split'] = value
     elif cfg['sweep'] == 'keep_channels':
         run['keep_channels'] = value
-    elif cfg['sweep'] == 'noise_var':  # the same noise while the attacker trains and when it is measured
-        run.update(train_noise=value > 0, test_noise=value > 0, noise_var=value, test_noise_var=value)
+    elif cfg['sweep'] == 'noise_var':  # where --noise_at puts it, with the means given
+        run.update(noise_flags(value))
     elif cfg['sweep'] == 'noise_for_bound':  # the noise is calibrated on the run's own victim and images
         run['noise_for_bound'] = value
     elif cfg['sweep'] == 'attack':
@@ -328,8 +328,9 @@ def run_value(cfg, run, device):
         trainee = decoder_run(cfg, run)
         if trainee is run or finished_result(trainee) is None:
             attack, splits, history, _ = train(trainee, device)
+            validation, bound = splits.validation(), Bound(attack, trainee)
             for plan in refined_and_decoder(trainee):
-                evaluate_and_report(attack, splits.validation(), trainee, {'sweep': cfg['sweep']}, plan, history)
+                evaluate_and_report(attack, validation, trainee, {'sweep': cfg['sweep']}, plan, history, bound)
             if trainee is run:
                 return finished_result(run)
     splits = value_splits(cfg, run)

@@ -22,6 +22,7 @@ from defences import (DEFENCE_RECORD, DEFENCES, DEFENDED_FILE, TRAINING_KEYS, Si
                       distance_correlation)
 from evaluate import (STOP_KEY, UTILITY, AttackPlan, Plateau, evaluate, evaluate_and_report, format_summary,
                       mean_image_baseline, msssim_note, summarise)
+from fisher import Bound
 from models import (DEFENDED_FORMAT, SplitAttack, SplitVictim, attacker_label, cut, feature_error, feature_shape,
                     load_network, test_noise, train_noise)
 from utils import (Interrupted, RunError, UsageError, is_main_process, progress, rank_and_world, same_on_all_processes,
@@ -470,11 +471,11 @@ def train_and_evaluate(cfg, device, resume_state=None):
     attack, splits, history, _ = train(cfg, device, resume_state)
     if not is_main_process():
         return
-    validation = splits.validation()
-    per_image, _ = evaluate_and_report(attack, validation, cfg, {'epoch': len(history)}, history=history)
+    validation, bound = splits.validation(), Bound(attack, cfg)
+    per_image, _ = evaluate_and_report(attack, validation, cfg, {'epoch': len(history)}, history=history, bound=bound)
     draw_all(attack, validation, cfg, history, cfg['save_dir'], per_image['psnr'])
     if cfg['attack'] != 'decoder':
-        run_attack(attack, validation, cfg, history=history)
+        run_attack(attack, validation, cfg, history=history, bound=bound)
 
 
 def fit_to_budget(cfg, epoch_seconds):
@@ -546,7 +547,7 @@ def defence_epoch(student, reference, term, optimizer, splits, cfg, device, gene
     return {'kl': kl, 'privacy': privacy}
 
 
-def batch_dependence(images, sent, positions):
+def batch_dependence(images, sent, positions, recon):
     """The distance correlation between a batch of images and the tensor sent for them, for each image."""
     return {'distance_correlation': distance_correlation(images, sent).expand(len(images))}
 
@@ -558,7 +559,7 @@ def held_out_utility(student, reference, splits, cfg, device, attacker=None):
     measured_by = SplitAttack(student, attacker.decoder if attacker else None, device, cfg['precision'] == 'bf16')
     measured_by.charge_against(reference)
     measured = evaluate(measured_by, splits.images, splits.val_idx, cfg['batch_size'], desc='held-out utility',
-                        utility=True, plan=AttackPlan() if attacker else None, measures=batch_dependence)
+                        utility=True, plan=AttackPlan() if attacker else None, measures=[batch_dependence])
     if attacker is not None:  # the decoder it was trained against: kept apart, under a name of its own
         measured = {**{k: measured[k] for k in (*UTILITY, 'distance_correlation')},
                     'simulated_attacker_psnr': measured['psnr']}

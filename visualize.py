@@ -109,16 +109,33 @@ def sample_sent(attack, sample, cfg):
     return target, received(attack, target, sample.positions, test_noise(cfg))[1]
 
 
+class Kept:
+    """One of `evaluate`'s measures: keeps the reconstructions of the images at `positions` among those scored, so
+    that a sample grid shows the very images the evaluation scored instead of running the attack again."""
+
+    def __init__(self, positions):
+        self.positions, self.found = list(positions), {}
+
+    def __call__(self, images, sent, positions, recon):
+        self.found.update((p, r) for p, r in zip(positions, recon) if p in self.positions)
+        return {}
+
+    def reconstructions(self):
+        return torch.stack([self.found[p] for p in self.positions])
+
+
 @torch.no_grad()
-def plot_samples(attack, sample, cfg, save_dir, plan=AttackPlan()):
+def plot_samples(attack, sample, cfg, save_dir, plan=AttackPlan(), reconstructions=None):
     """Columns of original | reconstruction by the attack `plan` from the very tensor the evaluation scored (test
     noise and defences included), so each image's PSNR is the one in eval_per_image.csv; each image also as its
-    own PNG under save_dir/samples/."""
+    own PNG under save_dir/samples/. `reconstructions`: the evaluation's own (Kept), else the attack runs here."""
     attack.decoder.eval()
     target, sent = sample_sent(attack, sample, cfg)
+    if reconstructions is None:
+        reconstructions = recover(attack, sent, plan, target.shape)
     noise = test_noise(cfg)
     received_as = f' (noisy {noise.at}, var {noise.var:g})' if noise is not None else ''
-    rows = [('original', target), (f'{plan.kind} reconstruction{received_as}', recover(attack, sent, plan, target.shape))]
+    rows = [('original', target), (f'{plan.kind} reconstruction{received_as}', reconstructions)]
     samples_dir = os.path.join(save_dir, 'samples')
     os.makedirs(samples_dir, exist_ok=True)
     slug = attack_slug(plan.kind)
@@ -241,12 +258,14 @@ def draw_all(attack, scored, cfg, history, save_dir, psnr_values=None):
     return paths
 
 
-def run_attack(attack, scored, cfg, extra=None, history=()):
+def run_attack(attack, scored, cfg, extra=None, history=(), bound=None):
     """Evaluate the --attack chosen on the Scored images (eval{_attack}.json, per-image CSV) and draw its sample
-    grid; `history`: the training history of the decoder it uses."""
-    plan = attack_plan(cfg)
-    evaluate_and_report(attack, scored, cfg, extra, plan, history)
-    plot_samples(attack, samples(scored, cfg['num_samples']), cfg, cfg['save_dir'], plan)
+    grid from the reconstructions it scored; `history`: the training history of the decoder it uses; `bound`: the
+    images' Bound where another attack on them has one."""
+    plan, sample = attack_plan(cfg), samples(scored, cfg['num_samples'])
+    kept = Kept(sample.positions)
+    evaluate_and_report(attack, scored, cfg, extra, plan, history, bound, [kept])
+    plot_samples(attack, sample, cfg, cfg['save_dir'], plan, kept.reconstructions())
 
 
 def run_visualize(cfg, state, device):

@@ -6,6 +6,8 @@ import math
 import pytest
 import torch
 
+import evaluate
+import fisher
 from conftest import main_in, tiny_config
 from defences import build_attack
 from fisher import (DB, NO_NOISE, Bound, calibrated_variance, device_half, exact_trace, generators_for,
@@ -89,9 +91,8 @@ def test_each_images_bound_does_not_depend_on_its_batch(tmp_path):
     cfg = tiny_config(tmp_path, **{'test_noise': True, 'noise_at': 'features', 'test_noise_var': 0.5})
     attack = build_attack(cfg, CPU)
     images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-    bound = Bound(attack, cfg)
-    whole = bound(images, None, range(4))
-    halves = [bound(images[:2], None, range(2)), bound(images[2:], None, range(2, 4))]
+    whole = Bound(attack, cfg)(images, None, range(4))
+    halves = [Bound(attack, cfg)(images[:2], None, range(2)), Bound(attack, cfg)(images[2:], None, range(2, 4))]
     for key in whole:
         assert torch.allclose(whole[key], torch.cat([h[key] for h in halves]))
     assert torch.allclose(whole['psnr_ceiling'], DB * torch.log(whole['dfil']))
@@ -110,13 +111,42 @@ def test_noise_calibrated_to_a_bound_gives_that_mean_ceiling(tmp_path):
     assert record['sigma'] == pytest.approx(math.sqrt(variance))
 
 
+def counting(counts, key, function, images_at):
+    """`function`, adding the number of images of each call (its argument at `images_at`) to counts[key]."""
+    def counted(*args, **kwargs):
+        counts[key] += len(args[images_at])
+        return function(*args, **kwargs)
+    return counted
+
+
 @pytest.fixture(scope='module')
-def bounded_run(tmp_path_factory):
-    folder = tmp_path_factory.mktemp('bound')
-    main_in(folder, '--train', '--image_size', '32', '--batch_size', '16', '--num_batches', '6', '--num_epochs', '1',
-            '--decoder_depth', 'light', '--num_workers', '0', '--noise_for_bound', '12', '--fil_probes', '4',
-            '--save_dir', 'run')
-    return folder / 'run'
+def bounded(tmp_path_factory):
+    """A run with noise for a 12 dB ceiling and the white-box refinement: its folder, and the number of images each
+    Hutchinson estimate and each optimisation ran on."""
+    folder, counts = tmp_path_factory.mktemp('bound'), {'estimated': 0, 'optimised': 0}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fisher, 'hutchinson_trace', counting(counts, 'estimated', fisher.hutchinson_trace, 1))
+        patch.setattr(evaluate, 'invert_features', counting(counts, 'optimised', evaluate.invert_features, 1))
+        main_in(folder, '--train', '--image_size', '32', '--batch_size', '16', '--num_batches', '6', '--num_epochs',
+                '1', '--decoder_depth', 'light', '--num_workers', '0', '--noise_for_bound', '12', '--fil_probes', '4',
+                '--attack', 'decoder+optimize', '--attack_steps', '2', '--save_dir', 'run')
+    return folder / 'run', counts
+
+
+@pytest.fixture
+def bounded_run(bounded):
+    return bounded[0]
+
+
+def test_each_image_is_bounded_and_optimised_once_a_run(bounded):
+    """The decoder and its refinement are scored against one bound, estimated once per image (beside the
+    calibration's), and the sample grid shows the refinement the evaluation scored instead of running it again."""
+    run, counts = bounded
+    ceilings = [[r['psnr_ceiling'] for r in csv.DictReader(open(run / f'eval{slug}_per_image.csv'))]
+                for slug in ('', '_decoder_optimize')]
+    assert ceilings[0] == ceilings[1]
+    calibration = json.loads((run / 'eval.json').read_text())['config']['bound_calibration']['images']
+    assert counts == {'estimated': calibration + len(ceilings[0]), 'optimised': len(ceilings[0])}
 
 
 def test_a_run_with_noise_for_a_bound_reports_the_ceiling_beside_the_attack(bounded_run):

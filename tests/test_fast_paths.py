@@ -29,19 +29,22 @@ def history(path):
 
 
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path):
-    run_cli(tmp_path, *TINY, '--save_dir', 'one')
+    # A decoder with group norm: batch norm would normalise each process's half of the batch on its own (the CPU has
+    # no SyncBatchNorm), and two epochs amplify that to several per cent; group norm leaves only summation order.
+    args = (*TINY, '--decoder', 'residual', '--decoder_norm', 'group')
+    run_cli(tmp_path, *args, '--save_dir', 'one')
     env = {**os.environ, 'RECON_CACHE_DIR': str(tmp_path / 'cache'), 'OMP_NUM_THREADS': '1'}
     result = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
-                             os.path.join(ROOT, 'main.py'), *TINY, '--save_dir', 'two'],
+                             os.path.join(ROOT, 'main.py'), *args, '--save_dir', 'two'],
                             cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count('epoch 2/2: train loss') == 1  # only rank 0 prints
     one, two = history(tmp_path / 'one' / 'metrics.json'), history(tmp_path / 'two' / 'metrics.json')
-    # Not bit-identical: the CPU has no SyncBatchNorm, so each process normalises its half of the batch.
-    for a, b in zip(one, two):
-        assert b['val_loss'] == pytest.approx(a['val_loss'], rel=0.05)
-        assert b['psnr'] == pytest.approx(a['psnr'], abs=0.25)
-        assert b['train_loss'] == pytest.approx(a['train_loss'], rel=0.12)
+    assert len(one) == len(two) == 2
+    for a, b in zip(one, two):  # the same steps on the same global batches, summed in another order
+        assert b['val_loss'] == pytest.approx(a['val_loss'], rel=5e-3)
+        assert b['psnr'] == pytest.approx(a['psnr'], abs=0.02)
+        assert b['train_loss'] == pytest.approx(a['train_loss'], rel=5e-3)
     assert (tmp_path / 'two' / 'model.pth').is_file() and (tmp_path / 'two' / 'samples.png').is_file()
 
 
