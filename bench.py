@@ -247,7 +247,7 @@ def bench(args, workdir):
                      'image_size': cfg['image_size'], 'batch_size': cfg['batch_size'], 'device': str(device),
                      'device_name': torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu',
                      'threads': torch.get_num_threads(), 'train_images': len(splits.train_idx),
-                     'tool_precision': 'bf16 autocast' if attack.bf16 else 'fp32', 'compile': cfg['compile'],
+                     'tool_precision': attack.precision, 'compile': cfg['compile'],
                      'reference_workers': args.num_workers, 'timed_epochs': args.epochs - 1},
         'reference': {'train_images_per_s': median_rate(reference_timed), 'epochs': reference_timed,
                       **reference_usage.report()},

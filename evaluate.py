@@ -447,7 +447,8 @@ def evaluate_and_report(attack, scored, cfg, extra=None, plan=AttackPlan(), hist
                          utility=utility_charged(cfg), plan=plan, perceptual=load_lpips(attack.device),
                          measures=[*measures, *([bound] if bound.missing is None else [])])
     attacker = attacker_name(cfg, plan.kind)
-    settings = {**(extra or {}), 'attack': plan._asdict(), 'attacker': attacker, 'bound': bound.record(),
+    settings = {**(extra or {}), 'attack': plan._asdict(), 'attacker': attacker, 'precision': attack.precision,
+                'bound': bound.record(),
                 'training': training_record(history if plan.kind != 'optimize' else (), cfg),
                 'data': scored.description,
                 'held_out': scored.fingerprint, 'msssim': msssim_note(cfg['image_size']),

@@ -465,6 +465,12 @@ class SplitAttack:
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
+    @property
+    def precision(self):
+        """The arithmetic the victim and decoder ran in, as every record names it (--precision bf16 falls back to
+        fp32 where the hardware has no bf16 arithmetic, so the flag alone does not say)."""
+        return f'bf16 autocast on {self.device.type}' if self.bf16 else f'fp32 on {self.device.type}'
+
     def noise_generator(self, seed):
         return torch.Generator(device=self.device).manual_seed(seed)
 

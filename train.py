@@ -385,7 +385,7 @@ def train(cfg, device, resume_state=None):
     print(f'data: {splits.description}')
     attack = build_attack(cfg, device, splits.calibration_images(cfg['batch_size']))
     cfg['victim_fingerprint'] = attack.victim.fingerprint()
-    print(f'attacker: {attacker_label(cfg)}')
+    print(f'attacker: {attacker_label(cfg)}; arithmetic: {attack.precision} (metrics in fp32)')
     distribute(attack, cfg)
     optimizer = make_optimizer(cfg, attack.decoder.parameters(), device)
     trainer = Trainer(optimizer, make_scheduler(cfg, optimizer, len(splits.train_idx)),

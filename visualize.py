@@ -117,7 +117,7 @@ class Kept:
         self.positions, self.found = list(positions), {}
 
     def __call__(self, images, sent, positions, recon):
-        self.found.update((p, r) for p, r in zip(positions, recon) if p in self.positions)
+        self.found.update((p, r.clone()) for p, r in zip(positions, recon) if p in self.positions)
         return {}
 
     def reconstructions(self):

@@ -9,10 +9,12 @@ from PIL import Image
 
 from conftest import run_cli, run_script, tiny_config
 from defences import build_attack
+from models import SplitAttack, build_victim
 from visualize import capture_decoder_activations
 
 TINY = ('--image_size', '32', '--batch_size', '16', '--num_batches', '22', '--decoder_depth', 'light',
         '--num_samples', '3', '--num_workers', '0')
+CPU = torch.device('cpu')
 FIGURES = ('loss.png', 'samples.png', 'feature_maps.png', 'decoder_layers.png', 'psnr_hist.png')
 
 
@@ -62,6 +64,7 @@ def test_evaluation_reproduces_the_final_validation_metrics(workdir, filename):
     assert evaluation['metrics']['psnr']['mean'] == pytest.approx(final['psnr'], abs=1e-4)
     assert evaluation['metrics']['ssim']['mean'] == pytest.approx(final['ssim'], abs=1e-5)
     assert evaluation['metrics']['mse']['mean'] == pytest.approx(final['val_loss'], rel=1e-5)
+    assert evaluation['precision'] == SplitAttack(build_victim('resnet18', 'layer2'), None, CPU, bf16=True).precision
     # the same held-out images as the evaluation at the end of training: one content fingerprint, however reached
     assert evaluation['held_out'] == json.loads((workdir / 'run' / 'eval.json').read_text())['held_out']
     with open(workdir / out / 'eval_per_image.csv') as f:

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import models
 from main import build_parser, resolve_config
 from defences import build_attack
 from models import INTERPOLATIONS, SPLITS, Decoder, DecoderSpec, SplitAttack, build_decoder, build_victim, feature_shape, \
@@ -111,3 +112,16 @@ def test_weights_file_loads_into_the_victim_and_bad_files_are_named(tmp_path):
         build_victim('resnet34', 'layer2', weights_path=str(tmp_path / 'victim.pth'))
     with pytest.raises(UsageError, match='no such file'):
         build_victim('resnet18', 'layer2', weights_path=str(tmp_path / 'missing.pth'))
+
+
+@pytest.mark.parametrize('hardware', [True, False])
+def test_the_arithmetic_recorded_is_the_one_that_ran(monkeypatch, hardware):
+    """--precision bf16 is a request: where the hardware has no bf16 arithmetic it runs fp32, and says so."""
+    monkeypatch.setattr(models, 'bf16_is_fast', lambda device: hardware)
+    victim = build_victim('resnet18', 'layer1')
+    for requested in (True, False):
+        attack = SplitAttack(victim, None, torch.device('cpu'), bf16=requested)
+        ran = requested and hardware
+        assert attack.precision == ('bf16 autocast on cpu' if ran else 'fp32 on cpu')
+        with attack.autocast():
+            assert torch.is_autocast_enabled('cpu') == ran
