@@ -18,7 +18,7 @@ from data import held_out_images
 from defences import active, build_attack
 from fisher import Bound
 from models import attacker_label, invert_features, random_victim, test_noise
-from utils import UsageError, progress, save_csv, save_json, to_unit
+from utils import UsageError, progress, provenance, save_csv, save_json, to_unit
 
 MSSSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. 2003, as in pytorch-msssim
 WIN_SIZE = 11
@@ -43,7 +43,8 @@ def msssim_scales(size):
 
 def ms_ssim_per_image(x, y, scales=None):
     """Per-image MS-SSIM (data_range 1). Below 161 px the coarsest scales do not fit; the scales that do are
-    used with their weights renormalised to sum to 1 (see `msssim_scales`)."""
+    used with their weights renormalised to sum to 1 (see `msssim_scales`). pytorch-msssim's public ms_ssim refuses
+    images that small whatever its weights, so fewer scales go through its SSIM helpers, as ms_ssim itself does."""
     if scales is None:
         scales = msssim_scales(min(x.shape[-2:]))
         if scales == len(MSSSIM_WEIGHTS):
@@ -258,6 +259,24 @@ def utility_note(cfg):
     return 'victim utility: the victim is random-initialised, so its agreement figures are not meaningful'
 
 
+def provenance_note(records):
+    """Where and with what the records (eval or defence json) behind a table were made: each machine, arithmetic,
+    library version and commit among them, and the span of their times."""
+    made = [r['provenance'] for r in records if r.get('provenance')]
+    missing = '' if len(made) == len(records) else (
+        f' ({len(records) - len(made)} of {len(records)} records do not say: written before the tool recorded it)')
+    if not made:
+        return 'Made on: not recorded' + missing
+
+    def each(values):
+        return ' / '.join(sorted(set(values)))
+    times = sorted(m['time'] for m in made)
+    span = times[0] if times[0] == times[-1] else f'{times[0]} to {times[-1]}'
+    arithmetic = each(r['precision'] for r in records if r.get('precision'))
+    return (f'Made on: {each(m["machine"] for m in made)}' + (f'; arithmetic {arithmetic}' if arithmetic else '')
+            + f'; {each(m["torch"] for m in made)}; commit {each(m["commit"] for m in made)}; {span}{missing}')
+
+
 def result_columns(result):
     """An eval{_attack}.json's figures as a table row: how long its decoder trained (None where the evaluation
     predates that record), each metric's mean, the PSNR's std, the images scored."""
@@ -448,7 +467,7 @@ def evaluate_and_report(attack, scored, cfg, extra=None, plan=AttackPlan(), hist
                          measures=[*measures, *([bound] if bound.missing is None else [])])
     attacker = attacker_name(cfg, plan.kind)
     settings = {**(extra or {}), 'attack': plan._asdict(), 'attacker': attacker, 'precision': attack.precision,
-                'bound': bound.record(),
+                'provenance': provenance(attack.device), 'bound': bound.record(),
                 'training': training_record(history if plan.kind != 'optimize' else (), cfg),
                 'data': scored.description,
                 'held_out': scored.fingerprint, 'msssim': msssim_note(cfg['image_size']),

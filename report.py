@@ -7,7 +7,7 @@ import string
 
 from defences import describe as describe_defences, family
 from evaluate import (ATTACK_KEYS, ATTACKS, RESULT_HEADER, SEEDS_HEADER, against_first, attack_slug, msssim_note,
-                      over_seeds, result_cells, result_columns, seed_cells)
+                      over_seeds, provenance_note, result_cells, result_columns, seed_cells)
 from fisher import CEILING_NOTE
 from models import random_victim
 from sweep import tensor_columns
@@ -81,6 +81,13 @@ def held_out_sets(results):
     return [names.get(result.get('held_out'), '?') for result in results]
 
 
+def made_columns(result):
+    """Where and with what an evaluation was made (report.csv's last columns; None where it does not say)."""
+    made = result.get('provenance') or {}
+    return {'machine': made.get('machine'), 'precision': result.get('precision'), 'commit': made.get('commit'),
+            'made': made.get('time')}
+
+
 def build_rows(evaluations, defaults, idle_flags):
     results = [read_json(os.path.join(folder, name)) for folder, name in evaluations]
     for (folder, name), result in zip(evaluations, results):
@@ -94,7 +101,7 @@ def build_rows(evaluations, defaults, idle_flags):
             zip(evaluations, results, settings, configs, held_out_sets(results)), start=1):
         rows.append({'#': i, 'run': folder, **{k: setting_text(k, setting.get(k)) for k in columns},
                      'family': family(config), **tensor_columns(config), **result_columns(result),
-                     'held_out_set': images})
+                     'held_out_set': images, **made_columns(result)})
     return rows, columns, settings, configs, results
 
 
@@ -143,10 +150,10 @@ def held_out_warning(rows, sets):
         + f'); compare rows only within a set{unknown}')
 
 
-def markdown_report(rows, columns, settings, configs, patterns, sets, grouped=()):
+def markdown_report(rows, columns, settings, configs, patterns, sets, results, grouped=()):
     shared = [k for k in SUMMARY_KEYS if k not in columns and k in settings[0]
               and (settings[0][k] is not None or k == 'data_dir')]
-    lines = [f'Report of {len(rows)} evaluations from {", ".join(patterns)}.', '',
+    lines = [f'Report of {len(rows)} evaluations from {", ".join(patterns)}.', '', provenance_note(results) + '.', '',
              'Same in every run: ' + ', '.join(f'{k} {setting_text(k, settings[0][k])}' for k in shared) + '.', '',
              f'| # | run | {" | ".join(columns)} | tensor | {RESULT_HEADER} | held-out set |',
              '|' + '---|' * (len(columns) + 13)]
@@ -172,7 +179,7 @@ def write_report(patterns, save_dir, defaults, idle_flags):
     if grouped:
         save_csv(grouped, os.path.join(save_dir, 'report_seeds.csv'))
     sets = sorted({r['held_out_set'] for r in rows})
-    table = markdown_report(rows, columns, settings, configs, patterns, sets, grouped)
+    table = markdown_report(rows, columns, settings, configs, patterns, sets, results, grouped)
     atomic_write_bytes(os.path.join(save_dir, 'report.md'), table.encode())
     one_set = comparable_sets(sets) is not None
     labels = [f'{r["#"]}' + ('' if one_set else f' ({r["held_out_set"]})') for r in rows]

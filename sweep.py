@@ -8,8 +8,8 @@ from data import load_splits
 from defences import (DEFENCE_RECORD, DEFENCES, DEFENDED_FILE, KEEP_CHANNELS, build_attack, check_sweep_value, family,
                        noise_flags, parse_sweep_value, training_keys, without_defences)
 from evaluate import (ATTACK_KEYS, ATTACKS, RESULT_HEADER, SEEDS_HEADER, AttackPlan, against_first, attack_plan,
-                      attack_slug, evaluate_and_report, load_trained_attack, msssim_note, over_seeds, recover,
-                      result_cells, result_columns, seed_cells, swept_attacker, utility_note)
+                      attack_slug, evaluate_and_report, load_trained_attack, msssim_note, over_seeds,
+                      provenance_note, recover, result_cells, result_columns, seed_cells, swept_attacker, utility_note)
 from fisher import CEILING_NOTE, Bound
 from models import DECODERS, INTERPOLATIONS, SPLITS, DecoderSpec, check_cut, probe_feature_shape, victim_label
 from train import train, train_and_evaluate, train_defence
@@ -229,7 +229,9 @@ def seeds_text(cfg):
     return f'seed {cfg["seed"]}' if cfg['seeds'] == 1 else f'seeds {cfg["seed"]}-{cfg["seed"] + cfg["seeds"] - 1}'
 
 
-def markdown_table(rows, cfg, description, reused=(), decoder_runs=()):
+def markdown_table(rows, cfg, description, records, reused=(), decoder_runs=()):
+    """sweep.md: the title (victim, attacker, budget, seeds, data), where it was made (`records`: the eval jsons
+    behind the rows), the table, then its notes."""
     label_columns = ('defence', 'family', 'strength') if cfg['sweep'] == 'defence' else (cfg['sweep'],)
     attacker = f', {swept_attacker(cfg)}' if swept_attacker(cfg) else ''
     budget = f'about {cfg["minutes"]:g} minutes of training each' if cfg['minutes'] else f'{cfg["num_epochs"]} epochs'
@@ -239,6 +241,7 @@ def markdown_table(rows, cfg, description, reused=(), decoder_runs=()):
     lines = [f'Sweep of `{cfg["sweep"]}`: {cfg["arch"]} ({victim_label(cfg)})'
              + (f' cut at {cfg["split"]}' if cfg['sweep'] != 'split' else '')
              + f'{attacker}, {cfg["image_size"]} px, {budget}, {seeds_text(cfg)}; {description}.', '',
+             provenance_note(records) + '.', '',
              f'| {" | ".join(label_columns)} | tensor | channels sent | {header} |',
              '|' + '---|' * (2 + len(label_columns) + header.count('|') + 1)]
     for r in rows:
@@ -364,16 +367,17 @@ def run_sweep(cfg, device):
     cfg['save_dir'] = sweep_dir(cfg)
     save_json({'sweep': cfg['sweep'], 'values': [value_label(v) for v in values], 'config': cfg},
               os.path.join(cfg['save_dir'], 'sweep.json'))
-    rows, evaluated, reused = [], [], []
+    rows, evaluated, reused, records = [], [], [], []
     for i, value in enumerate(values):
         results = value_results(cfg, value, device, f'{i + 1}/{len(values)}', reused)
+        records += results
         rows.append(table_row(cfg, value, results))
         evaluated.append({**value_config(cfg, value), **results[0]['config']})  # the first seed's, for figures
     if cfg['seeds'] > 1:
         against_first(rows)  # every value is scored on the same held-out images
     validation = value_splits(cfg, evaluated[0]).validation()
     save_csv(rows, os.path.join(cfg['save_dir'], 'sweep.csv'))
-    table = markdown_table(rows, cfg, validation.description, reused, list(zip(values, evaluated)))
+    table = markdown_table(rows, cfg, validation.description, records, reused, list(zip(values, evaluated)))
     atomic_write_bytes(os.path.join(cfg['save_dir'], 'sweep.md'), table.encode())
     labels = [row_label(cfg, r) for r in rows]
     if cfg['sweep'] in ('attack', 'defence'):
@@ -398,19 +402,31 @@ def run_seeds(cfg, device):
     for i, run in enumerate(runs):
         print(f'seed {run["seed"]} ({i + 1} of {len(runs)}), into {run["save_dir"]}')
         (train_defence if cfg['mode'] == 'train_defence' else train_and_evaluate)(run, device)
+    records = [read_json(path) for run in runs for path in run_records(cfg, run)]
     rows = defence_seed_rows(runs) if cfg['mode'] == 'train_defence' else attack_seed_rows(cfg, runs)
     save_csv(rows, os.path.join(cfg['save_dir'], 'seeds.csv'))
-    table = seeds_table(cfg, rows)
+    table = seeds_table(cfg, rows, records)
     atomic_write_bytes(os.path.join(cfg['save_dir'], 'seeds.md'), table.encode())
     print(table)
     return rows
 
 
+def evaluated_attacks(cfg):
+    """The attacks a --train run evaluates: the decoder, and the --attack chosen where it is another."""
+    return ['decoder'] + ([cfg['attack']] if cfg['attack'] != 'decoder' else [])
+
+
+def run_records(cfg, run):
+    """The json files one seed's run wrote its results into: its defence.json, or each attack's eval json."""
+    if cfg['mode'] == 'train_defence':
+        return [os.path.join(run['save_dir'], DEFENCE_RECORD)]
+    return [os.path.join(run['save_dir'], f'eval{attack_slug(kind)}.json') for kind in evaluated_attacks(cfg)]
+
+
 def attack_seed_rows(cfg, runs):
     """One row per attack evaluated: its figures' means and spread over the seeds."""
-    kinds = ['decoder'] + ([cfg['attack']] if cfg['attack'] != 'decoder' else [])
     return [{'attack': kind, **over_seeds([read_json(os.path.join(run['save_dir'], f'eval{attack_slug(kind)}.json'))
-                                           for run in runs])} for kind in kinds]
+                                           for run in runs])} for kind in evaluated_attacks(cfg)]
 
 
 def defence_seed_rows(runs):
@@ -425,10 +441,10 @@ def defence_seed_rows(runs):
                    {'seed': 'spread (std)', **{k: v.std().item() for k, v in values.items()}}]
 
 
-def seeds_table(cfg, rows):
+def seeds_table(cfg, rows, records):
     title = (f'{cfg["mode"]} over {seeds_text(cfg)}: {cfg["arch"]} ({victim_label(cfg)}) cut at {cfg["split"]}, '
              f'{cfg["image_size"]} px; every seed scored on the same held-out images (--split_seed '
-             f'{cfg["split_seed"]}).')
+             f'{cfg["split_seed"]}).\n\n{provenance_note(records)}.')
     if cfg['mode'] == 'train_defence':
         header = ' | '.join(rows[0])
         lines = [f'| {header} |', '|' + '---|' * len(rows[0])] + [

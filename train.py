@@ -25,8 +25,8 @@ from evaluate import (STOP_KEY, UTILITY, AttackPlan, Plateau, evaluate, evaluate
 from fisher import Bound
 from models import (DEFENDED_FORMAT, SplitAttack, SplitVictim, attacker_label, cut, feature_error, feature_shape,
                     load_network, test_noise, train_noise)
-from utils import (Interrupted, RunError, UsageError, is_main_process, progress, rank_and_world, same_on_all_processes,
-                   save_json, save_torch, to_unit)
+from utils import (Interrupted, RunError, UsageError, is_main_process, progress, provenance, rank_and_world,
+                   same_on_all_processes, save_json, save_torch, to_unit)
 from visualize import draw_all, live_curves, plot_defence_history, run_attack
 
 # 2: the images trained on and held out are recorded; 3: --decoder and recipe; 4: --split_seed and --victim_seed
@@ -616,7 +616,7 @@ def train_defence(cfg, device):
     save_torch(defended_record(cfg, defence, net, student, splits), path)
     record = {'defence': defence.describe(cfg), 'sent_shape': list(shape), 'minutes': history[-1]['seconds'] / 60,
               'held_out': {'before': before, 'after': after, 'data': splits.description}, 'history': history,
-              'config': cfg, 'weights': path}
+              'config': cfg, 'weights': path, 'provenance': provenance(device)}
     if plateau.patience:
         record['stopping'] = plateau.record(len(history), cfg['defend_epochs'])
         print(stopping_note(record['stopping'], 'defence training'))

@@ -1,16 +1,23 @@
 """Small shared helpers: errors the CLI reports in one line, atomic file writes, devices, run folders."""
 import argparse
 import csv
+import datetime
+import functools
 import io
 import json
 import os
+import platform
 import re
+import subprocess
 import tempfile
 
 import torch
 import torch.distributed as dist
+import torchvision
 from tqdm import tqdm
 
+
+TOOL_DIR = os.path.dirname(os.path.abspath(__file__))
 
 # Settings of how a run is carried out, not of what it computes: they may differ from a checkpoint's (resume,
 # evaluation) and between a sweep and its resume. COMMAND_KEYS always come from the command at hand (a loaded
@@ -113,6 +120,43 @@ def make_deterministic():
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
     torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def processor():
+    """The CPU's model name (Linux's /proc/cpuinfo, else what platform reports)."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            return next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+@functools.lru_cache(maxsize=1)
+def tool_commit():
+    """The tool's git commit (12 digits, '+ uncommitted changes' where tracked files differ from it), or why there
+    is none."""
+    def git(*args):
+        return subprocess.run(['git', '-C', TOOL_DIR, *args], capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+    try:
+        commit = git('rev-parse', '--short=12', 'HEAD')
+        return commit + (' + uncommitted changes' if git('status', '--porcelain', '--untracked-files=no') else '')
+    except (OSError, subprocess.SubprocessError):
+        return 'unknown (not a git checkout)'
+
+
+def provenance(device):
+    """Where and with what a result was made, for its record and the tables built from it: the machine (GPU or
+    CPU, processes), the library versions, the tool's commit and the time (UTC)."""
+    if device.type == 'cuda':
+        machine = f'{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})'
+    else:
+        machine = f'{processor()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads'
+    if rank_and_world()[1] > 1:
+        machine += f', {rank_and_world()[1]} processes'
+    return {'machine': machine, 'torch': f'torch {torch.__version__}, torchvision {torchvision.__version__}',
+            'commit': tool_commit(),
+            'time': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}
 
 
 def init_distributed(device):

@@ -13,6 +13,7 @@ from defences import build_attack
 from fisher import (DB, NO_NOISE, Bound, calibrated_variance, device_half, exact_trace, generators_for,
                     hutchinson_trace, leakage)
 from models import build_victim
+from utils import provenance
 
 CPU = torch.device('cpu')
 SIGMA = 0.1
@@ -188,4 +189,5 @@ def test_a_sweep_over_the_bound_sets_each_noise_from_its_ceiling(tmp_path):
     assert all('sigma' in r['noise_for_bound'] and r['decoder_psnr'] for r in rows)
     table = (tmp_path / 'sweep' / 'sweep.md').read_text()
     assert 'unbiased ceiling (dB, dFIL)' in table and 'the decoder alone, before the refinement' in table
+    assert f'\n\nMade on: {provenance(CPU)["machine"]}; arithmetic ' in table
     assert (tmp_path / 'sweep' / 'sweep.png').is_file()

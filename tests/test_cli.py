@@ -2,12 +2,14 @@
 import csv
 import json
 import os
+import subprocess
 
 import pytest
 import torch
+import torchvision
 from PIL import Image
 
-from conftest import run_cli, run_script, tiny_config
+from conftest import ROOT, run_cli, run_script, tiny_config
 from defences import build_attack
 from models import SplitAttack, build_victim
 from visualize import capture_decoder_activations
@@ -65,6 +67,10 @@ def test_evaluation_reproduces_the_final_validation_metrics(workdir, filename):
     assert evaluation['metrics']['ssim']['mean'] == pytest.approx(final['ssim'], abs=1e-5)
     assert evaluation['metrics']['mse']['mean'] == pytest.approx(final['val_loss'], rel=1e-5)
     assert evaluation['precision'] == SplitAttack(build_victim('resnet18', 'layer2'), None, CPU, bf16=True).precision
+    made, head = evaluation['provenance'], subprocess.run(['git', '-C', ROOT, 'rev-parse', '--short=12', 'HEAD'],
+                                                          capture_output=True, text=True)
+    assert made['commit'].startswith(head.stdout.strip() if head.returncode == 0 else 'unknown (not a git checkout)')
+    assert made['torch'] == f'torch {torch.__version__}, torchvision {torchvision.__version__}'
     # the same held-out images as the evaluation at the end of training: one content fingerprint, however reached
     assert evaluation['held_out'] == json.loads((workdir / 'run' / 'eval.json').read_text())['held_out']
     with open(workdir / out / 'eval_per_image.csv') as f:

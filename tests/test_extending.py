@@ -61,5 +61,6 @@ def test_the_documented_defence_runs_end_to_end(tmp_path):
     assert 'refused: argument --quantise_bits: between 1 and 16 bits, got 0' in checked.stdout
     evaluation = json.loads((copy / 'run' / 'eval.json').read_text())
     assert evaluation['config']['defence'] == 'quantise' and evaluation['metrics']['kl']['mean'] > 0  # charged
+    assert evaluation['provenance']['commit'] == 'unknown (not a git checkout)'  # a copy without .git says so
     assert 'quantised to 2 bits' in (copy / 'report' / 'report.md').read_text()  # tables name it
     assert 'quantise: round each sample to 2^--quantise_bits levels' in checked.stdout  # --help lists it

@@ -70,7 +70,11 @@ def test_seeds_train_every_seed_on_one_held_out_set_and_tabulate_them(tmp_path, 
     psnrs = torch.tensor([e['metrics']['psnr']['mean'] for e in evaluations], dtype=torch.float64)
     assert float(row['psnr']) == pytest.approx(psnrs.mean().item())
     assert float(row['psnr_seed_std']) == pytest.approx(psnrs.std().item())
-    assert 'PSNR (dB, mean ± spread over seeds)' in (tmp_path / 'runs' / 'seeds.md').read_text()
+    table = (tmp_path / 'runs' / 'seeds.md').read_text()
+    assert 'PSNR (dB, mean ± spread over seeds)' in table
+    first, last = sorted(e['provenance']['time'] for e in evaluations)
+    assert f'Made on: {evaluations[0]["provenance"]["machine"]}' in table
+    assert (first if first == last else f'{first} to {last}') in table
     report = main_here(tmp_path, '--report', 'runs', '--save_dir', 'report')
     assert report.returncode == 0, report.stderr
     assert 'Over seeds: the rows that differ only in `seed`' in (tmp_path / 'report' / 'report.md').read_text()

@@ -10,9 +10,11 @@ import torchvision
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import main_in
+from evaluate import provenance_note
 from main import build_parser, idle_flags, presets, resolve_config, resolve_presets
 from models import build_victim
 from train import CURVES
+from utils import provenance
 
 # A one-epoch smoke run of any preset: random victim, built-in photos, tiny images and data.
 SMOKE = ('--no-use_pretrained', '--image_size', '32', '--batch_size', '8', '--num_batches', '4', '--num_epochs', '1',
@@ -170,6 +172,12 @@ def test_report_tabulates_sweeps_and_a_run_against_their_eval_json(finished_runs
     assert [r['held_out_set'] for r in rows] == ['A', 'A', 'A', 'A', 'B']
     table = (finished_runs / 'report' / 'report.md').read_text()
     assert 'WARNING: these rows were not scored on the same held-out images (set A: rows 1, 2, 3, 4; set B: rows 5)' in table
+    # where each was made: in every row, and once for the table (one machine, one commit here)
+    made = provenance(torch.device('cpu'))
+    assert {(r['machine'], r['commit'], r['precision']) for r in rows} == {(made['machine'], made['commit'],
+                                                                           rows[0]['precision'])}
+    assert f'Made on: {made["machine"]}; arithmetic {rows[0]["precision"]}; {made["torch"]}; commit {made["commit"]}' \
+        in table
     assert 'Same in every run: arch resnet18' in table
     assert (finished_runs / 'report' / 'report.png').stat().st_size > 10_000
 
@@ -193,3 +201,15 @@ def test_bad_report_and_preset_arguments_are_one_line(finished_runs, main_here, 
     result = main_here(finished_runs, *args)
     assert result.returncode == 2 and message in result.stderr
     assert 'Traceback' not in result.stderr
+
+
+def test_a_table_says_where_its_records_were_made_and_which_do_not_say():
+    made = [{'precision': 'fp32 on cpu', 'provenance': {'machine': 'M1', 'torch': 'torch 1', 'commit': 'c1',
+                                                        'time': '2026-01-02T00:00:00+00:00'}},
+            {'precision': 'bf16 autocast on cuda', 'provenance': {'machine': 'M2', 'torch': 'torch 1', 'commit': 'c1',
+                                                                  'time': '2026-01-01T00:00:00+00:00'}}]
+    assert provenance_note(made + [{}]) == (
+        'Made on: M1 / M2; arithmetic bf16 autocast on cuda / fp32 on cpu; torch 1; commit c1; '
+        '2026-01-01T00:00:00+00:00 to 2026-01-02T00:00:00+00:00 (1 of 3 records do not say: written before the tool '
+        'recorded it)')
+    assert provenance_note([{}]).startswith('Made on: not recorded (1 of 1 records do not say')
