@@ -29,7 +29,7 @@ import main as cli
 from data import builtin_splits, list_images, load_splits
 from evaluate import evaluate
 from defences import build_attack
-from models import IMAGENET_MEAN, IMAGENET_STD, DecoderSpec, build_victim
+from models import ARCHS, DECODER_DEPTHS, DECODERS, IMAGENET_MEAN, IMAGENET_STD, DecoderSpec, build_victim
 from train import cache_features, make_optimizer, train_one_epoch
 from utils import UsageError, fresh_run_dir, pick_device, progress, save_json
 
@@ -163,23 +163,26 @@ def first_batch_losses(cfg, attack, splits, reference_decoder, victim, reference
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument('--data_dir', help='a folder of images (default: the built-in photos, written out as JPEGs)')
-    p.add_argument('--arch', default='resnet18')
-    p.add_argument('--split', help='default: the arch\'s default split')
-    p.add_argument('--image_size', type=int, default=64)
-    p.add_argument('--batch_size', type=int, default=32)
-    p.add_argument('--num_batches', type=int, help='use num_batches x batch_size images (default all)')
-    p.add_argument('--decoder', default=DecoderSpec().kind, help="the tool's --decoder (original or residual)")
-    p.add_argument('--interpolation', help="the tool's --interpolation (default: the decoder's own)")
-    p.add_argument('--decoder_depth', default='medium')
-    p.add_argument('--epochs', type=int, default=4, help='timed epochs per path, the first being warm-up')
-    p.add_argument('--num_workers', type=int, default=2, help="the reference loop's DataLoader workers")
-    p.add_argument('--device', default='auto', choices=('auto', 'cuda', 'cpu'))
-    p.add_argument('--precision', default='bf16', choices=('bf16', 'fp32'), help="the tool path's (CUDA only)")
-    p.add_argument('--compile', action='store_true', help='the tool path with torch.compile')
-    p.add_argument('--save_dir', default='bench')
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    flags = cli.Group(p)  # each default printed once, as in main.py --help
+    flags.add_argument('--data_dir', help='a folder of images (default: the built-in photos, written out as JPEGs)')
+    flags.add_argument('--arch', default='resnet18', choices=ARCHS, help="the victim (the tool's --arch)")
+    flags.add_argument('--split', help="where it is cut (default: the arch's default split)")
+    flags.add_argument('--image_size', type=int, default=64, help='square side in pixels')
+    flags.add_argument('--batch_size', type=int, default=32, help='images per step')
+    flags.add_argument('--num_batches', type=int, help='use num_batches x batch_size images (default: all)')
+    flags.add_argument('--decoder', default=DecoderSpec().kind, choices=DECODERS, help="the tool's --decoder")
+    flags.add_argument('--interpolation', help="the tool's --interpolation (default: the decoder's own)")
+    flags.add_argument('--decoder_depth', default=DecoderSpec().depth, choices=tuple(DECODER_DEPTHS),
+                       help="the tool's --decoder_depth")
+    flags.add_argument('--epochs', type=int, default=4, help='timed epochs per path, the first being warm-up')
+    flags.add_argument('--num_workers', type=int, default=2, help="the reference loop's DataLoader workers")
+    flags.add_argument('--device', default='auto', choices=('auto', 'cuda', 'cpu'), help='auto: CUDA when available')
+    flags.add_argument('--precision', default='bf16', choices=('bf16', 'fp32'),
+                       help="the tool path's: bf16 autocast where the hardware has bf16 arithmetic (CUDA, CPUs with "
+                            "AVX512-BF16 or AMX), else fp32; the reference loop is fp32")
+    flags.add_argument('--compile', action='store_true', help='the tool path with torch.compile')
+    flags.add_argument('--save_dir', default='bench', help='where bench.json goes')
     args = p.parse_args(argv)
     if args.epochs < 2:
         p.error('--epochs: at least 2 (the first is warm-up)')

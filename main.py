@@ -56,8 +56,8 @@ settings: '''
 
 
 class Group:
-    """An argument group whose flags print their default once: appended to their help through argparse's public
-    %(default)s unless the help already gives it or the flag has none (None, a switch's False)."""
+    """An argument group (or parser) whose flags print their default once: appended to their help through
+    argparse's public %(default)s unless the help already gives it or the flag has none (None, a switch's False)."""
 
     def __init__(self, group):
         self.group = group

@@ -46,9 +46,12 @@ def test_every_doc_the_readme_links_exists():
 
 
 def test_help_prints_each_default_once_and_lists_the_cuts():
+    for entry in (cli.main, bench.main):
+        text = ' '.join(help_text(entry).split())
+        assert '(default: None)' not in text and '(default: False)' not in text, entry
+        assert not re.search(r'default[^()]*\) \(default:', text), entry  # never twice
+        assert '(default: 0.0)' in text or entry is bench.main  # a default of zero is a default too
     text = help_text(cli.main)
-    assert '(default: None)' not in text and '(default: False)' not in text
-    assert not re.search(r'default[^()]*\) \(default:', text)  # never twice
     assert 'mobilenet_v2: block3 block6 block10 block13 block16 (default block6)' in ' '.join(text.split())
     assert '--train_defence' in text.split('trained defences')[0]  # among the modes
     assert 'examples:' in text
