@@ -176,6 +176,11 @@ def attack_slug(kind):
     return '' if kind == 'decoder' else '_' + kind.replace('+', '_')
 
 
+def evaluation_file(kind):
+    """The name of the json an evaluation of attack `kind` writes into its folder (the per-image CSV beside it)."""
+    return f'eval{attack_slug(kind)}.json'
+
+
 def received(attack, target, positions, noise=None):
     """(encoded, sent) for the [0, 1] images `target` at `positions` among the images scored: what the device's half
     computed, and what it sent after its defences. Each image's random draws (test noise, dropout masks) come from

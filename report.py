@@ -6,7 +6,7 @@ import os
 import string
 
 from defences import describe as describe_defences, family
-from evaluate import (ATTACK_KEYS, ATTACKS, RESULT_HEADER, SEEDS_HEADER, against_first, attack_slug, msssim_note,
+from evaluate import (ATTACK_KEYS, ATTACKS, RESULT_HEADER, SEEDS_HEADER, against_first, evaluation_file, msssim_note,
                       over_seeds, provenance_note, result_cells, result_columns, seed_cells)
 from fisher import CEILING_NOTE
 from models import random_victim
@@ -14,7 +14,7 @@ from sweep import tensor_columns
 from utils import NOT_SETTINGS, UsageError, atomic_write_bytes, current_config, read_json, save_csv
 from visualize import plot_privacy_utility
 
-EVALUATIONS = {f'eval{attack_slug(kind)}.json': kind for kind in ATTACKS}  # file -> the attack it scored
+EVALUATIONS = {evaluation_file(kind): kind for kind in ATTACKS}  # file -> the attack it scored
 # Named above the table when every run shares them.
 SUMMARY_KEYS = ('arch', 'split', 'pretrained', 'weights', 'defence', 'data_dir', 'image_size', 'decoder',
                 'interpolation', 'decoder_depth', 'num_epochs', 'batch_size', 'seed')

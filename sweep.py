@@ -8,7 +8,7 @@ from data import load_splits
 from defences import (DEFENCE_RECORD, DEFENCES, DEFENDED_FILE, KEEP_CHANNELS, build_attack, check_sweep_value, family,
                        noise_flags, parse_sweep_value, training_keys, without_defences)
 from evaluate import (ATTACK_KEYS, ATTACKS, RESULT_HEADER, SEEDS_HEADER, AttackPlan, against_first, attack_plan,
-                      attack_slug, evaluate_and_report, load_trained_attack, msssim_note, over_seeds,
+                      evaluate_and_report, evaluation_file, load_trained_attack, msssim_note, over_seeds,
                       provenance_note, recover, result_cells, result_columns, seed_cells, swept_attacker, utility_note)
 from fisher import CEILING_NOTE, Bound
 from models import DECODERS, INTERPOLATIONS, SPLITS, DecoderSpec, check_cut, probe_feature_shape, victim_label
@@ -155,7 +155,7 @@ def comparable(cfg):
 
 def finished_result(run):
     """The eval{_attack}.json of a value already done with exactly this configuration, else None."""
-    result = read_json(os.path.join(run['save_dir'], f'eval{attack_slug(run["attack"])}.json'))
+    result = read_json(os.path.join(run['save_dir'], evaluation_file(run['attack'])))
     if result and comparable(result['config']) == comparable(run):
         return result
     return None
@@ -199,7 +199,7 @@ def decoder_psnr(cfg, results):
     eval.json beside), over the seeds: the figure draws both attacks."""
     if cfg['sweep'] in ('attack', 'defence') or cfg['attack'] in ('decoder', 'optimize'):
         return {}
-    own = [read_json(os.path.join(r['config']['save_dir'], 'eval.json')) for r in results]
+    own = [read_json(os.path.join(r['config']['save_dir'], evaluation_file('decoder'))) for r in results]
     return {'decoder_psnr': None if None in own else sum(o['metrics']['psnr']['mean'] for o in own) / len(own)}
 
 
@@ -420,12 +420,12 @@ def run_records(cfg, run):
     """The json files one seed's run wrote its results into: its defence.json, or each attack's eval json."""
     if cfg['mode'] == 'train_defence':
         return [os.path.join(run['save_dir'], DEFENCE_RECORD)]
-    return [os.path.join(run['save_dir'], f'eval{attack_slug(kind)}.json') for kind in evaluated_attacks(cfg)]
+    return [os.path.join(run['save_dir'], evaluation_file(kind)) for kind in evaluated_attacks(cfg)]
 
 
 def attack_seed_rows(cfg, runs):
     """One row per attack evaluated: its figures' means and spread over the seeds."""
-    return [{'attack': kind, **over_seeds([read_json(os.path.join(run['save_dir'], f'eval{attack_slug(kind)}.json'))
+    return [{'attack': kind, **over_seeds([read_json(os.path.join(run['save_dir'], evaluation_file(kind)))
                                            for run in runs])} for kind in evaluated_attacks(cfg)]
 
 
