@@ -63,7 +63,7 @@ class Group:
         self.group = group
 
     def add_argument(self, *flags, **kwargs):
-        default, help = kwargs.get('default'), kwargs.get('help', '')
+        default, help = kwargs.get('default'), kwargs.get('help') or ''
         if not any(default is none for none in (None, False, argparse.SUPPRESS)) and 'default' not in help:
             kwargs['help'] = help + ' (default: %(default)s)'
         return self.group.add_argument(*flags, **kwargs)
