@@ -309,6 +309,7 @@ DEFENCES = {d.name: d for d in (FeatureNoise(), KEEP_CHANNELS, Dropout(), TopK()
 SELECTED = tuple(name for name, d in DEFENCES.items() if isinstance(d, Selected))
 FIXED_KEYS = tuple(dict.fromkeys(key for d in DEFENCES.values() for key in d.keys))
 TRAINED = tuple(name for name, d in DEFENCES.items() if d.trained)
+NOISE_KEYS = frozenset(DEFENCES['noise'].settings(0))  # the flags the noise defence (and --noise_for_bound) sets
 
 
 def add_arguments(parser, modes):

@@ -154,6 +154,12 @@ def attack_plan(cfg):
     return AttackPlan(*(cfg.get(key, default) for key, default in zip(ATTACK_KEYS, AttackPlan())))
 
 
+def evaluated_plans(cfg):
+    """The attacks a decoder's training run evaluates: the decoder alone, then the --attack chosen where it is
+    another (each into its own evaluation_file)."""
+    return [AttackPlan()] + ([attack_plan(cfg)] if cfg['attack'] != 'decoder' else [])
+
+
 def attacker_name(cfg, kind):
     """The attacker of attack `kind`, as every output names it: the white-box optimisation alone, the decoder (and
     what it knows), or the white-box refinement of that decoder's output (white-box, whatever the decoder knew)."""
@@ -373,12 +379,14 @@ def difference_text(difference):
             f'{difference["seeds"]} seeds: {difference["verdict"]}')
 
 
-def write_evaluation(per_image, names, extra, save_dir, prefix='eval'):
-    """`{prefix}.json` (means, stds, settings) and `{prefix}_per_image.csv`; returns the summary."""
+def write_evaluation(per_image, names, extra, save_dir, kind):
+    """The evaluation_file of attack `kind` (means, stds, settings) and the per-image CSV beside it
+    (eval{_attack}_per_image.csv); returns the summary."""
     summary = summarise(per_image)
-    save_json({**extra, 'n_images': len(names), 'metrics': summary}, os.path.join(save_dir, f'{prefix}.json'))
+    path = os.path.join(save_dir, evaluation_file(kind))
+    save_json({**extra, 'n_images': len(names), 'metrics': summary}, path)
     rows = [{'image': n, **{m: f'{per_image[m][i].item():.6g}' for m in per_image}} for i, n in enumerate(names)]
-    save_csv(rows, os.path.join(save_dir, f'{prefix}_per_image.csv'))
+    save_csv(rows, path.removesuffix('.json') + '_per_image.csv')
     return summary
 
 
@@ -477,7 +485,7 @@ def evaluate_and_report(attack, scored, cfg, extra=None, plan=AttackPlan(), hist
                 'data': scored.description,
                 'held_out': scored.fingerprint, 'msssim': msssim_note(cfg['image_size']),
                 'utility': utility_note(cfg), 'config': cfg}
-    summary = write_evaluation(per_image, scored.names, settings, cfg['save_dir'], 'eval' + attack_slug(plan.kind))
+    summary = write_evaluation(per_image, scored.names, settings, cfg['save_dir'], plan.kind)
     print(f'{plan.kind} attack ({attacker}) on {len(scored.names)} images: {format_summary(summary)}')
     print(bound.line(summary, per_image))
     if utility_charged(cfg):

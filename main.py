@@ -26,7 +26,6 @@ from visualize import run_attack, run_visualize
 # Flags that define the attack's model: they must agree with a checkpoint that is being loaded.
 MODEL_KEYS = ('arch', 'split', 'pretrained', 'decoder', 'interpolation', 'decoder_depth', 'decoder_width',
               'decoder_blocks', 'decoder_norm', 'image_size', 'noise_for_bound') + defences.FIXED_KEYS
-NOISE_FLAGS = tuple(defences.DEFENCES['noise'].settings(0))  # what --noise_for_bound sets
 MODES = ('train', 'resume', 'eval', 'visualize', 'sweep', 'train_defence', 'report')
 # Modes that write a new record: into a fresh folder beside a --save_dir that holds one (unless --overwrite).
 NEW_RECORDS = ('train', 'attack', 'train_defence', 'report', 'eval')
@@ -283,11 +282,11 @@ def build_parser():
     return p
 
 
-def explicit_flags(parser, argv):
-    """The destinations the user actually typed (to tell them from defaults): argv parsed again with every default
-    replaced by a marker."""
+def explicit_flags(parser, args, argv):
+    """The destinations the user actually typed (to tell them from defaults): argv parsed again with the default of
+    every destination in `args` replaced by a marker."""
     shadow, unset = copy.deepcopy(parser), object()
-    shadow.set_defaults(**dict.fromkeys(vars(parser.parse_args([])), unset))
+    shadow.set_defaults(**dict.fromkeys(vars(args), unset))
     return {dest for dest, value in vars(shadow.parse_args(argv)).items() if value is not unset}
 
 
@@ -339,7 +338,7 @@ def check_flags(parser, cfg):
 
 def resolve_config(parser, args, argv):
     """The run's configuration: the checkpoint's where one is loaded (flags may not contradict it), else flags."""
-    given = explicit_flags(parser, argv)
+    given = explicit_flags(parser, args, argv)
     cfg = vars(args).copy()
     modes = [m for m in MODES if cfg[m]]
     if not modes and cfg['attack'] == 'optimize':
@@ -381,7 +380,7 @@ def resolve_config(parser, args, argv):
         if 'save_dir' not in given:
             cfg['save_dir'] = default_save_dir(cfg)
     else:
-        overridden = sorted(given & set(NOISE_FLAGS)) if cfg['noise_for_bound'] is not None else []
+        overridden = sorted(given & defences.NOISE_KEYS) if cfg['noise_for_bound'] is not None else []
         if overridden:
             parser.error(f'argument --noise_for_bound sets the noise on the tensor itself: drop --{overridden[0]}')
         cfg['split'] = cfg['split'] or DEFAULT_SPLIT[cfg['arch']]

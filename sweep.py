@@ -5,11 +5,12 @@ import os
 import torch
 
 from data import load_splits
-from defences import (DEFENCE_RECORD, DEFENCES, DEFENDED_FILE, KEEP_CHANNELS, build_attack, check_sweep_value, family,
-                       noise_flags, parse_sweep_value, training_keys, without_defences)
-from evaluate import (ATTACK_KEYS, ATTACKS, RESULT_HEADER, SEEDS_HEADER, AttackPlan, against_first, attack_plan,
-                      evaluate_and_report, evaluation_file, load_trained_attack, msssim_note, over_seeds,
-                      provenance_note, recover, result_cells, result_columns, seed_cells, swept_attacker, utility_note)
+from defences import (DEFENCE_RECORD, DEFENCES, DEFENDED_FILE, KEEP_CHANNELS, NOISE_KEYS, build_attack,
+                       check_sweep_value, family, noise_flags, parse_sweep_value, training_keys, without_defences)
+from evaluate import (ATTACK_KEYS, ATTACKS, RESULT_HEADER, SEEDS_HEADER, against_first, attack_plan,
+                      evaluate_and_report, evaluated_plans, evaluation_file, load_trained_attack, msssim_note,
+                      over_seeds, provenance_note, recover, result_cells, result_columns, seed_cells, swept_attacker,
+                      utility_note)
 from fisher import CEILING_NOTE, Bound
 from models import DECODERS, INTERPOLATIONS, SPLITS, DecoderSpec, check_cut, probe_feature_shape, victim_label
 from train import train, train_and_evaluate, train_defence
@@ -149,7 +150,7 @@ def comparable(cfg):
     cfg = current_config(cfg)
     ignored = NOT_SETTINGS | ({'num_epochs'} if cfg.get('minutes') else set()) | (
         set() if cfg.get('train_defence') else training_keys()) | (
-        set(DEFENCES['noise'].settings(0)) if cfg.get('noise_for_bound') is not None else set())  # derived then
+        NOISE_KEYS if cfg.get('noise_for_bound') is not None else set())  # derived then
     return {k: v for k, v in cfg.items() if k not in ignored}
 
 
@@ -315,13 +316,6 @@ def sample_reconstructions(cfg, runs, sample, device):
     return rows
 
 
-def refined_and_decoder(run):
-    """The attacks a value's training run evaluates: its own, and the decoder alone where its own refines the
-    decoder's output (eval.json beside, for decoder_psnr)."""
-    plan = attack_plan(run)
-    return [plan, AttackPlan()] if plan.kind == 'decoder+optimize' else [plan]
-
-
 def run_value(cfg, run, device):
     """Train the decoder this value needs unless a finished one is shared, then evaluate the value's attack;
     returns its eval json."""
@@ -332,7 +326,7 @@ def run_value(cfg, run, device):
         if trainee is run or finished_result(trainee) is None:
             attack, splits, history, _ = train(trainee, device)
             validation, bound = splits.validation(), Bound(attack, trainee)
-            for plan in refined_and_decoder(trainee):
+            for plan in evaluated_plans(trainee):  # the decoder's eval.json beside a refinement's: decoder_psnr
                 evaluate_and_report(attack, validation, trainee, {'sweep': cfg['sweep']}, plan, history, bound)
             if trainee is run:
                 return finished_result(run)
@@ -411,22 +405,17 @@ def run_seeds(cfg, device):
     return rows
 
 
-def evaluated_attacks(cfg):
-    """The attacks a --train run evaluates: the decoder, and the --attack chosen where it is another."""
-    return ['decoder'] + ([cfg['attack']] if cfg['attack'] != 'decoder' else [])
-
-
 def run_records(cfg, run):
     """The json files one seed's run wrote its results into: its defence.json, or each attack's eval json."""
     if cfg['mode'] == 'train_defence':
         return [os.path.join(run['save_dir'], DEFENCE_RECORD)]
-    return [os.path.join(run['save_dir'], evaluation_file(kind)) for kind in evaluated_attacks(cfg)]
+    return [os.path.join(run['save_dir'], evaluation_file(plan.kind)) for plan in evaluated_plans(cfg)]
 
 
 def attack_seed_rows(cfg, runs):
     """One row per attack evaluated: its figures' means and spread over the seeds."""
-    return [{'attack': kind, **over_seeds([read_json(os.path.join(run['save_dir'], evaluation_file(kind)))
-                                           for run in runs])} for kind in evaluated_attacks(cfg)]
+    return [{'attack': plan.kind, **over_seeds([read_json(os.path.join(run['save_dir'], evaluation_file(plan.kind)))
+                                                for run in runs])} for plan in evaluated_plans(cfg)]
 
 
 def defence_seed_rows(runs):
