@@ -25,13 +25,14 @@ import torchvision.transforms as T
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-import main as cli
-from data import builtin_splits, list_images, load_splits
-from evaluate import evaluate
-from defences import build_attack
-from models import ARCHS, DECODER_DEPTHS, DECODERS, IMAGENET_MEAN, IMAGENET_STD, DecoderSpec, build_victim
-from train import cache_features, make_optimizer, train_one_epoch
-from utils import UsageError, fresh_run_dir, pick_device, progress, save_json
+from recon_attack import cli
+from recon_attack.attacks import build_attack
+from recon_attack.config import DecoderSpec
+from recon_attack.data import builtin_splits, list_images, load_splits
+from recon_attack.evaluate import evaluate
+from recon_attack.models import ARCHS, DECODER_DEPTHS, DECODERS, IMAGENET_MEAN, IMAGENET_STD, build_victim
+from recon_attack.train import Budget, EpochPlan, cache_features, make_optimizer, train_one_epoch
+from recon_attack.utils import UsageError, fresh_run_dir, pick_device, progress, save_json
 
 FP32_TOLERANCE, BF16_TOLERANCE = 1e-3, 3e-2  # relative difference allowed between the two first-batch losses
 
@@ -149,9 +150,9 @@ def median_rate(timed):
     return statistics.median(n / s for n, s in zip(timed['images'], timed['seconds']))
 
 
-def first_batch_losses(cfg, attack, splits, reference_decoder, victim, reference_images, device):
+def first_batch_losses(batch_size, attack, splits, reference_decoder, victim, reference_images, device):
     """The loss of the same first batch through both paths, from the same decoder weights (train mode)."""
-    batch = splits.train_idx[:cfg['batch_size']]
+    batch = splits.train_idx[:batch_size]
     attack.decoder.train()
     with torch.no_grad():
         images = attack.to_images(splits.images[batch])
@@ -198,7 +199,7 @@ def tool_config(args, data_dir, cache_dir):
         + (['--interpolation', args.interpolation] if args.interpolation else []) \
         + (['--num_batches', str(args.num_batches)] if args.num_batches else []) + (['--compile'] if args.compile else [])
     parser = cli.build_parser()
-    return cli.resolve_config(parser, parser.parse_args(argv), argv)[0]
+    return cli.resolve_config(parser, parser.parse_args(argv), argv).config
 
 
 def bench(args, workdir):
@@ -207,50 +208,53 @@ def bench(args, workdir):
     root, _ = list_images(data_dir)
     if not os.path.isdir(root):
         raise UsageError(f'--data_dir {data_dir}: the reference loop reads files from a folder, not a zip')
-    cfg = tool_config(args, data_dir, os.path.join(workdir, 'cache'))
+    config = tool_config(args, data_dir, os.path.join(workdir, 'cache'))
+    victim_config, batch_size, image_size = config.victim, config.data.batch_size, config.data.image_size
     started = time.perf_counter()
-    splits = load_splits(cfg)  # decodes every image once into the cache
+    splits = load_splits(config.data)  # decodes every image once into the cache
     decode_seconds = time.perf_counter() - started
-    attack = build_attack(cfg, device)
-    victim = build_victim(cfg['arch'], cfg['split'], seed=cfg['victim_seed']).to(device)
+    attack, _ = build_attack(config, device)
+    victim = build_victim(victim_config.arch, victim_config.split, seed=victim_config.seed).to(device)
     reference_decoder = copy.deepcopy(attack.decoder).to(memory_format=torch.contiguous_format)
-    reference_images = ReferenceImages([os.path.join(root, splits.names[i]) for i in splits.train_idx], cfg['image_size'])
-    tool_loss, reference_loss, pixel_diff = first_batch_losses(cfg, attack, splits, reference_decoder, victim,
+    reference_images = ReferenceImages([os.path.join(root, splits.names[i]) for i in splits.train_idx], image_size)
+    tool_loss, reference_loss, pixel_diff = first_batch_losses(batch_size, attack, splits, reference_decoder, victim,
                                                                reference_images, device)
 
-    loader = DataLoader(reference_images, batch_size=cfg['batch_size'], shuffle=True, drop_last=True,
+    loader = DataLoader(reference_images, batch_size=batch_size, shuffle=True, drop_last=True,
                         num_workers=args.num_workers, generator=torch.Generator().manual_seed(0))
-    reference_optimizer = torch.optim.Adam(reference_decoder.parameters(), lr=cfg['lr'])
+    reference_optimizer = torch.optim.Adam(reference_decoder.parameters(), lr=config.training.lr)
     with Sampler(device) as reference_usage:
         reference_timed = timed_epochs(lambda e: reference_epoch(victim, reference_decoder, reference_optimizer,
                                                                  loader, device), args.epochs, device)
 
-    optimizer = make_optimizer(cfg, attack.decoder.parameters(), device)
-    full_batches = len(splits.train_idx) // cfg['batch_size'] * cfg['batch_size']
+    optimizer = make_optimizer(config.training, attack.decoder.parameters(), device)
+    full_batches = len(splits.train_idx) // batch_size * batch_size
+    plan = EpochPlan(config.training, batch_size, None, Budget(args.epochs))
     with Sampler(device) as tool_usage:
         started = time.perf_counter()
-        cache = cache_features(attack, splits.images, splits.train_idx, cfg['batch_size'], cfg['feature_cache_gb'] * 2**30)
+        cache = cache_features(attack, splits.images, splits.train_idx, batch_size,
+                               config.training.feature_cache_gb * 2**30)
         feature_seconds = time.perf_counter() - started
 
         def tool_epoch(epoch):
-            train_one_epoch(attack, splits, cache, cfg, optimizer, epoch)
+            train_one_epoch(attack, splits, cache, plan, optimizer, epoch)
             return full_batches
         tool_timed = timed_epochs(tool_epoch, args.epochs, device)
         eval_rates = []
         for _ in range(3):
             started = time.perf_counter()
-            evaluate(attack, splits.images, splits.val_idx, cfg['batch_size'], desc='eval')
+            evaluate(attack, splits.images, splits.val_idx, batch_size, desc='eval')
             eval_rates.append(len(splits.val_idx) / (time.perf_counter() - started))
 
     tolerance = BF16_TOLERANCE if attack.bf16 else FP32_TOLERANCE
     relative = abs(tool_loss - reference_loss) / reference_loss
     return {
-        'settings': {'data': args.data_dir or 'built-in photos as JPEG', 'arch': cfg['arch'], 'split': cfg['split'],
-                     'decoder': DecoderSpec.from_config(cfg).label(),
-                     'image_size': cfg['image_size'], 'batch_size': cfg['batch_size'], 'device': str(device),
+        'settings': {'data': args.data_dir or 'built-in photos as JPEG', 'arch': victim_config.arch,
+                     'split': victim_config.split, 'decoder': config.decoder.label(),
+                     'image_size': image_size, 'batch_size': batch_size, 'device': str(device),
                      'device_name': torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu',
                      'threads': torch.get_num_threads(), 'train_images': len(splits.train_idx),
-                     'tool_precision': attack.precision, 'compile': cfg['compile'],
+                     'tool_precision': attack.precision, 'compile': config.runtime.compile,
                      'reference_workers': args.num_workers, 'timed_epochs': args.epochs - 1},
         'reference': {'train_images_per_s': median_rate(reference_timed), 'epochs': reference_timed,
                       **reference_usage.report()},

@@ -19,16 +19,16 @@ THREADS = 1 if os.environ.get('PYTEST_XDIST_WORKER') else 2
 torch.set_num_threads(THREADS)
 
 
-def tiny_config(tmp_path, **overrides):
-    """A complete configuration for a seconds-long run on the built-in data."""
-    from main import build_parser, resolve_config
+def tiny_config(tmp_path, **flags):
+    """A complete configuration (config.Config) for a seconds-long run on the built-in data, with `flags` (by their
+    command-line names) set otherwise."""
+    from recon_attack.cli import build_parser, resolve_config
+    from recon_attack.records import with_flags
     argv = ['--train', '--image_size', '32', '--batch_size', '16', '--num_batches', '22', '--num_epochs', '2',
             '--decoder_depth', 'light', '--save_dir', str(tmp_path / 'run'), '--cache_dir', str(tmp_path / 'cache'),
             '--num_workers', '0']
     parser = build_parser()
-    cfg, _ = resolve_config(parser, parser.parse_args(argv), argv)
-    cfg.update(overrides)
-    return cfg
+    return with_flags(resolve_config(parser, parser.parse_args(argv), argv).config, **flags)
 
 
 def run_script(cwd, *args, check=True):
@@ -49,7 +49,7 @@ def checked(result, check):
 def run_cli(cwd, *args, check=True):
     """main.py's command line run in this process in folder `cwd` (decode cache under it), its output captured;
     returns a CompletedProcess (exit status 0, or what it exited with)."""
-    import main as cli
+    from recon_attack import cli
     out, err, here = io.StringIO(), io.StringIO(), os.getcwd()
     os.chdir(cwd)
     try:

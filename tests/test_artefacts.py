@@ -4,21 +4,22 @@ import json
 import os
 import shutil
 import time
+from dataclasses import replace
 
 import pytest
 import torch
 import torchvision
 
-import train as training
-import visualize
 from conftest import main_in, tiny_config, weights_unavailable, write_photos
-from data import load_splits
-from defences import SimulatedAttacker, build_attack
-import evaluate as evaluation
-from evaluate import evaluate, evaluation_images, load_trained_attack, psnr
-import models
-from models import DEFENDED_FORMAT
-from utils import load_checkpoint
+from recon_attack import defence_training as training, visualize
+from recon_attack.attacks import build_attack, received
+from recon_attack.checkpoint import evaluation_images, load_checkpoint, load_trained_attack
+from recon_attack.data import load_splits
+from recon_attack.defences import SimulatedAttacker
+from recon_attack.evaluate import evaluate
+from recon_attack.metrics import psnr
+from recon_attack.models import DEFENDED_FORMAT
+from recon_attack.records import from_record
 
 CPU = torch.device('cpu')
 TINY = ('--image_size', '32', '--batch_size', '16', '--num_batches', '22', '--decoder_depth', 'light',
@@ -123,9 +124,9 @@ def unchanged_defended_file(tmp_path):
 
 def test_an_unchanged_defended_victim_costs_nothing_even_in_bf16(tmp_path):
     cfg = tiny_config(tmp_path, weights=unchanged_defended_file(tmp_path))
-    attack = build_attack(cfg, CPU)
+    attack, _ = build_attack(cfg, CPU)
     attack.bf16 = True  # as on a GPU: the sent tensor is encoded under bf16 autocast
-    splits = load_splits(cfg)
+    splits = load_splits(cfg.data, weights=cfg.victim.weights)
     measured = evaluate(attack, splits.images, splits.val_idx, 16, utility=True)
     assert measured['top1_agreement'].min().item() == 1.0
     assert measured['kl'].abs().max().item() == 0.0
@@ -180,8 +181,10 @@ def test_a_defence_of_your_own_is_charged_against_the_victim_named_by_reference(
 
 def test_the_fresh_attacker_never_starts_where_the_adversarial_defences_own_attacker_did(tmp_path):
     cfg = tiny_config(tmp_path, decoder_depth='light')  # the simulated attacker's decoder, at the same seed
-    fresh = build_attack(cfg, CPU).decoder.state_dict()
-    simulated = SimulatedAttacker(cfg, tuple(cfg['sent_shape']), CPU, 1.0).decoder.state_dict()
+    attack, derived = build_attack(cfg, CPU)
+    fresh = attack.decoder.state_dict()
+    simulated = SimulatedAttacker(cfg.training.seed, cfg.data.image_size, derived.sent_shape, CPU,
+                                  1.0).decoder.state_dict()
     assert fresh.keys() == simulated.keys()
     assert not torch.equal(fresh['stages.0.0.weight'], simulated['stages.0.0.weight'])
 
@@ -200,7 +203,7 @@ def test_defence_minutes_count_defence_training_only(tmp_path, monkeypatch):
         return losses
     monkeypatch.setattr(training, 'held_out_utility', slow_measure)
     monkeypatch.setattr(training, 'defence_epoch', timed_epoch)
-    cfg = tiny_config(tmp_path, mode='train_defence', train_defence='nopeek', defend_epochs=1, num_batches=6)
+    cfg = tiny_config(tmp_path, train_defence='nopeek', defend_epochs=1, num_batches=6)
     record = training.train_defence(cfg, CPU)
     assert record['minutes'] * 60 == pytest.approx(sum(epoch_seconds), abs=0.5)
 
@@ -217,9 +220,9 @@ def spied_figures(monkeypatch):
         spied['grids'].append((rows, names, title))
         return grid(rows, names, title, path)
 
-    def spy_maps(image, sent, cfg, path):
+    def spy_maps(image, sent, title, path):
         spied['maps'].append(sent)
-        return maps(image, sent, cfg, path)
+        return maps(image, sent, title, path)
 
     def spy_save(fig, path):
         spied['titles'].append((os.path.basename(path), [ax.get_title() for ax in fig.axes]))
@@ -246,10 +249,10 @@ def test_figures_show_the_tensor_the_evaluation_scored_and_name_the_attack(tmp_p
     assert 'white-box' in spied_figures['grids'][1][2] and f'({refined})' in result.stdout
     # the feature maps: the first sample's tensor as the evaluation had it, noise and dropout mask included
     state = load_checkpoint(str(tmp_path / 'run' / 'model.pth'))
-    cfg = {**state['config'], 'cache_dir': str(tmp_path / 'cache')}
-    attack = load_trained_attack(cfg, state, CPU)
-    sample = visualize.samples(evaluation_images(cfg, state), 3)
-    sent = evaluation.received(attack, attack.to_images(sample.images), sample.positions, models.test_noise(cfg))[1]
+    config = from_record(state['config'])[0]
+    attack = load_trained_attack(state, CPU)
+    sample = visualize.samples(evaluation_images(replace(config.data, cache_dir=str(tmp_path / 'cache')), state), 3)
+    sent = received(attack, attack.to_images(sample.images), sample.positions, config.noise.testing())[1]
     assert torch.equal(spied_figures['maps'][0], sent[0])
 
 

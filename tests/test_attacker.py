@@ -9,22 +9,22 @@ import torch
 import torchvision
 from pytorch_msssim import ssim
 
-import evaluate
 from conftest import tiny_config
-from defences import build_attack
-from models import DecoderSpec, feature_error
-from train import (AUGMENT_MIN_SCALE, MIX_SSIM_SHARE, augment, fit_to_budget, make_scheduler, reconstruction_loss,
-                   train)
-from utils import load_checkpoint
+from recon_attack import metrics
+from recon_attack.attacks import build_attack, feature_error
+from recon_attack.checkpoint import load_checkpoint
+from recon_attack.config import DecoderSpec, Derived, TrainConfig
+from recon_attack.models.decoders import build_decoder, resolve
+from recon_attack.train import (AUGMENT_MIN_SCALE, MIX_SSIM_SHARE, augment, epochs_within, make_scheduler,
+                                reconstruction_loss, train)
 
 CPU = torch.device('cpu')
 
 
 def test_residual_decoder_is_wide_where_the_tensor_arrives_and_narrows_to_the_image():
-    spec = DecoderSpec.from_config({'decoder': 'residual', 'interpolation': None, 'decoder_depth': 'medium',
-                                    'decoder_width': 128, 'decoder_blocks': 3})
+    spec = resolve(DecoderSpec(kind='residual', interpolation=None, depth='medium', width=128, blocks=3))
     assert spec.interpolation == 'transpose' and spec.norm == 'batch'
-    decoder = spec.build(64, 8)
+    decoder = build_decoder((64, 4, 4), 32, spec)
     widths = [stage[0].out_channels if i == 0 else stage[-1].body[0].in_channels
               for i, stage in enumerate(decoder.stages)]
     assert widths == [128, 64, 32, 32]  # halved per x2 stage, down to 32
@@ -34,14 +34,14 @@ def test_residual_decoder_is_wide_where_the_tensor_arrives_and_narrows_to_the_im
 
 
 def test_configurations_from_before_the_residual_decoder_rebuild_the_original_one():
-    spec = DecoderSpec.from_config({'interpolation': 'bicubic', 'decoder_depth': 'light'})
-    assert spec.kind == 'original' and type(spec.build(128, 8)).__name__ == 'Decoder'
+    spec = resolve(DecoderSpec(interpolation='bicubic', depth='light'))
+    assert spec.kind == 'original' and type(build_decoder((128, 4, 4), 32, spec)).__name__ == 'Decoder'
 
 
 def test_cosine_schedule_warms_up_then_decays_to_zero_per_batch():
-    cfg = {'scheduler': 'cosine', 'num_epochs': 4, 'batch_size': 10, 'warmup_epochs': 1}
+    training = TrainConfig(scheduler='cosine', num_epochs=4, warmup_epochs=1)
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
-    scheduler = make_scheduler(cfg, optimizer, n_train=50)  # 5 steps an epoch, 20 in all
+    scheduler = make_scheduler(training, optimizer, n_train=50, batch_size=10)  # 5 steps an epoch, 20 in all
     rates = []
     for _ in range(20):
         rates.append(optimizer.param_groups[0]['lr'])
@@ -83,8 +83,8 @@ def test_augmentation_flips_and_crops_each_image_reproducibly():
 
 
 def test_feature_consistency_is_zero_for_the_true_image_and_leaves_the_victim_frozen(tmp_path):
-    cfg = tiny_config(tmp_path, image_size=32, keep_channels=0.5, channel_indices=list(range(0, 128, 2)))
-    attack = build_attack(cfg, CPU)
+    cfg = tiny_config(tmp_path, image_size=32, keep_channels=0.5)
+    attack, _ = build_attack(cfg, CPU, derived=Derived(channel_indices=list(range(0, 128, 2))))
     before = {k: v.clone() for k, v in attack.victim.state_dict().items()}
     torch.manual_seed(0)
     images = torch.rand(4, 3, 32, 32)
@@ -103,21 +103,21 @@ def test_white_box_training_names_itself_and_lowers_the_feature_error(tmp_path):
     results = {}
     for weight in (0.0, 1.0):
         cfg = tiny_config(tmp_path / str(weight), num_epochs=3, feature_weight=weight)
-        attack, splits, _, _ = train(cfg, CPU)
+        attack, splits, *_ = train(cfg, CPU)
         images = attack.to_images(splits.images[splits.val_idx])
         with torch.no_grad():
             sent = attack.send(images)
             results[weight] = feature_error(attack, attack.decode(sent), sent).mean().item()
-        config = load_checkpoint(os.path.join(cfg['save_dir'], 'model.pth'))['config']
+        config = load_checkpoint(os.path.join(cfg.outputs.save_dir, 'model.pth'))['config']
         assert config['feature_weight'] == weight
     assert results[1.0] < results[0.0]
 
 
 def test_ema_checkpoints_attack_with_the_average_and_resume_with_the_raw_weights(tmp_path):
     cfg = tiny_config(tmp_path, num_epochs=2, ema=0.9)
-    attack, splits, _, _ = train(cfg, CPU)
-    model = load_checkpoint(os.path.join(cfg['save_dir'], 'model.pth'))
-    ckpt = load_checkpoint(os.path.join(cfg['save_dir'], 'ckpt_2.ckpt'), need_optimizer=True)
+    attack, splits, *_ = train(cfg, CPU)
+    model = load_checkpoint(os.path.join(cfg.outputs.save_dir, 'model.pth'))
+    ckpt = load_checkpoint(os.path.join(cfg.outputs.save_dir, 'ckpt_2.ckpt'), need_optimizer=True)
     for key, value in model['decoder'].items():
         assert torch.equal(value, attack.decoder.state_dict()[key])  # what was evaluated is what was saved
         assert torch.equal(value, ckpt['decoder'][key])
@@ -127,20 +127,18 @@ def test_ema_checkpoints_attack_with_the_average_and_resume_with_the_raw_weights
 
 
 def test_minutes_sets_the_epochs_from_the_first_one_and_records_them(tmp_path, capsys):
-    cfg = {'minutes': 1.0}
-    fit_to_budget(cfg, 7.0)
-    assert cfg['num_epochs'] == 8  # 60 s // 7 s
+    assert epochs_within(1.0, 7.0) == 8  # 60 s // 7 s
     cfg = tiny_config(tmp_path, num_epochs=50, minutes=1e-4)
-    _, _, history, _ = train(cfg, CPU)
+    history = train(cfg, CPU).history
     assert len(history) == 1
     assert 'so 1 epochs in all (--num_epochs 1 repeats this run)' in capsys.readouterr().out
-    saved = json.load(open(os.path.join(cfg['save_dir'], 'metrics.json')))['config']
+    saved = json.load(open(os.path.join(cfg.outputs.save_dir, 'metrics.json')))['config']
     assert saved['num_epochs'] == 1 and saved['minutes'] == 1e-4
 
 
 def test_lpips_is_skipped_with_one_line_when_its_weights_are_missing(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'empty'))
-    assert evaluate.load_lpips(CPU) is None
+    assert metrics.load_lpips(CPU) is None
     out = capsys.readouterr().out.strip()
     assert out.count('\n') == 0 and 'alexnet-owt-7be5be79.pth is missing' in out
 
@@ -152,14 +150,14 @@ def stand_in_backbone(tmp_path, monkeypatch):
     checkpoints.mkdir(parents=True)
     torch.manual_seed(0)
     state = torchvision.models.alexnet().state_dict()
-    torch.save(state, checkpoints / os.path.basename(evaluate.LPIPS_BACKBONE.url))
+    torch.save(state, checkpoints / os.path.basename(metrics.LPIPS_BACKBONE.url))
     monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'home'))
     return state
 
 
 def test_lpips_refuses_a_backbone_that_is_not_torchvisions_file(tmp_path, monkeypatch, capsys):
     stand_in_backbone(tmp_path, monkeypatch)
-    assert evaluate.load_lpips(CPU) is None
+    assert metrics.load_lpips(CPU) is None
     out = capsys.readouterr().out.strip()
     assert out.count('\n') == 0 and "is not torchvision's AlexNet file (its sha256 does not begin with" in out
 
@@ -168,20 +166,20 @@ def test_lpips_refuses_a_backbone_that_is_not_torchvisions_file(tmp_path, monkey
 def lpips_home(tmp_path, monkeypatch):
     """The stand-in backbone with the digest check waived: enough to check the plumbing, not the scores."""
     state = stand_in_backbone(tmp_path, monkeypatch)
-    monkeypatch.setattr(evaluate, 'is_torchvision_file', lambda path: True)
+    monkeypatch.setattr(metrics, 'is_torchvision_file', lambda path: True)
     return state
 
 
 def test_lpips_uses_the_hub_cache_backbone_and_scores_per_image(lpips_home):
-    metric = evaluate.load_lpips(CPU)
+    metric = metrics.load_lpips(CPU)
     assert torch.equal(metric.net.slice1[0].weight, lpips_home['features.0.weight'])
     assert torch.equal(getattr(metric.net.slice5, '10').weight, lpips_home['features.10.weight'])
     torch.manual_seed(1)
     images = torch.rand(3, 3, 32, 32)
     noisy = (images + 0.3 * torch.randn_like(images)).clamp(0, 1)
-    scores = evaluate.score(noisy, images, metric)
+    scores = metrics.score(noisy, images, metric)
     assert scores['lpips'].shape == (3,) and (scores['lpips'] > 0).all()
-    assert evaluate.score(images, images, metric)['lpips'].abs().max() < 1e-6
+    assert metrics.score(images, images, metric)['lpips'].abs().max() < 1e-6
 
 
 def test_decoder_sweep_compares_the_decoders_at_one_budget(tmp_path, main_here, lpips_home):
@@ -208,7 +206,7 @@ def test_checkpoints_from_before_the_residual_decoder_evaluate_as_they_were_trai
     cfg = tiny_config(tmp_path, decoder='original', interpolation='transpose', decoder_width=None,
                       decoder_blocks=None, num_epochs=1)
     train(cfg, CPU)
-    state = torch.load(os.path.join(cfg['save_dir'], 'model.pth'), weights_only=True)
+    state = torch.load(os.path.join(cfg.outputs.save_dir, 'model.pth'), weights_only=True)
     state['format'] = 'recon-attack/2'
     for key in ('decoder', 'decoder_width', 'decoder_blocks', 'decoder_norm', 'feature_weight', 'loss', 'augment',
                 'ema', 'warmup_epochs', 'minutes'):
@@ -217,7 +215,7 @@ def test_checkpoints_from_before_the_residual_decoder_evaluate_as_they_were_trai
     result = main_here(tmp_path, '--eval', '--model_path', 'old.pth', '--save_dir', 'eval')
     assert result.returncode == 0, result.stderr
     assert 'black-box original transpose decoder (light)' in result.stdout
-    history = json.load(open(os.path.join(cfg['save_dir'], 'metrics.json')))['history']
+    history = json.load(open(os.path.join(cfg.outputs.save_dir, 'metrics.json')))['history']
     scored = json.load(open(tmp_path / 'eval' / 'eval.json'))['metrics']['psnr']['mean']
     assert scored == pytest.approx(history[-1]['psnr'], abs=1e-4)
 
@@ -227,17 +225,17 @@ def test_checkpoints_and_commands_under_renamed_flags_still_work_with_a_notice(t
     as the run it was; the old flags on the command line say their new names and do the same."""
     cfg = tiny_config(tmp_path, interpolation='bicubic', num_epochs=1)
     train(cfg, CPU)
-    state = torch.load(os.path.join(cfg['save_dir'], 'model.pth'), weights_only=True)
+    state = torch.load(os.path.join(cfg.outputs.save_dir, 'model.pth'), weights_only=True)
     config = state['config']
-    config.update(aug=config.pop('train_noise'), defend=config.pop('train_defence'), eval_pth=config.pop('eval'),
-                  eval_ckpt=False, interpolation='upsample')
+    config.update(aug=config.pop('train_noise'), defend=config.pop('train_defence'), eval_pth=False, eval_ckpt=False,
+                  interpolation='upsample')  # as format 4 wrote them, with the mode flags
     torch.save(state, tmp_path / 'old.pth')
     result = main_here(tmp_path, '--eval_pth', '--model_path', 'old.pth', '--no-aug', '--save_dir', 'eval')
     assert result.returncode == 0, result.stderr
     assert 'note: --eval_pth is now --eval' in result.stderr
     assert 'note: --no-aug is now --no-train_noise' in result.stderr
     assert 'black-box original bicubic decoder (light)' in result.stdout
-    history = json.load(open(os.path.join(cfg['save_dir'], 'metrics.json')))['history']
+    history = json.load(open(os.path.join(cfg.outputs.save_dir, 'metrics.json')))['history']
     scored = json.load(open(tmp_path / 'eval' / 'eval.json'))
     assert scored['metrics']['psnr']['mean'] == pytest.approx(history[-1]['psnr'], abs=1e-4)
     assert 'aug' not in scored['config'] and scored['config']['interpolation'] == 'bicubic'

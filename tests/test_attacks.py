@@ -5,13 +5,14 @@ import json
 import pytest
 import torch
 
-import evaluate as evaluate_module
-import main as cli
 from conftest import run_cli, tiny_config
-from data import load_splits
-from evaluate import AttackPlan, evaluate, mean_image_baseline, summarise
-from defences import DEFENCES, build_attack
-from models import invert_features, total_variation
+from recon_attack import cli, evaluate as evaluate_module
+from recon_attack.attacks import build_attack, invert_features, total_variation
+from recon_attack.config import AttackPlan
+from recon_attack.data import load_splits
+from recon_attack.defences import DEFENCES
+from recon_attack.evaluate import evaluate, mean_image_baseline
+from recon_attack.metrics import summarise
 
 CPU = torch.device('cpu')
 TINY = ('--image_size', '32', '--batch_size', '16', '--num_batches', '22', '--num_epochs', '1',
@@ -20,16 +21,16 @@ TINY = ('--image_size', '32', '--batch_size', '16', '--num_batches', '22', '--nu
 
 def test_optimisation_attack_beats_the_mean_image_with_its_default_steps(tmp_path):
     cfg = tiny_config(tmp_path, split='layer1')
-    attack, splits = build_attack(cfg, CPU), load_splits(cfg)
+    (attack, _), splits = build_attack(cfg, CPU), load_splits(cfg.data)
     first = splits.val_idx[:16]
-    optimised = summarise(evaluate(attack, splits.images, first, 16, plan=AttackPlan('optimize')))
+    optimised = summarise(evaluate(attack, splits.images, first, 16, plan=AttackPlan(kind='optimize')))
     baseline = summarise({m: v[:16] for m, v in mean_image_baseline(splits).items()})
     assert optimised['psnr']['mean'] > baseline['psnr']['mean'] + 2, (optimised['psnr'], baseline['psnr'])
     assert optimised['ssim']['mean'] > baseline['ssim']['mean']
 
 
 def test_optimisation_moves_only_the_image_and_towards_the_sent_tensor(tmp_path):
-    attack = build_attack(tiny_config(tmp_path, split='layer1', precision='fp32'), CPU)
+    attack, _ = build_attack(tiny_config(tmp_path, split='layer1', precision='fp32'), CPU)
     before = {k: v.clone() for k, v in attack.victim.state_dict().items()}
     images = torch.rand(4, 3, 32, 32)
     sent, start = attack.send(images), torch.full_like(images, 0.5)

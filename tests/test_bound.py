@@ -6,14 +6,14 @@ import math
 import pytest
 import torch
 
-import evaluate
-import fisher
 from conftest import main_in, tiny_config
-from defences import build_attack
-from fisher import (DB, NO_NOISE, Bound, calibrated_variance, device_half, exact_trace, generators_for,
-                    hutchinson_trace, leakage)
-from models import build_victim
-from utils import provenance
+from recon_attack import attacks, bound as fisher
+from recon_attack.attacks import build_attack
+from recon_attack.bound import (DB, NO_NOISE, Bound, calibrated_variance, device_half, exact_trace,
+                                hutchinson_trace, leakage)
+from recon_attack.models import build_victim
+from recon_attack.noise import generators_for
+from recon_attack.utils import provenance
 
 CPU = torch.device('cpu')
 SIGMA = 0.1
@@ -81,8 +81,8 @@ def test_scaling_the_tensor_with_its_noise_leaves_dfil_alone_and_channels_not_se
     scaled = exact_trace(lambda x: 5 * victim.encode(x), image)
     assert leakage(scaled, image.numel(), (5 * SIGMA) ** 2)['dfil'].item() == pytest.approx(
         leakage(trace, image.numel(), SIGMA ** 2)['dfil'].item(), rel=1e-5)
-    attack = build_attack(tiny_config(tmp_path, split='layer1', keep_channels=0.25, channel_select='first',
-                                      image_size=16), CPU, torch.zeros(4, 3, 16, 16, dtype=torch.uint8))
+    attack, _ = build_attack(tiny_config(tmp_path, split='layer1', keep_channels=0.25, channel_select='first',
+                                         image_size=16), CPU, torch.zeros(4, 3, 16, 16, dtype=torch.uint8))
     kept = exact_trace(device_half(attack), image)
     assert kept < trace
     assert kept.item() == pytest.approx(exact_trace(lambda x: victim.encode(x)[:, :16], image).item(), rel=1e-5)
@@ -90,20 +90,22 @@ def test_scaling_the_tensor_with_its_noise_leaves_dfil_alone_and_channels_not_se
 
 def test_each_images_bound_does_not_depend_on_its_batch(tmp_path):
     cfg = tiny_config(tmp_path, **{'test_noise': True, 'noise_at': 'features', 'test_noise_var': 0.5})
-    attack = build_attack(cfg, CPU)
+    attack, _ = build_attack(cfg, CPU)
     images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-    whole = Bound(attack, cfg)(images, None, range(4))
-    halves = [Bound(attack, cfg)(images[:2], None, range(2)), Bound(attack, cfg)(images[2:], None, range(2, 4))]
+    noise, probes = cfg.noise.testing(), cfg.noise.probes
+    whole = Bound(attack, noise, probes)(images, None, range(4))
+    halves = [Bound(attack, noise, probes)(images[:2], None, range(2)),
+              Bound(attack, noise, probes)(images[2:], None, range(2, 4))]
     for key in whole:
         assert torch.allclose(whole[key], torch.cat([h[key] for h in halves]))
     assert torch.allclose(whole['psnr_ceiling'], DB * torch.log(whole['dfil']))
     assert torch.allclose(whole['mse_bound'], 10 ** (-whole['psnr_ceiling'] / 10), rtol=1e-4)
-    input_noise = Bound(attack, {**cfg, 'noise_at': 'input'})(images, None, range(4))
+    input_noise = Bound(attack, noise._replace(at='input'), probes)(images, None, range(4))
     assert torch.allclose(input_noise['mse_bound'], torch.full((4,), 0.5))  # data processing: sigma^2 itself
 
 
 def test_noise_calibrated_to_a_bound_gives_that_mean_ceiling(tmp_path):
-    attack = build_attack(tiny_config(tmp_path), CPU)
+    attack, _ = build_attack(tiny_config(tmp_path), CPU)
     images = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     variance, record = calibrated_variance(attack, images, 20.0, 8)
     trace, _ = hutchinson_trace(device_half(attack), images, 8, generators_for(range(6)))
@@ -127,7 +129,7 @@ def bounded(tmp_path_factory):
     folder, counts = tmp_path_factory.mktemp('bound'), {'estimated': 0, 'optimised': 0}
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(fisher, 'hutchinson_trace', counting(counts, 'estimated', fisher.hutchinson_trace, 1))
-        patch.setattr(evaluate, 'invert_features', counting(counts, 'optimised', evaluate.invert_features, 1))
+        patch.setattr(attacks, 'invert_features', counting(counts, 'optimised', attacks.invert_features, 1))
         main_in(folder, '--train', '--image_size', '32', '--batch_size', '16', '--num_batches', '6', '--num_epochs',
                 '1', '--decoder_depth', 'light', '--num_workers', '0', '--noise_for_bound', '12', '--fil_probes', '4',
                 '--attack', 'decoder+optimize', '--attack_steps', '2', '--save_dir', 'run')

@@ -10,9 +10,9 @@ import torchvision
 from PIL import Image
 
 from conftest import ROOT, run_cli, run_script, tiny_config
-from defences import build_attack
-from models import SplitAttack, build_victim
-from visualize import capture_decoder_activations
+from recon_attack.attacks import SplitAttack, build_attack
+from recon_attack.models import build_victim
+from recon_attack.visualize import capture_decoder_activations
 
 TINY = ('--image_size', '32', '--batch_size', '16', '--num_batches', '22', '--decoder_depth', 'light',
         '--num_samples', '3', '--num_workers', '0')
@@ -119,7 +119,7 @@ def test_visualize_from_pth_and_ckpt(workdir, filename):
 
 
 def test_decoder_hooks_are_removed_after_capturing(tmp_path):
-    attack = build_attack(tiny_config(tmp_path), torch.device('cpu'))
+    attack, _ = build_attack(tiny_config(tmp_path), torch.device('cpu'))
     activations = capture_decoder_activations(attack, attack.send(torch.rand(1, 3, 32, 32))[0])
     assert len(activations) == len(attack.decoder.stages) + 1
     assert activations[-1].shape == (3, 32, 32)

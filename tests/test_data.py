@@ -5,8 +5,8 @@ import torch
 from PIL import Image
 
 from conftest import write_photos
-from data import SAMPLE_VAL_PHOTOS, builtin_splits, list_images, load_images, split_indices
-from utils import UsageError
+from recon_attack.data import SAMPLE_VAL_PHOTOS, builtin_splits, list_images, load_images, split_indices
+from recon_attack.utils import UsageError
 
 
 def write_images(folder, count):

@@ -9,12 +9,16 @@ import torch.nn.functional as F
 import torchvision
 
 from conftest import run_cli, tiny_config
-from data import load_splits
-from evaluate import evaluate, summarise
-from defences import build_attack
-from models import IMAGENET_MEAN, IMAGENET_STD, Noise, keep_count, select_channels
-from train import train
-from utils import DERIVED_KEYS, load_checkpoint
+from recon_attack.attacks import build_attack
+from recon_attack.checkpoint import load_checkpoint
+from recon_attack.config import Derived, Noise
+from recon_attack.data import load_splits
+from recon_attack.defences import keep_count, select_channels
+from recon_attack.evaluate import evaluate
+from recon_attack.metrics import summarise
+from recon_attack.models import IMAGENET_MEAN, IMAGENET_STD
+from recon_attack.records import from_record, to_flags
+from recon_attack.train import train
 
 CPU = torch.device('cpu')
 
@@ -40,15 +44,17 @@ def test_chosen_channels_are_deterministic_and_stored_in_the_checkpoint(tmp_path
     runs = [tiny_config(tmp_path / str(i), num_epochs=1, keep_channels=0.25, channel_select=how) for i in range(2)]
     for cfg in runs:
         train(cfg, CPU)
-    stored = [load_checkpoint(os.path.join(cfg['save_dir'], 'model.pth'))['config']['channel_indices'] for cfg in runs]
+    stored = [load_checkpoint(os.path.join(cfg.outputs.save_dir, 'model.pth'))['config']['channel_indices']
+              for cfg in runs]
     assert stored[0] == stored[1] and len(stored[0]) == 32
-    state = load_checkpoint(os.path.join(runs[0]['save_dir'], 'model.pth'))
-    rebuilt = build_attack(state['config'], CPU)
+    state = load_checkpoint(os.path.join(runs[0].outputs.save_dir, 'model.pth'))
+    config, derived = from_record(state['config'])
+    rebuilt, _ = build_attack(config, CPU, derived=derived)
     assert rebuilt.channel_mask.flatten().nonzero().flatten().tolist() == stored[0]
 
 
 def test_dropped_channels_reach_the_server_as_exact_zeros(tmp_path):
-    attack = build_attack(tiny_config(tmp_path), CPU)
+    attack, _ = build_attack(tiny_config(tmp_path), CPU)
     kept = [3, 17, 64]
     attack.keep_only(kept, 128)
     images = torch.rand(4, 3, 32, 32)
@@ -59,13 +65,13 @@ def test_dropped_channels_reach_the_server_as_exact_zeros(tmp_path):
     assert torch.count_nonzero(sent[:, kept]) == sent[:, kept].numel()
 
 
-def genuine_victim(torch_home, monkeypatch, tmp_path, **overrides):
+def genuine_victim(torch_home, monkeypatch, tmp_path, derived=Derived(), **overrides):
     """(attack, 32 built-in validation crops as uint8) with the genuine mobilenet_v2 cut at block6, in fp32."""
     monkeypatch.setattr(torch.hub, '_hub_dir', str(torch_home / 'hub'))
     cfg = tiny_config(tmp_path, arch='mobilenet_v2', split='block6', pretrained=True, image_size=64,
                       precision='fp32', **overrides)
-    splits = load_splits(cfg)
-    return build_attack(cfg, CPU), splits.images[splits.val_idx[:32]]
+    splits = load_splits(cfg.data)
+    return build_attack(cfg, CPU, derived=derived)[0], splits.images[splits.val_idx[:32]]
 
 
 def by_hand(clean_logits, defended_logits):
@@ -134,7 +140,7 @@ def test_input_noise_is_charged_against_the_clean_image(torch_home, monkeypatch,
 
 
 def test_utility_logits_are_fp32_even_under_bf16_autocast(tmp_path):
-    attack = build_attack(tiny_config(tmp_path), CPU)
+    attack, _ = build_attack(tiny_config(tmp_path), CPU)
     attack.bf16 = True  # as on hardware with bf16 arithmetic, whatever this machine has
     features = torch.randn(4, 128, 4, 4)
     with torch.no_grad():
@@ -142,7 +148,8 @@ def test_utility_logits_are_fp32_even_under_bf16_autocast(tmp_path):
 
 
 def test_harsh_defences_cost_the_genuine_victim_its_predictions(torch_home, monkeypatch, tmp_path):
-    attack, images = genuine_victim(torch_home, monkeypatch, tmp_path, keep_channels=1 / 32, channel_indices=[0])
+    attack, images = genuine_victim(torch_home, monkeypatch, tmp_path, Derived(channel_indices=[0]),
+                                    keep_channels=1 / 32)
     summary = summarise(evaluate(attack, images, torch.arange(32), 16, utility=True))
     assert summary['top1_agreement']['mean'] < 0.5 and summary['kl']['mean'] > 0.5
     attack.channel_mask = None
@@ -178,16 +185,15 @@ def test_a_sweep_writes_its_table_and_figures_and_resumes(tmp_path):
 def test_every_defence_and_noise_sweep_value_sets_only_flags_that_exist(tmp_path):
     """A defence switched on by a sweep or a preset must set the flags the run reads: the noise defence trains its
     attacker with the very noise it is measured with (an attacker trained without it would flatter the defence)."""
-    from defences import DEFENCES
-    from models import test_noise, train_noise
-    from sweep import value_config
+    from recon_attack.defences import DEFENCES
+    from recon_attack.records import with_flags
+    from recon_attack.sweep import Sweep
     cfg = tiny_config(tmp_path)
     for defence in DEFENCES.values():
-        unknown = set(defence.settings(0.5)) - set(cfg)
+        unknown = set(defence.settings(0.5)) - set(to_flags(cfg))
         assert not unknown, f'{defence.name} sets flags that do not exist: {unknown}'
-    noised = {**cfg, **DEFENCES['noise'].settings(0.1)}
-    assert train_noise(noised) == test_noise(noised) == Noise('features', 0.0, 0.1)
+    noised = with_flags(cfg, **DEFENCES['noise'].settings(0.1)).noise
+    assert noised.training() == noised.testing() == Noise('features', 0.0, 0.1)
     for sweep, value in (('noise_var', 0.1), ('defence', 'noise:0.1')):
-        run = value_config({**cfg, 'sweep': sweep, 'noise_at': 'features'}, value)
-        assert not set(run) - set(cfg) - set(DERIVED_KEYS), set(run) - set(cfg)
-        assert train_noise(run) == test_noise(run) == Noise('features', 0.0, 0.1)
+        run = Sweep(with_flags(cfg, noise_at='features'), sweep, [value]).run(value)
+        assert run.noise.training() == run.noise.testing() == Noise('features', 0.0, 0.1)

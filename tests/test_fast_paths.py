@@ -13,11 +13,12 @@ import torch.multiprocessing
 import torch.nn.functional as F
 
 import bench as bench_module
-import main as cli
 from conftest import ROOT, run_cli, tiny_config
-from data import fingerprint, load_splits
-from defences import build_attack
-from utils import Interrupted
+from recon_attack import cli
+from recon_attack.attacks import build_attack
+from recon_attack.data import fingerprint, load_splits
+from recon_attack.records import with_flags
+from recon_attack.utils import Interrupted
 
 TINY = ('--train', '--image_size', '32', '--batch_size', '16', '--num_batches', '22', '--num_epochs', '2',
         '--decoder_depth', 'light', '--num_samples', '2', '--num_workers', '0')
@@ -50,11 +51,11 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
 
 def test_compiled_training_step_matches_eager(tmp_path):
     cfg = tiny_config(tmp_path)
-    splits = load_splits(cfg)
+    splits = load_splits(cfg.data)
     images = splits.images[splits.train_idx[:16]]
     losses = []
     for compiled in (False, True):
-        attack = build_attack({**cfg, 'compile': compiled}, torch.device('cpu'))
+        attack, _ = build_attack(with_flags(cfg, compile=compiled), torch.device('cpu'))
         attack.decoder.train()
         target = attack.to_images(images)
         losses.append(F.mse_loss(attack.decode(attack.send(target), training=True), target))
@@ -91,16 +92,16 @@ def rank_process(rank, world, port, cwd, argv, stop_at_check):
     """One torchrun-like process: main.py's run in this process, recording which training images it stepped on
     (by content) into batches_rank{rank}.json; with `stop_at_check`, a stop is requested at that stop check, as
     Ctrl-C would, on every process at once."""
-    import train as train_module
+    from recon_attack import train as train_module
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR='127.0.0.1',
                       MASTER_PORT=str(port), RECON_CACHE_DIR=os.path.join(cwd, 'cache'))
     torch.set_num_threads(1)
     os.chdir(cwd)
     batches, real_loss = [], train_module.training_loss
 
-    def recording_loss(attack, recon, images, sent, activations, cfg):
+    def recording_loss(attack, recon, images, sent, activations, training):
         batches.append([fingerprint((image * 255).round().to(torch.uint8).cpu()) for image in images])
-        return real_loss(attack, recon, images, sent, activations, cfg)
+        return real_loss(attack, recon, images, sent, activations, training)
     train_module.training_loss = recording_loss
 
     class StopAt(train_module.StopRequest):

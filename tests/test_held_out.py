@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import write_photos
-from utils import load_checkpoint
+from recon_attack.checkpoint import load_checkpoint
 
 TRAIN = ('--train', '--image_size', '32', '--batch_size', '8', '--num_epochs', '1', '--decoder_depth', 'light',
          '--num_samples', '2', '--num_workers', '0', '--save_dir', 'run')

@@ -8,10 +8,12 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from data import load_splits
-from defences import build_attack
-from evaluate import Plateau, over_seeds, paired_difference
-from utils import load_checkpoint, read_json
+from recon_attack.attacks import build_attack
+from recon_attack.checkpoint import load_checkpoint
+from recon_attack.data import load_splits
+from recon_attack.stopping import Plateau
+from recon_attack.tables import over_seeds, paired_difference
+from recon_attack.utils import read_json
 
 TINY = ('--image_size', '32', '--batch_size', '16', '--num_batches', '22', '--decoder_depth', 'light',
         '--num_samples', '2', '--num_workers', '0', '--num_epochs', '1')
@@ -24,11 +26,12 @@ def evaluation(seed, psnr):
 
 
 def test_the_held_out_split_and_the_victim_do_not_move_with_the_attackers_seed(tmp_path):
-    first, second = (tiny_config(tmp_path, seed=seed) for seed in (0, 1))
+    first, second = (tiny_config(tmp_path, seed=seed).data for seed in (0, 1))
     assert torch.equal(load_splits(first).val_idx, load_splits(second).val_idx)
     cpu = torch.device('cpu')
-    assert build_attack(first, cpu).victim.fingerprint() == build_attack(second, cpu).victim.fingerprint()
-    other = tiny_config(tmp_path, split_seed=1)
+    victims = [build_attack(tiny_config(tmp_path, seed=seed), cpu)[0].victim for seed in (0, 1)]
+    assert victims[0].fingerprint() == victims[1].fingerprint()
+    other = tiny_config(tmp_path, split_seed=1).data
     assert not torch.equal(load_splits(first).images[load_splits(first).val_idx],
                            load_splits(other).images[load_splits(other).val_idx])  # its own, recorded seed
 
@@ -105,7 +108,8 @@ def test_bad_seeds_are_one_line(tmp_path, main_here, args, message):
 
 
 def test_stopping_images_are_held_out_from_training_and_never_reported(tmp_path):
-    plain, stopping = load_splits(tiny_config(tmp_path)), load_splits(tiny_config(tmp_path, stop_patience=2))
+    data = tiny_config(tmp_path).data
+    plain, stopping = load_splits(data), load_splits(data, stopping=True)
     assert torch.equal(plain.val_idx, stopping.val_idx)  # the reported images do not move
     stop, train = set(stopping.stop_idx.tolist()), set(stopping.train_idx.tolist())
     assert len(stop) == len(plain.val_idx) and not stop & train and not stop & set(plain.val_idx.tolist())
@@ -178,7 +182,7 @@ def test_a_resumed_run_keeps_its_stopping_images_and_ends_as_the_uninterrupted_o
 
 
 def test_a_report_compares_settings_over_seeds_only_on_the_same_held_out_images():
-    from report import over_seed_groups
+    from recon_attack.report import over_seed_groups
     runs = [('a', 0, 'A', 10.0), ('a', 1, 'A', 11.0), ('a', 0, 'B', 30.0), ('a', 1, 'B', 31.0), ('b', 0, 'A', 10.5),
             ('b', 1, 'A', 11.6)]
     rows = [{'#': i, 'attack': 'decoder', 'lr': lr, 'seed': str(seed), 'held_out_set': images}

@@ -6,7 +6,8 @@ import torch
 from pytorch_msssim import ms_ssim
 from scipy.signal import convolve2d
 
-from evaluate import MIN_MSE, MSSSIM_WEIGHTS, ms_ssim_per_image, msssim_scales, psnr, score, victim_agreement
+from recon_attack.metrics import (MIN_MSE, MSSSIM_WEIGHTS, ms_ssim_per_image, msssim_scales, psnr, score,
+                                  victim_agreement)
 
 
 def test_psnr_of_identical_images_is_capped():

@@ -4,12 +4,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import models
-from main import build_parser, resolve_config
-from defences import build_attack
-from models import INTERPOLATIONS, SPLITS, Decoder, DecoderSpec, SplitAttack, build_decoder, build_victim, feature_shape, \
-    invert_features, nominal_stride
-from utils import UsageError
+from recon_attack import attacks
+from recon_attack.attacks import SplitAttack, build_attack, invert_features
+from recon_attack.cli import build_parser, resolve_config
+from recon_attack.config import DecoderSpec
+from recon_attack.models import (INTERPOLATIONS, SPLITS, Decoder, build_decoder, build_victim, feature_shape,
+                                 nominal_stride, resolve)
+from recon_attack.utils import UsageError
 
 ARCH_SPLITS = [(arch, split) for arch, splits in SPLITS.items() for split in splits]
 
@@ -21,7 +22,7 @@ def test_every_arch_and_split_builds_and_decodes_to_the_input_shape(arch, split)
     images = torch.rand(2, 3, 64, 64)
     for kind, interpolations in INTERPOLATIONS.items():
         for interpolation in interpolations:
-            spec = DecoderSpec.from_config({'decoder': kind, 'interpolation': interpolation, 'decoder_depth': 'light'})
+            spec = resolve(DecoderSpec(kind=kind, interpolation=interpolation, depth='light'))
             decoder = build_decoder(feature_shape(victim, 64), 64, spec).eval()
             with torch.no_grad():
                 out = decoder(victim.encode(images))
@@ -36,9 +37,9 @@ def test_every_cut_trains_and_attacks_at_its_smallest_image_size(arch, split, tm
     argv = ['--train', '--arch', arch, '--split', split, '--image_size', str(size), '--batch_size', '2',
             '--decoder_depth', 'light', '--precision', 'fp32', '--save_dir', str(tmp_path)]
     parser = build_parser()
-    cfg, _ = resolve_config(parser, parser.parse_args(argv), argv)  # the flag checks probe the cut's shape
+    cfg = resolve_config(parser, parser.parse_args(argv), argv).config  # the flag checks probe the cut's shape
     torch.manual_seed(0)
-    attack = build_attack(cfg, torch.device('cpu'))
+    attack, _ = build_attack(cfg, torch.device('cpu'))
     images = torch.rand(2, 3, size, size)
     attack.decoder.train()
     loss = F.mse_loss(attack.reconstruct(images), images)
@@ -117,7 +118,7 @@ def test_weights_file_loads_into_the_victim_and_bad_files_are_named(tmp_path):
 @pytest.mark.parametrize('hardware', [True, False])
 def test_the_arithmetic_recorded_is_the_one_that_ran(monkeypatch, hardware):
     """--precision bf16 is a request: where the hardware has no bf16 arithmetic it runs fp32, and says so."""
-    monkeypatch.setattr(models, 'bf16_is_fast', lambda device: hardware)
+    monkeypatch.setattr(attacks, 'bf16_is_fast', lambda device: hardware)
     victim = build_victim('resnet18', 'layer1')
     for requested in (True, False):
         attack = SplitAttack(victim, None, torch.device('cpu'), bf16=requested)

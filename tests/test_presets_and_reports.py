@@ -10,11 +10,13 @@ import torchvision
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import main_in
-from evaluate import provenance_note
-from main import build_parser, idle_flags, presets, resolve_config, resolve_presets
-from models import build_victim
-from train import CURVES
-from utils import provenance
+from recon_attack.cli import build_parser, idle_flags, presets, resolve_config, resolve_presets
+from recon_attack.config import Derived
+from recon_attack.models import build_victim
+from recon_attack.records import to_record
+from recon_attack.tables import provenance_note
+from recon_attack.train import CURVES
+from recon_attack.utils import provenance
 
 # A one-epoch smoke run of any preset: random victim, built-in photos, tiny images and data.
 SMOKE = ('--no-use_pretrained', '--image_size', '32', '--batch_size', '8', '--num_batches', '4', '--num_epochs', '1',
@@ -39,10 +41,17 @@ EXPECTED = {
 }
 
 
-def parse(*argv):
+def command(*argv):
     parser = build_parser()
     argv = resolve_presets(list(argv))
-    return resolve_config(parser, parser.parse_args(argv), argv)[0]
+    return resolve_config(parser, parser.parse_args(argv), argv)
+
+
+def parse(*argv):
+    """The command's flags: its configuration's record and the mode's own arguments."""
+    resolved = command(*argv)
+    own = {key: getattr(resolved, key) for key in resolved._fields if key not in ('config', 'derived', 'state')}
+    return {**to_record(resolved.config, resolved.derived), **own}
 
 
 def test_every_preset_is_described_here():
@@ -128,13 +137,14 @@ def test_tensorboard_writes_the_curves_tensorboard_reads(tmp_path, main_here):
 
 
 def test_a_report_leaves_out_flags_that_made_no_difference():
-    plain = idle_flags(parse('--train'))
+    plain = idle_flags(command('--train').config)
     assert {'warmup_epochs', 'step_size', 'sparse_reg', 'noise_var', 'defence_k', 'defence_p', 'keep_channels',
             'nopeek_weight', 'defend_epochs', 'train'} <= plain
-    tuned = idle_flags(parse('--train', '--scheduler', 'cosine', '--defence', 'topk', '--sparse'))
+    tuned = idle_flags(command('--train', '--scheduler', 'cosine', '--defence', 'topk', '--sparse').config)
     assert {'warmup_epochs', 'defence_k', 'sparse_reg'}.isdisjoint(tuned)
     assert {'step_size', 'defence_p', 'defend_epochs'} <= tuned
-    assert 'defend_epochs' not in idle_flags({**parse('--train'), 'victim_defence': 'trained defence: nopeek'})
+    defended = Derived(victim_defence='trained defence: nopeek')
+    assert 'defend_epochs' not in idle_flags(command('--train').config, defended)
 
 
 @pytest.fixture(scope='module')

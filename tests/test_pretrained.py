@@ -4,9 +4,9 @@ import urllib.error
 import pytest
 import torch
 
-from data import sample_photo, square_crop
-from models import build_victim
-from utils import UsageError
+from recon_attack.data import sample_photo, square_crop
+from recon_attack.models import build_victim
+from recon_attack.utils import UsageError
 
 MILITARY_UNIFORM = 652  # ImageNet class of the Grace Hopper portrait
 

@@ -11,11 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-import main as cli
-import train as train_module
 from conftest import ROOT, THREADS, run_cli, write_photos
-from data import load_images
-from utils import atomic_write_bytes, load_checkpoint
+from recon_attack import cli, train as train_module
+from recon_attack.checkpoint import load_checkpoint
+from recon_attack.data import load_images
+from recon_attack.utils import atomic_write_bytes
 
 TINY = ('--image_size', '32', '--batch_size', '16', '--num_batches', '22', '--decoder_depth', 'light',
         '--num_samples', '2', '--num_workers', '0')

@@ -7,19 +7,22 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from data import load_splits
-from defences import DEFENCES, TRAINED, active, build_attack, distance_correlation, initialise_by_pca
-from models import bottleneck, build_victim, feature_shape
-from sweep import comparable, value_config
-from train import defence_epoch, defended_record, train_defence, trainable_victim
-from utils import UsageError, save_torch
-from visualize import frontier
+from recon_attack.attacks import build_attack
+from recon_attack.data import load_splits
+from recon_attack.defence_training import defence_epoch, defended_record, train_defence, trainable_victim
+from recon_attack.defences import DEFENCES, TRAINED, active, distance_correlation, initialise_by_pca
+from recon_attack.models import build_victim, feature_shape
+from recon_attack.models.victims import bottleneck
+from recon_attack.records import to_record, with_flags
+from recon_attack.sweep import Sweep, comparable
+from recon_attack.utils import UsageError, save_torch
+from recon_attack.visualize import frontier
 
 CPU = torch.device('cpu')
 
 
 def defence_config(tmp_path, kind, **overrides):
-    return tiny_config(tmp_path, mode='train_defence', train_defence=kind, defend_epochs=1, num_batches=6, **overrides)
+    return tiny_config(tmp_path, train_defence=kind, defend_epochs=1, num_batches=6, **overrides)
 
 
 def by_definition(x, z):
@@ -62,14 +65,15 @@ def test_pca_start_of_a_full_width_bottleneck_is_the_identity():
 @pytest.mark.parametrize('kind', TRAINED)
 def test_defence_training_leaves_the_original_victim_bit_identical(tmp_path, kind):
     cfg = defence_config(tmp_path, kind, defend_server=True)
-    net, student, reference = trainable_victim(cfg)
-    splits = load_splits(cfg)
+    net, student, reference = trainable_victim(cfg.victim, cfg.defence.server)
+    splits = load_splits(cfg.data)
     original = {k: v.clone() for k, v in reference.state_dict().items()}
     defence = DEFENCES[kind]
-    student = defence.prepare(student, cfg[defence.flag], student.encode(torch.rand(8, 3, 32, 32)).detach())
-    term = defence.privacy_term(cfg, feature_shape(student, 32), CPU, student)
+    strength = cfg.defence.strengths[defence.flag]
+    student = defence.prepare(student, strength, student.encode(torch.rand(8, 3, 32, 32)).detach())
+    term = defence.privacy_term(strength, student, feature_shape(student, 32), cfg.training.seed, 32)
     optimizer = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=1e-3)
-    defence_epoch(student, reference, term, optimizer, splits, cfg, CPU, torch.Generator().manual_seed(0))
+    defence_epoch(student, reference, term, optimizer, splits, 16, CPU, torch.Generator().manual_seed(0))
     assert all(torch.equal(original[k], v) for k, v in reference.state_dict().items())
     assert not torch.equal(net.layer1[0].conv1.weight, reference.encoder[4][0].conv1.weight)  # the copy moved
     assert not any(p.requires_grad for p in reference.parameters())
@@ -78,14 +82,15 @@ def test_defence_training_leaves_the_original_victim_bit_identical(tmp_path, kin
 @pytest.mark.parametrize('kind', TRAINED)
 def test_the_defended_file_loads_with_weights_and_sends_the_same_tensor(tmp_path, kind):
     cfg = defence_config(tmp_path, kind)
-    net, student, reference = trainable_victim(cfg)
+    net, student, reference = trainable_victim(cfg.victim)
     images = torch.rand(4, 3, 32, 32)
-    student = DEFENCES[kind].prepare(student, cfg[DEFENCES[kind].flag], student.encode(images).detach())
+    strength = cfg.defence.strengths[DEFENCES[kind].flag]
+    student = DEFENCES[kind].prepare(student, strength, student.encode(images).detach())
     with torch.no_grad():
         for p in student.encoder.parameters():  # as if trained: any change must travel in the file
             p.add_(0.01 * torch.randn_like(p))
     path = tmp_path / 'defended.pth'
-    save_torch(defended_record(cfg, DEFENCES[kind], net, student, load_splits(cfg)), path)
+    save_torch(defended_record(cfg.victim, cfg.defence, DEFENCES[kind], net, student, load_splits(cfg.data)), path)
     loaded = build_victim('resnet18', 'layer2', weights_path=str(path))
     with torch.no_grad():
         assert torch.equal(loaded.encode(images), student.encode(images))
@@ -118,9 +123,10 @@ def test_defend_then_attack_end_to_end(tmp_path, main_here):
 
 def test_each_defence_is_switched_on_by_its_own_settings(tmp_path):
     cfg = tiny_config(tmp_path)
-    assert active(cfg) == []
+    assert active(cfg.defence, cfg.noise) == []
     for name, defence in DEFENCES.items():
-        switched = [(d.name, s) for d, s in active({**cfg, **defence.settings(0.25)})]
+        switched_on = with_flags(cfg, **defence.settings(0.25))
+        switched = [(d.name, s) for d, s in active(switched_on.defence, switched_on.noise)]
         assert switched == [(name, 0.25)], name
 
 
@@ -143,7 +149,7 @@ def test_adversarial_record_keeps_its_own_attacker_apart_and_another_cut_is_one_
     held_out = train_defence(cfg, CPU)['held_out']
     assert 'simulated_attacker_psnr' not in held_out['before']
     assert 5 < held_out['after']['simulated_attacker_psnr'] < 60
-    weights = os.path.join(cfg['save_dir'], 'defended_victim.pth')
+    weights = os.path.join(cfg.outputs.save_dir, 'defended_victim.pth')
     with pytest.raises(UsageError, match='pass --arch resnet18 --split layer2'):
         build_attack(tiny_config(tmp_path, split='layer1', weights=weights), CPU)
 
@@ -154,8 +160,11 @@ def test_frontier_keeps_the_points_nothing_beats():
 
 
 def test_defence_training_flags_matter_only_to_trained_sweep_values(tmp_path):
-    cfg = tiny_config(tmp_path, sweep='defence')
-    changed = {**cfg, 'defend_epochs': 3, 'nopeek_weight': 2.0}
+    cfg = tiny_config(tmp_path)
+    changed = with_flags(cfg, defend_epochs=3, nopeek_weight=2.0)
+
+    def value_config(config, value):
+        return to_record(Sweep(config, 'defence', [value]).run(value))
     assert comparable(value_config(cfg, 'dropout:0.5')) == comparable(value_config(changed, 'dropout:0.5'))
     assert comparable(value_config(cfg, 'nopeek:1')) != comparable(value_config(changed, 'nopeek:1'))
     assert value_config(cfg, 'nopeek:1')['nopeek_weight'] == 1.0
@@ -164,7 +173,8 @@ def test_defence_training_flags_matter_only_to_trained_sweep_values(tmp_path):
 def test_the_fisher_defence_lowers_the_jacobian_energy_it_penalises(tmp_path):
     """--train_defence fil: after an epoch, the device's half has less tr(J^T J) per unit of sent energy (what sets
     dFIL under noise scaled to the tensor) than the victim it started from, and than distillation alone leaves."""
-    from fisher import generators_for, hutchinson_trace
+    from recon_attack.bound import hutchinson_trace
+    from recon_attack.noise import generators_for
     images = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
     def jacobian_energy(victim):
@@ -175,11 +185,12 @@ def test_the_fisher_defence_lowers_the_jacobian_energy_it_penalises(tmp_path):
     after = {}
     for weight in (0.0, 10.0):
         cfg = defence_config(tmp_path, 'fil', fil_weight=weight, defend_lr=1e-3)
-        _, student, reference = trainable_victim(cfg)
+        _, student, reference = trainable_victim(cfg.victim)
         before = jacobian_energy(student)
-        term = DEFENCES['fil'].privacy_term(cfg, feature_shape(student, 32), CPU, student)
+        term = DEFENCES['fil'].privacy_term(weight, student, feature_shape(student, 32), cfg.training.seed, 32)
         optimizer = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=1e-3)
-        defence_epoch(student, reference, term, optimizer, load_splits(cfg), cfg, CPU, torch.Generator().manual_seed(0))
+        defence_epoch(student, reference, term, optimizer, load_splits(cfg.data), 16, CPU,
+                      torch.Generator().manual_seed(0))
         after[weight] = jacobian_energy(student)
     assert after[10.0] < 0.7 * before
     assert after[10.0] < 0.7 * after[0.0]

@@ -11,26 +11,30 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torchvision.utils import make_grid, save_image  # noqa: E402
 
-from evaluate import (AttackPlan, attack_plan, attack_slug, attacker_name, checkpoint_epochs, evaluate,  # noqa: E402
-                      evaluate_and_report, evaluation_images, load_trained_attack, received, recover, score,
-                      swept_attacker)
-from defences import describe as describe_defences  # noqa: E402
-from models import test_noise, victim_label  # noqa: E402
-from utils import is_main_process, to_unit  # noqa: E402
+from .attacks import attacker_name, received, recover  # noqa: E402
+from .config import AttackPlan  # noqa: E402
+from .defences import describe as describe_defences  # noqa: E402
+from .distributed import is_main_process  # noqa: E402
+from .evaluate import attack_slug, evaluate, evaluate_and_report  # noqa: E402
+from .metrics import score  # noqa: E402
+from .models.victims import victim_label  # noqa: E402
+from .utils import to_unit  # noqa: E402
 
 FEATURE_CHANNELS = 16  # highest-variance channels shown in feature_maps.png
 CHANNELS_PER_STAGE = 4  # decoder activations shown per stage
 
 
-def describe(cfg, kind='decoder'):
-    """One line that makes a figure explain itself: victim, cut, attacker (of attack `kind`), defences, noise."""
-    victim = victim_label(cfg)
-    noise = test_noise(cfg)
-    input_noise = [f'noise on the input (mean {noise.mean:g}, var {noise.var:g})'] if noise and noise.at == 'input' else []
-    defences = input_noise + describe_defences(cfg)
-    attacker = attacker_name(cfg, kind)
-    return (f'{cfg["arch"]} ({victim}) cut at {cfg["split"]} | {attacker} | {cfg["image_size"]}px | '
-            + (f'defence: {", ".join(defences)}' if defences else 'no defence'))
+def describe(config, derived, kind='decoder'):
+    """One line that makes a figure of a run (config.Config, config.Derived) explain itself: victim, cut, attacker
+    (of attack `kind`), defences, noise."""
+    noise_config = derived.noise(config.noise)
+    noise = noise_config.testing()
+    on_input = noise is not None and noise.at == 'input'
+    input_noise = [f'noise on the input (mean {noise.mean:g}, var {noise.var:g})'] if on_input else []
+    defences = input_noise + describe_defences(config.defence, noise_config, derived.victim_defence)
+    attacker = attacker_name(kind, config.decoder, config.training.feature_weight)
+    return (f'{config.victim.arch} ({victim_label(config.victim)}) cut at {config.victim.split} | {attacker} | '
+            f'{config.data.image_size}px | ' + (f'defence: {", ".join(defences)}' if defences else 'no defence'))
 
 
 def save_figure(fig, path):
@@ -43,7 +47,7 @@ def to_numpy_image(image):
     return image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
 
 
-def plot_history(history, cfg, path):
+def plot_history(history, title, path):
     """Train / validation loss, and validation PSNR and SSIM, per epoch."""
     epochs = [h['epoch'] for h in history]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
@@ -57,7 +61,7 @@ def plot_history(history, cfg, path):
     ssim_axis.plot(epochs, [h['ssim'] for h in history], 's-', color='tab:purple', label='SSIM')
     ssim_axis.set_ylabel('validation SSIM')
     right.legend(handles=right.lines + ssim_axis.lines, loc='lower right')
-    fig.suptitle(describe(cfg), fontsize=9)
+    fig.suptitle(title, fontsize=9)
     return save_figure(fig, path)
 
 
@@ -102,11 +106,11 @@ def samples(scored, count):
 
 
 @torch.no_grad()
-def sample_sent(attack, sample, cfg):
-    """([0, 1] images, the tensor the evaluation scored them from) of a Sample: the test noise and defences as
-    evaluated, image by image."""
+def sample_sent(attack, sample, noise):
+    """([0, 1] images, the tensor the evaluation scored them from) of a Sample: the test noise (a config.Noise) and
+    defences as evaluated, image by image."""
     target = attack.to_images(sample.images)
-    return target, received(attack, target, sample.positions, test_noise(cfg))[1]
+    return target, received(attack, target, sample.positions, noise)[1]
 
 
 class Kept:
@@ -125,15 +129,14 @@ class Kept:
 
 
 @torch.no_grad()
-def plot_samples(attack, sample, cfg, save_dir, plan=AttackPlan(), reconstructions=None):
+def plot_samples(attack, sample, noise, title, save_dir, plan=AttackPlan(), reconstructions=None):
     """Columns of original | reconstruction by the attack `plan` from the very tensor the evaluation scored (test
-    noise and defences included), so each image's PSNR is the one in eval_per_image.csv; each image also as its
+    `noise` and defences included), so each image's PSNR is the one in eval_per_image.csv; each image also as its
     own PNG under save_dir/samples/. `reconstructions`: the evaluation's own (Kept), else the attack runs here."""
     attack.decoder.eval()
-    target, sent = sample_sent(attack, sample, cfg)
+    target, sent = sample_sent(attack, sample, noise)
     if reconstructions is None:
         reconstructions = recover(attack, sent, plan, target.shape)
-    noise = test_noise(cfg)
     received_as = f' (noisy {noise.at}, var {noise.var:g})' if noise is not None else ''
     rows = [('original', target), (f'{plan.kind} reconstruction{received_as}', reconstructions)]
     samples_dir = os.path.join(save_dir, 'samples')
@@ -143,12 +146,12 @@ def plot_samples(attack, sample, cfg, save_dir, plan=AttackPlan(), reconstructio
         stem = os.path.splitext(name.replace(os.sep, '_'))[0]
         for (_, batch), suffix in zip(rows, ('original', f'reconstruction{slug}')):
             save_image(batch[c].clamp(0, 1), os.path.join(samples_dir, f'{stem}_{suffix}.png'))
-    title = describe(cfg, plan.kind) + ('' if plan.kind == 'decoder' else
-                             f'\n{plan.kind} attack: {plan.steps} Adam steps, lr {plan.lr:g}, TV weight {plan.tv_weight:g}')
+    title += '' if plan.kind == 'decoder' else (f'\n{plan.kind} attack: {plan.steps} Adam steps, lr {plan.lr:g}, TV '
+                                                 f'weight {plan.tv_weight:g}')
     return plot_image_grid(rows, sample.names, title, os.path.join(save_dir, f'samples{slug}.png'))
 
 
-def plot_feature_maps(image, sent, cfg, path):
+def plot_feature_maps(image, sent, title, path):
     """The tensor one [0, 1] image was sent as (as evaluated): its highest-variance channels on a shared scale, and
     the channel mean."""
     features = sent.float().cpu()
@@ -169,7 +172,7 @@ def plot_feature_maps(image, sent, cfg, path):
         ax.set_title(f'ch {channel}', fontsize=8), ax.axis('off')
     fig.colorbar(shown, ax=fig.axes[2:], fraction=0.02, label='activation (shared scale)')
     c, h, w = features.shape
-    fig.suptitle(f'sent tensor {c}x{h}x{w}: {len(top)} highest-variance channels\n{describe(cfg)}', fontsize=9)
+    fig.suptitle(f'sent tensor {c}x{h}x{w}: {len(top)} highest-variance channels\n{title}', fontsize=9)
     return save_figure(fig, path)
 
 
@@ -188,7 +191,7 @@ def capture_decoder_activations(attack, sent):
     return captured
 
 
-def plot_decoder_layers(attack, sent, cfg, path):
+def plot_decoder_layers(attack, sent, title, path):
     activations = capture_decoder_activations(attack, sent)
     fig, axes = plt.subplots(len(activations), CHANNELS_PER_STAGE, figsize=(2.2 * CHANNELS_PER_STAGE,
                                                                           2.2 * len(activations)), squeeze=False)
@@ -207,7 +210,7 @@ def plot_decoder_layers(attack, sent, cfg, path):
         name = 'output' if last else f'stage {row + 1}'
         axes[row, 0].text(-0.15, 0.5, f'{name}\n{"x".join(map(str, activation.shape))}', transform=axes[row, 0].transAxes,
                           ha='right', va='center', fontsize=9)
-    fig.suptitle(f'decoder activations (highest-variance channels)\n{describe(cfg)}', fontsize=9)
+    fig.suptitle(f'decoder activations (highest-variance channels)\n{title}', fontsize=9)
     return save_figure(fig, path)
 
 
@@ -224,7 +227,7 @@ def plot_defence_history(history, title, path):
     return save_figure(fig, path)
 
 
-def plot_psnr_histogram(psnr_values, cfg, scored, path):
+def plot_psnr_histogram(psnr_values, title, scored, path):
     """The per-image PSNR of the Scored images, titled with what they are."""
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.hist(psnr_values.numpy(), bins=min(40, max(5, len(psnr_values) // 4)), color='tab:blue', alpha=0.8)
@@ -233,57 +236,40 @@ def plot_psnr_histogram(psnr_values, cfg, scored, path):
     ax.axvline(median, color='black', linestyle='--', label=f'median {median:.2f} dB')
     ax.set(xlabel='per-image PSNR (dB)', ylabel='images', title=f'{len(psnr_values)} images scored: {scored.description}')
     ax.legend()
-    fig.suptitle(describe(cfg), fontsize=9)
+    fig.suptitle(title, fontsize=9)
     return save_figure(fig, path)
 
 
-def draw_all(attack, scored, cfg, history, save_dir, psnr_values=None):
-    """Every figure of the Scored images into save_dir; returns their paths. `psnr_values`: per-image PSNR if
-    known."""
+def draw_all(attack, scored, config, derived, history, save_dir, psnr_values=None):
+    """Every figure of the Scored images by the attack of a run (config.Config, config.Derived) into save_dir;
+    returns their paths. `psnr_values`: per-image PSNR if known."""
     os.makedirs(save_dir, exist_ok=True)
-    paths = []
+    title, noise, paths = describe(config, derived), derived.noise(config.noise).testing(), []
     if history:
-        paths.append(plot_history(history, cfg, os.path.join(save_dir, 'loss.png')))
+        paths.append(plot_history(history, title, os.path.join(save_dir, 'loss.png')))
     else:
         print('loss.png skipped: this file holds no training history')
-    sample = samples(scored, cfg['num_samples'])
-    paths.append(plot_samples(attack, sample, cfg, save_dir))
-    images, sent = sample_sent(attack, sample, cfg)
-    paths.append(plot_feature_maps(images[0], sent[0], cfg, os.path.join(save_dir, 'feature_maps.png')))
-    paths.append(plot_decoder_layers(attack, sent[0], cfg, os.path.join(save_dir, 'decoder_layers.png')))
+    sample = samples(scored, config.outputs.num_samples)
+    paths.append(plot_samples(attack, sample, noise, title, save_dir))
+    images, sent = sample_sent(attack, sample, noise)
+    paths.append(plot_feature_maps(images[0], sent[0], title, os.path.join(save_dir, 'feature_maps.png')))
+    paths.append(plot_decoder_layers(attack, sent[0], title, os.path.join(save_dir, 'decoder_layers.png')))
     if psnr_values is None:
-        psnr_values = evaluate(attack, scored.images, scored.indices, cfg['batch_size'], test_noise(cfg))['psnr']
-    paths.append(plot_psnr_histogram(psnr_values, cfg, scored, os.path.join(save_dir, 'psnr_hist.png')))
+        psnr_values = evaluate(attack, scored.images, scored.indices, config.data.batch_size, noise)['psnr']
+    paths.append(plot_psnr_histogram(psnr_values, title, scored, os.path.join(save_dir, 'psnr_hist.png')))
     print(f'figures: {", ".join(os.path.basename(p) for p in paths)} and samples/ in {save_dir}')
     return paths
 
 
-def run_attack(attack, scored, cfg, extra=None, history=(), bound=None):
-    """Evaluate the --attack chosen on the Scored images (eval{_attack}.json, per-image CSV) and draw its sample
-    grid from the reconstructions it scored; `history`: the training history of the decoder it uses; `bound`: the
-    images' Bound where another attack on them has one."""
-    plan, sample = attack_plan(cfg), samples(scored, cfg['num_samples'])
+def run_attack(attack, scored, config, derived, extra=None, history=(), bound=None):
+    """Evaluate the run's --attack (config.attack) on the Scored images (eval{_attack}.json, per-image CSV) and draw
+    its sample grid from the reconstructions it scored; `history`: the training history of the decoder it uses;
+    `bound`: the images' Bound where another attack on them has one."""
+    plan, sample = config.attack, samples(scored, config.outputs.num_samples)
     kept = Kept(sample.positions)
-    evaluate_and_report(attack, scored, cfg, extra, plan, history, bound, [kept])
-    plot_samples(attack, sample, cfg, cfg['save_dir'], plan, kept.reconstructions())
-
-
-def run_visualize(cfg, state, device):
-    attack = load_trained_attack(cfg, state, device)
-    scored = evaluation_images(cfg, state)
-    print(f'drawing {cfg["model_path"]} ({checkpoint_epochs(state)}) on {scored.description}')
-    return draw_all(attack, scored, cfg, state.get('history'), cfg['save_dir'])
-
-
-def describe_sweep(cfg):
-    victim = victim_label(cfg)
-    cut_at = '' if cfg['sweep'] == 'split' else f' cut at {cfg["split"]}'
-    optimisation = (f' | optimisation: {cfg["attack_steps"]} steps, TV {cfg["tv_weight"]:g}'
-                    if cfg['sweep'] == 'attack' else '')
-    attacker = f' | {swept_attacker(cfg)}' if swept_attacker(cfg) else ''
-    budget = f'~{cfg["minutes"]:g} min each' if cfg['minutes'] else f'{cfg["num_epochs"]} epochs'
-    return (f'sweep of {cfg["sweep"]}: {cfg["arch"]} ({victim}){cut_at}{attacker} | {cfg["image_size"]}px | '
-            f'{budget}{optimisation}')
+    evaluate_and_report(attack, scored, config, derived, extra, plan, history, bound, [kept])
+    plot_samples(attack, sample, derived.noise(config.noise).testing(), describe(config, derived, plan.kind),
+                 config.outputs.save_dir, plan, kept.reconstructions())
 
 
 def measured(value):
@@ -291,13 +277,14 @@ def measured(value):
     return float('nan') if value is None else value
 
 
-def plot_sweep(rows, labels, cfg, path):
-    """Reconstruction quality against the swept value; the victim's agreement on a second axis for defences."""
+def plot_sweep(rows, labels, swept, kind, title, path):
+    """Reconstruction quality by the attack `kind` against the values of the setting `swept`; the victim's agreement
+    on a second axis for defences."""
     x = range(len(rows))
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2), layout='constrained')
     psnr_line = left.errorbar(x, [r['psnr'] for r in rows], yerr=[r['psnr_std'] for r in rows], fmt='o-', capsize=3,
-                              label=f'{cfg["attack"]} attack PSNR (dB, ± std)')
-    left.set(xlabel=cfg['sweep'], ylabel='validation PSNR (dB)', title='reconstruction vs victim utility')
+                              label=f'{kind} attack PSNR (dB, ± std)')
+    left.set(xlabel=swept, ylabel='validation PSNR (dB)', title='reconstruction vs victim utility')
     handles = [psnr_line]
     if any(r.get('decoder_psnr') is not None for r in rows):  # the swept attack refines the decoder's output
         handles += left.plot(x, [measured(r.get('decoder_psnr')) for r in rows], 'o-', color='tab:green',
@@ -305,7 +292,7 @@ def plot_sweep(rows, labels, cfg, path):
     if any(r['psnr_ceiling'] is not None for r in rows):
         handles += left.plot(x, [measured(r['psnr_ceiling']) for r in rows], 'v:', color='k',
                              label='unbiased-attacker ceiling (dFIL; an attacker with a prior can beat it)')
-    if cfg['sweep'] not in ('split', 'decoder'):  # a defence: what it costs the victim
+    if swept not in ('split', 'decoder'):  # a defence: what it costs the victim
         agreement = left.twinx()
         agreement.plot(x, [measured(r['top1_agreement']) for r in rows], 's--', color='tab:red',
                        label='victim top-1 agreement')
@@ -316,15 +303,15 @@ def plot_sweep(rows, labels, cfg, path):
     left.legend(handles=handles, loc='best', fontsize=8)
     right.plot(x, [r['ssim'] for r in rows], 'o-', label='SSIM')
     right.plot(x, [r['ms_ssim'] for r in rows], 's-', label='MS-SSIM')
-    right.set(xlabel=cfg['sweep'], ylabel='validation similarity', ylim=(0, 1), title='structural similarity')
+    right.set(xlabel=swept, ylabel='validation similarity', ylim=(0, 1), title='structural similarity')
     right.legend(fontsize=8)
     for ax in (left, right):
         ax.set_xticks(list(x), labels)
-    fig.suptitle(describe_sweep(cfg), fontsize=9)
+    fig.suptitle(title, fontsize=9)
     return save_figure(fig, path)
 
 
-def plot_training_time(histories, labels, cfg, path):
+def plot_training_time(histories, labels, title, path):
     """Validation PSNR against training minutes (epochs and their validation), one line per swept value: which
     attacker is ahead at every budget, not only at the end."""
     fig, ax = plt.subplots(figsize=(7, 4.2), layout='constrained')
@@ -333,7 +320,7 @@ def plot_training_time(histories, labels, cfg, path):
         ax.plot(minutes.tolist(), [h['psnr'] for h in history], 'o-', markersize=3, label=label)
     ax.set(xlabel='training time (minutes)', ylabel='validation PSNR (dB)', title='PSNR against training time')
     ax.legend(fontsize=8)
-    fig.suptitle(describe_sweep(cfg), fontsize=9)
+    fig.suptitle(title, fontsize=9)
     return save_figure(fig, path)
 
 
@@ -386,11 +373,12 @@ def plot_privacy_utility(rows, labels, title, path):
     return save_figure(fig, path)
 
 
-def plot_sweep_samples(sample, reconstructions, labels, cfg, path):
-    """One row of reconstructions of the same validation images per swept value, originals on top."""
-    rows = [('original', to_unit(sample.images))] + [(f'{cfg["sweep"]}=\n{label}', recon)  # two short lines
+def plot_sweep_samples(sample, reconstructions, labels, swept, title, path):
+    """One row of reconstructions of the same validation images per value of the setting `swept`, originals on
+    top."""
+    rows = [('original', to_unit(sample.images))] + [(f'{swept}=\n{label}', recon)  # two short lines
                                                      for label, recon in zip(labels, reconstructions)]
-    return plot_image_grid(rows, sample.names, describe_sweep(cfg), path)
+    return plot_image_grid(rows, sample.names, title, path)
 
 
 class LiveCurves:
@@ -398,13 +386,12 @@ class LiveCurves:
     TensorBoard event files in the run's folder, so `tensorboard --logdir` over a sweep shows its values as
     comparable runs. A resumed run drops the events after the epoch it resumes from."""
 
-    def __init__(self, cfg, scored, first_epoch=0):
+    def __init__(self, save_dir, record, sample=None, noise=None, log_interval=1, budget=None, first_epoch=0):
         from torch.utils.tensorboard import SummaryWriter  # loads the tensorboard package (seconds): only when asked
-        self.writer = SummaryWriter(cfg['save_dir'], purge_step=first_epoch + 1 if first_epoch else None)
-        self.cfg = cfg
-        self.sample = samples(scored, cfg['num_samples']) if scored is not None else None  # the grid's
+        self.writer = SummaryWriter(save_dir, purge_step=first_epoch + 1 if first_epoch else None)
+        self.sample, self.noise, self.log_interval, self.budget = sample, noise, log_interval, budget
         if not first_epoch:
-            self.writer.add_text('config', '\n'.join(f'    {k}: {v}' for k, v in cfg.items()))  # a code block
+            self.writer.add_text('config', '\n'.join(f'    {k}: {v}' for k, v in record.items()))  # a code block
 
     def log(self, epoch, scalars):
         for tag, value in scalars.items():
@@ -414,10 +401,10 @@ class LiveCurves:
     @torch.no_grad()
     def reconstructions(self, epoch, attack):
         """The first epoch's, every --log_interval epochs' and the last epoch's reconstructions by `attack`."""
-        if epoch != 1 and epoch % self.cfg['log_interval'] and epoch != self.cfg['num_epochs']:
+        if epoch != 1 and epoch % self.log_interval and epoch != self.budget.epochs:
             return
         attack.decoder.eval()
-        target, sent = sample_sent(attack, self.sample, self.cfg)
+        target, sent = sample_sent(attack, self.sample, self.noise)
         recon = attack.decode(sent).clamp(0, 1)
         grid = make_grid(torch.cat([target, recon]).float().cpu(), nrow=len(target))
         self.writer.add_image('validation/reconstructions', grid, epoch)
@@ -427,9 +414,12 @@ class LiveCurves:
         self.writer.close()
 
 
-def live_curves(cfg, scored, first_epoch=0):
-    """A LiveCurves (its grid: samples of the Scored images, if any) closed on exit when --tensorboard is on (rank 0
+def live_curves(config, record, scored=None, noise=None, budget=None, first_epoch=0):
+    """A LiveCurves of a run (config: a config.Config; record: its flags, for the text of its configuration; its
+    grid: samples of the Scored images with the test `noise`, if any) closed on exit when --tensorboard is on (rank 0
     only), else nothing (None)."""
-    if not cfg['tensorboard'] or not is_main_process():
+    if not config.outputs.tensorboard or not is_main_process():
         return contextlib.nullcontext()
-    return contextlib.closing(LiveCurves(cfg, scored, first_epoch))
+    sample = samples(scored, config.outputs.num_samples) if scored is not None else None
+    return contextlib.closing(LiveCurves(config.outputs.save_dir, record, sample, noise, config.training.log_interval,
+                                         budget, first_epoch))

@@ -1,61 +1,86 @@
 """Defences: what the device does to the tensor before sending it. Each defence is one object in DEFENCES that owns
-its flags, their checks, the settings that switch it on, what it does and its name in outputs; main, sweep,
-evaluate and visualize ask it. Fixed defences are arithmetic on the sent tensor. Trained ones fine-tune the device's
-half of the victim (--train_defence, run by train.train_defence) into a defended victim that --weights loads and the
-normal attack then attacks from scratch; they are charged against the original victim's predictions."""
+its flag, the check of its value, the flags that switch it on, what it does and its name in outputs; the CLI, the
+sweeps, the attack and the tables ask it. Fixed defences are arithmetic on the sent tensor. Trained ones fine-tune
+the device's half of the victim (--train_defence, run by defence_training.py) into a defended victim that --weights
+loads and the normal attack then attacks from scratch; they are charged against the original victim's predictions.
+
+A defence's methods receive the parts of the configuration they read: `defence` (a config.DefenceConfig, which
+holds each defence's own flag in `strengths`) and `noise` (a config.NoiseConfig: the noise defence's settings)."""
 import hashlib
 import inspect
-import math
-import os
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from fisher import calibrated_variance, jacobian_norms, rademacher
-from models import (DecoderSpec, OnTensor, SplitAttack, SplitVictim, bottleneck, build_decoder, build_victim,
-                    feature_shape, keep_count, probe_feature_shape, random_like, select_channels,
-                    with_bottleneck)
-from utils import UsageError, setting
+from .bound import jacobian_norms
+from .models.decoders import build_decoder
+from .models.victims import SplitVictim, bottleneck, with_bottleneck
+from .config import DecoderSpec
+from .noise import rademacher, random_like
+from .utils import UsageError
 
 DEFENDED_FILE, DEFENCE_RECORD = 'defended_victim.pth', 'defence.json'
 REFERENCE_PRETRAINED = 'pretrained'  # --reference: torchvision's ImageNet weights
-TRAINING_KEYS = ('defend_epochs', 'defend_lr', 'defend_server')  # defence training's own flags
+TRAINING_FLAGS = ('defend_epochs', 'defend_lr', 'defend_server')  # defence training's own flags
 
 
 def is_count(value):
     return value > 1 and value == int(value)
 
 
+def keep_count(keep_channels, channels):
+    """--keep_channels as a channel count: a fraction in (0, 1] of the channels, or a count above 1."""
+    count = round(keep_channels * channels) if keep_channels <= 1 else int(keep_channels)
+    return max(1, count)
+
+
+def select_channels(how, count, calibration_features=None, seed=0):
+    """The `count` channels the device keeps (sorted indices): the first ones, a seeded random subset, or the
+    highest-variance ones over a calibration batch (N, C, H, W) of training images."""
+    channels = calibration_features.shape[1]
+    if how == 'first':
+        chosen = torch.arange(count)
+    elif how == 'random':
+        chosen = torch.randperm(channels, generator=torch.Generator().manual_seed(seed))[:count]
+    else:
+        variance = calibration_features.float().transpose(0, 1).flatten(1).var(1)
+        chosen = variance.topk(count).indices
+    return sorted(chosen.tolist())
+
+
+def strength_flag(config, defence):
+    """The value of `defence`'s own flag in a config.DefenceConfig (its default where the configuration does not set
+    it)."""
+    return config.strengths.get(defence.flag, defence.default)
+
+
 class Defence:
-    """A defence as the flags describe it. `strength(cfg)` is its number where the configuration switches it on,
-    None where it is off; `settings(strength)` the configuration that switches it on; `source` in a check names
-    the flag or sweep value being checked, for the one-line error."""
+    """A defence as the flags describe it. `strength(defence, noise)` is its number where the configuration switches
+    it on, None where it is off; `settings(strength)` the flags that switch it on; `source` in a check names the
+    flag or sweep value being checked, and `cut` (a models.cuts.Cut) the victim's cut, for the one-line error."""
     name = ''
     trained = False
     flag = ''  # the flag holding its strength, where it has one of its own
+    default = None  # that flag's default
     keys = ()  # the flags of a fixed defence, part of what a decoder was trained against
 
     def add_arguments(self, group):
         pass
 
-    def strength(self, cfg):
+    def strength(self, defence, noise):
         raise NotImplementedError
 
-    def check(self, cfg, strength, source):
+    def check(self, strength, source, cut):
         raise NotImplementedError
-
-    def check_flags(self, cfg):
-        """Its flags as given (a bad value is a mistake even where the defence is off)."""
-        if self.flag:
-            self.check(cfg, cfg[self.flag], f'argument --{self.flag}')
 
     def settings(self, strength):
         raise NotImplementedError
 
-    def describe(self, cfg):
+    def describe(self, strength, defence, noise):
         raise NotImplementedError
 
-    def apply(self, attack, cfg, calibration_images):
+    def apply(self, attack, strength):
         """Switch the defence on in a built attack (fixed defences whose arithmetic SplitAttack.defend does)."""
 
 
@@ -67,27 +92,27 @@ def noise_flags(variance):
 
 class FeatureNoise(Defence):
     """Gaussian noise on the intercepted tensor; its flags (--noise_at features, --test_noise_var...) are shared
-    with input noise, so main owns them."""
+    with input noise, so they belong to the noise settings (config.NoiseConfig)."""
     name = 'noise'
 
-    def strength(self, cfg):
-        return cfg['test_noise_var'] if cfg.get('test_noise') and cfg['noise_at'] == 'features' else None
+    def strength(self, defence, noise):
+        return noise.test_var if noise.test and noise.at == 'features' else None
 
-    def check(self, cfg, strength, source):
+    def check(self, strength, source, cut):
         if strength < 0:
             raise UsageError(f'{source}: a variance cannot be negative, got {strength:g}')
 
     def settings(self, strength):
         return {**noise_flags(strength), 'noise_at': 'features', 'noise_mean': 0.0, 'test_noise_mean': 0.0}
 
-    def describe(self, cfg):
-        bound = (f', set for a {cfg["noise_for_bound"]:g} dB unbiased-attacker ceiling'
-                 if cfg.get('noise_for_bound') is not None else '')
-        return f'noise on the tensor (mean {cfg["test_noise_mean"]:g}, var {cfg["test_noise_var"]:.4g}{bound})'
+    def describe(self, strength, defence, noise):
+        bound = f', set for a {noise.for_bound:g} dB unbiased-attacker ceiling' if noise.for_bound is not None else ''
+        return f'noise on the tensor (mean {noise.test_mean:g}, var {strength:.4g}{bound})'
 
 
 class KeepChannels(Defence):
-    """The device sends only some channels, the rest as zeros."""
+    """The device sends only some channels, the rest as zeros; which ones is chosen once per run (choose) and
+    recorded, so that every attack of the run and every later evaluation sees the same tensor."""
     name, keys = 'keep_channels', ('keep_channels', 'channel_select')
 
     def add_arguments(self, group):
@@ -97,42 +122,41 @@ class KeepChannels(Defence):
                            help='which channels: the first K, K at random (seeded), or the K of highest variance '
                                 'over a calibration batch of training images')
 
-    def strength(self, cfg):
-        return cfg.get('keep_channels')
+    def strength(self, defence, noise):
+        return defence.keep_channels
 
-    def check(self, cfg, strength, source):
+    def check(self, strength, source, cut):
         if strength <= 0:
             raise UsageError(f'{source}: must be positive, got {strength:g}')
         if strength > 1 and not is_count(strength):
             raise UsageError(f'{source}: a fraction in (0, 1] or a whole number of channels, got {strength:g}')
-        channels = probe_feature_shape(cfg['arch'], cfg['split'], cfg['image_size'])[0]
-        if keep_count(strength, channels) > channels:
-            raise UsageError(f'{source}: {cfg["arch"]} cut at {cfg["split"]} sends only {channels} channels, '
-                             f'got {strength:g}')
-
-    def check_flags(self, cfg):
-        if cfg.get('keep_channels') is not None:
-            self.check(cfg, cfg['keep_channels'], 'argument --keep_channels')
+        if keep_count(strength, cut.channels) > cut.channels:
+            raise UsageError(f'{source}: {cut.name} sends only {cut.channels} channels, got {strength:g}')
 
     def settings(self, strength):
         return {'keep_channels': strength}
 
-    def describe(self, cfg):
-        return f'{cfg["keep_channels"]:g} of channels ({cfg["channel_select"]})'
+    def describe(self, strength, defence, noise):
+        return f'{strength:g} of channels ({defence.channel_select})'
 
-    def apply(self, attack, cfg, calibration_images):
-        """The channels are chosen once per run, on `calibration_images` (uint8, training images), and stored in
-        cfg['channel_indices'], so that every attack of the run and every later evaluation sees the same tensor."""
-        channels = cfg['sent_shape'][0]
-        if cfg.get('channel_indices') is None:
-            if calibration_images is None:
-                raise ValueError('--keep_channels needs calibration images to choose its channels')
-            calibration = attack.encode(attack.to_images(calibration_images)).cpu()
-            count = keep_count(cfg['keep_channels'], channels)
-            cfg['channel_indices'] = select_channels(cfg['channel_select'], count, calibration, cfg['seed'])
-            print(f'defence: the device sends {count} of {channels} channels ({cfg["channel_select"]}), the rest '
-                  'as zeros')
-        attack.keep_only(cfg['channel_indices'], channels)
+    def choose(self, features, strength, how, seed):
+        """The channels kept, chosen on `features` (N, C, H, W): the calibration batch's clean tensors."""
+        count = keep_count(strength, features.shape[1])
+        print(f'defence: the device sends {count} of {features.shape[1]} channels ({how}), the rest as zeros')
+        return select_channels(how, count, features, seed)
+
+
+class OnTensor(NamedTuple):
+    """A fixed defence switched on at `strength`: its arithmetic on the intercepted tensor, which
+    SplitAttack.defend applies on the device, and what a white-box attacker, who knows it, undoes."""
+    defence: object  # a Selected
+    strength: float
+
+    def __call__(self, features, generator=None):
+        return self.defence.transform(features, self.strength, generator)
+
+    def as_seen(self, sent):
+        return self.defence.as_seen(sent, self.strength)
 
 
 class Selected(Defence):
@@ -151,18 +175,18 @@ class Selected(Defence):
     def keys(self):
         return 'defence', self.flag
 
-    def strength(self, cfg):
-        return cfg[self.flag] if cfg.get('defence') == self.name else None
+    def strength(self, defence, noise):
+        return strength_flag(defence, self) if defence.defence == self.name else None
 
     def settings(self, strength):
         return {'defence': self.name, self.flag: strength}
 
-    def apply(self, attack, cfg, calibration_images):
-        attack.on_tensor.append(OnTensor(self, cfg[self.flag]))
+    def apply(self, attack, strength):
+        attack.on_tensor.append(OnTensor(self, strength))
 
     def transform(self, features, strength, generator=None):
         """What the device sends instead of `features`; `generator`: one, a list of one per image (see
-        models.random_like), or None for a fixed seed."""
+        noise.random_like), or None for a fixed seed."""
         raise NotImplementedError
 
     def as_seen(self, sent, strength):
@@ -174,10 +198,10 @@ class Dropout(Selected):
     """Zero each element with probability --defence_p (survivors scaled by 1/(1-p))
 
     The scaling is dropout's: the server's layers see the same expected activation."""
-    name, flag, zeroes = 'dropout', 'defence_p', True
+    name, flag, default, zeroes = 'dropout', 'defence_p', 0.5, True
 
     def add_arguments(self, group):
-        group.add_argument('--defence_p', type=float, default=0.5, help='dropout probability, in [0, 1)')
+        group.add_argument('--defence_p', type=float, default=self.default, help='dropout probability, in [0, 1)')
 
     def transform(self, features, strength, generator=None):
         if strength == 0:
@@ -189,30 +213,30 @@ class Dropout(Selected):
     def as_seen(self, sent, strength):
         return sent * (1 - strength)
 
-    def check(self, cfg, strength, source):
+    def check(self, strength, source, cut):
         if not 0 <= strength < 1:
             raise UsageError(f'{source}: a dropout probability in [0, 1), got {strength:g}')
 
-    def describe(self, cfg):
-        return f'dropout p={cfg["defence_p"]:g}'
+    def describe(self, strength, defence, noise):
+        return f'dropout p={strength:g}'
 
 
 class TopK(Selected):
     """Keep the --defence_k largest-magnitude elements of each sample
 
     Exactly k (a fraction of C x H x W, or a count) are sent, even where magnitudes tie."""
-    name, flag, zeroes = 'topk', 'defence_k', True
+    name, flag, default, zeroes = 'topk', 'defence_k', 0.1, True
 
     def add_arguments(self, group):
-        group.add_argument('--defence_k', type=float, default=0.1,
+        group.add_argument('--defence_k', type=float, default=self.default,
                            help='elements kept by topk: a fraction in (0, 1] of C*H*W, or a count above 1')
 
-    def check(self, cfg, strength, source):
+    def check(self, strength, source, cut):
         if strength <= 0 or (strength > 1 and not is_count(strength)):
             raise UsageError(f'{source}: a fraction in (0, 1] or a whole count, got {strength:g}')
 
-    def describe(self, cfg):
-        return f'top-k {cfg["defence_k"]:g}'
+    def describe(self, strength, defence, noise):
+        return f'top-k {strength:g}'
 
     def transform(self, features, strength, generator=None):
         flat = features.flatten(1)
@@ -231,26 +255,26 @@ class Trained(Defence):
     def add_arguments(self, group):
         group.add_argument(f'--{self.flag}', type=float, default=self.default, help=self.__doc__.split('\n\n')[0])
 
-    def strength(self, cfg):
-        return cfg[self.flag] if cfg.get('train_defence') == self.name else None
+    def strength(self, defence, noise):
+        return strength_flag(defence, self) if defence.train_defence == self.name else None
 
-    def check(self, cfg, strength, source):
+    def check(self, strength, source, cut):
         if strength < 0:
             raise UsageError(f'{source}: a weight cannot be negative, got {strength:g}')
 
     def settings(self, strength):
         return {'train_defence': self.name, self.flag: strength}
 
-    def describe(self, cfg):
-        return f'{self.name} ({self.meaning} {self.strength(cfg):g})'
+    def describe(self, strength, defence=None, noise=None):
+        return f'{self.name} ({self.meaning} {strength:g})'
 
     def prepare(self, victim, strength, calibration):
         """The victim to fine-tune, with any modules the defence adds at the cut."""
         return victim
 
-    def privacy_term(self, cfg, shape, device, victim):
-        """A function (images, sent) -> the privacy loss to add, weighted; None for distillation alone. `victim`:
-        the one being fine-tuned."""
+    def privacy_term(self, strength, victim, shape, seed, image_size):
+        """A function (images, sent) -> the privacy loss to add, weighted by `strength`; None for distillation alone.
+        `victim`: the one being fine-tuned; `shape`: its sent tensor's; `seed`: defence training's."""
         return None
 
 
@@ -259,8 +283,8 @@ class NoPeek(Trained):
     2020)"""
     name, flag = 'nopeek', 'nopeek_weight'
 
-    def privacy_term(self, cfg, shape, device, victim):
-        return lambda images, sent: cfg[self.flag] * distance_correlation(images, sent)
+    def privacy_term(self, strength, victim, shape, seed, image_size):
+        return lambda images, sent: strength * distance_correlation(images, sent)
 
 
 class Adversarial(Trained):
@@ -268,8 +292,8 @@ class Adversarial(Trained):
     device's half is trained to raise (the ResSFL / adversarial-representation recipe)"""
     name, flag = 'adversarial', 'adversarial_weight'
 
-    def privacy_term(self, cfg, shape, device, victim):
-        return SimulatedAttacker(cfg, shape, device, cfg[self.flag])
+    def privacy_term(self, strength, victim, shape, seed, image_size):
+        return SimulatedAttacker(seed, image_size, shape, next(victim.parameters()).device, strength)
 
 
 class FisherPenalty(Trained):
@@ -278,13 +302,14 @@ class FisherPenalty(Trained):
     relative to z's energy, so that scaling z up or down does not change it"""
     name, flag = 'fil', 'fil_weight'
 
-    def privacy_term(self, cfg, shape, device, victim):
-        generator = torch.Generator(device=device).manual_seed(cfg['seed'])
+    def privacy_term(self, strength, victim, shape, seed, image_size):
+        device = next(victim.parameters()).device
+        generator = torch.Generator(device=device).manual_seed(seed)
 
         def penalty(images, sent):
             probes = rademacher(images.shape, generator=generator, device=images.device, dtype=images.dtype)
             energy = sent.pow(2).flatten(1).sum(1).clamp_min(1e-12)
-            return cfg[self.flag] * (jacobian_norms(victim.encode, images, probes) / energy).mean()
+            return strength * (jacobian_norms(victim.encode, images, probes) / energy).mean()
         return penalty
 
 
@@ -293,8 +318,8 @@ class Bottleneck(Trained):
     or a count above 1), initialised by PCA of the features and trained by distillation alone"""
     name, flag, default, meaning = 'bottleneck', 'bottleneck_channels', 0.125, 'channels'
 
-    def check(self, cfg, strength, source):
-        KEEP_CHANNELS.check(cfg, strength, source)
+    def check(self, strength, source, cut):
+        KEEP_CHANNELS.check(strength, source, cut)
 
     def prepare(self, victim, strength, calibration):
         channels = calibration.shape[1]
@@ -310,6 +335,9 @@ SELECTED = tuple(name for name, d in DEFENCES.items() if isinstance(d, Selected)
 FIXED_KEYS = tuple(dict.fromkeys(key for d in DEFENCES.values() for key in d.keys))
 TRAINED = tuple(name for name, d in DEFENCES.items() if d.trained)
 NOISE_KEYS = frozenset(DEFENCES['noise'].settings(0))  # the flags the noise defence (and --noise_for_bound) sets
+# The flags that switch every defence off.
+NO_DEFENCE = {'train_noise': False, 'test_noise': False, 'keep_channels': None, 'defence': 'none',
+              'train_defence': None}
 
 
 def add_arguments(parser, modes):
@@ -329,54 +357,61 @@ def add_arguments(parser, modes):
                               'weights; or a state-dict file)')
     trained.add_argument('--defend_epochs', type=int, default=10, help='epochs of defence training')
     trained.add_argument('--defend_lr', type=float, default=1e-4, help='Adam learning rate of defence training')
-    setting(trained, '--defend_server', "fine-tune the server's half too (a real deployment retrains both)")
+    trained.switch('--defend_server', "fine-tune the server's half too (a real deployment retrains both)")
 
 
-def training_keys():
+def strengths(flags):
+    """The defences' own flags (DefenceConfig.strengths) out of a configuration's flags, at their defaults where
+    the flags predate them."""
+    return {d.flag: flags.get(d.flag, d.default) for d in DEFENCES.values() if d.flag}
+
+
+def training_flags():
     """The flags that matter only where a victim is trained into a defended one."""
-    return set(TRAINING_KEYS) | {DEFENCES[name].flag for name in TRAINED}
+    return set(TRAINING_FLAGS) | {DEFENCES[name].flag for name in TRAINED}
 
 
-def active(cfg):
+def active(defence, noise):
     """(defence, strength) for every defence the configuration switches on."""
-    return [(d, d.strength(cfg)) for d in DEFENCES.values() if d.strength(cfg) is not None]
+    return [(d, d.strength(defence, noise)) for d in DEFENCES.values() if d.strength(defence, noise) is not None]
 
 
-def check_flags(cfg):
-    """Each defence's flags, checked by the defence itself, then defence training's."""
-    for defence in DEFENCES.values():
-        defence.check_flags(cfg)
-    if cfg.get('reference') and not cfg['weights']:
-        raise UsageError('--reference names the original victim that a defended --weights file is charged against: '
-                         'give --weights too')
-    if cfg['defend_epochs'] < 1:
-        raise UsageError(f'argument --defend_epochs: must be at least 1, got {cfg["defend_epochs"]}')
-    if cfg['defend_lr'] <= 0:
-        raise UsageError(f'argument --defend_lr: must be positive, got {cfg["defend_lr"]:g}')
+def check_flags(defence, cut):
+    """Each defence's own flag as given (a bad value is a mistake even where the defence is off), checked by the
+    defence itself, then defence training's."""
+    for d in DEFENCES.values():
+        if d.flag:
+            d.check(strength_flag(defence, d), f'argument --{d.flag}', cut)
+    if defence.keep_channels is not None:
+        KEEP_CHANNELS.check(defence.keep_channels, 'argument --keep_channels', cut)
+    if defence.epochs < 1:
+        raise UsageError(f'argument --defend_epochs: must be at least 1, got {defence.epochs}')
+    if defence.lr <= 0:
+        raise UsageError(f'argument --defend_lr: must be positive, got {defence.lr:g}')
 
 
-def describe(cfg):
-    """The defences on the sent tensor, for titles and tables: those the flags switch on, and a defended
-    victim's training (recorded when its file was loaded)."""
-    return [d.describe(cfg) for d, _ in active(cfg) if not d.trained] + (
-        [cfg['victim_defence']] if cfg.get('victim_defence') else [])
+def describe(defence, noise, victim_defence=None):
+    """The defences on the sent tensor, for titles and tables: those the configuration switches on, and a defended
+    victim's training (`victim_defence`, recorded when its file was loaded)."""
+    return [d.describe(s, defence, noise) for d, s in active(defence, noise) if not d.trained] + (
+        [victim_defence] if victim_defence else [])
 
 
-def family(cfg):
+def family(defence, noise, victim_defence=None):
     """'trained' for a defended victim, 'fixed' for defences on the sent tensor, '' for none: a frontier each."""
-    if cfg.get('victim_defence') or any(d.trained for d, _ in active(cfg)):
+    if victim_defence or any(d.trained for d, _ in active(defence, noise)):
         return 'trained'
-    return 'fixed' if active(cfg) else ''
+    return 'fixed' if active(defence, noise) else ''
 
 
-def idle_keys(cfg):
+def idle_flags(defence, noise, victim_defence=None):
     """The flags of the defences the configuration leaves off (defence training's too where it trains none): set
     or not, they changed nothing in the run."""
-    def flags(defence):
-        return {k for k in (*defence.keys, defence.flag) if k}
-    used = set().union(*(flags(d) for d, _ in active(cfg)))
+    def flags(d):
+        return {k for k in (*d.keys, d.flag) if k}
+    used = set().union(*(flags(d) for d, _ in active(defence, noise)))
     idle = set().union(*(flags(d) for d in DEFENCES.values())) - used
-    return idle | (set() if family(cfg) == 'trained' else set(TRAINING_KEYS))
+    return idle | (set() if family(defence, noise, victim_defence) == 'trained' else set(TRAINING_FLAGS))
 
 
 def parse_sweep_value(value):
@@ -393,81 +428,18 @@ def parse_sweep_value(value):
         raise UsageError(f'--sweep_values for --sweep defence: {value!r} needs a number after the colon') from None
 
 
-def check_sweep_value(cfg, value):
+def check_sweep_value(value, cut):
     defence, strength = parse_sweep_value(value)
     if defence is not None:
-        defence.check(cfg, strength, f'--sweep_values {value}')
-
-
-def without_defences(cfg):
-    return {**cfg, 'train_noise': False, 'test_noise': False, 'keep_channels': None, 'defence': 'none',
-            'train_defence': None}
-
-
-def build_attack(cfg, device, calibration_images=None):
-    """Victim, decoder and defences as the configuration describes them; decoder initialised from cfg['seed'].
-    What the run derives is written into cfg: the channels kept, the victim's fingerprint and, for a defended
-    victim, its defence."""
-    victim = build_victim(cfg['arch'], cfg['split'], cfg['pretrained'], cfg['weights'], cfg['victim_seed'])
-    expected = cfg.get('victim_fingerprint')
-    if expected is not None and not math.isclose(victim.fingerprint(), expected, rel_tol=1e-6):
-        raise UsageError('the victim rebuilt from the checkpoint\'s settings (arch, --use_pretrained/--weights, seed) '
-                         'is not the one this decoder was trained against; pass the same victim weights')
-    if victim.defended is not None:
-        cfg.update(recorded_defence(victim.defended))
-    torch.manual_seed(cfg['seed'])
-    shape = feature_shape(victim, cfg['image_size'])
-    decoder = build_decoder(shape, cfg['image_size'], DecoderSpec.from_config(cfg))
-    attack = SplitAttack(victim, decoder, device, bf16=cfg['precision'] == 'bf16', compile=cfg.get('compile', False))
-    cfg['sent_shape'] = list(shape)
-    for defence, _ in active(cfg):
-        defence.apply(attack, cfg, calibration_images)
-    if cfg.get('noise_for_bound') is not None and cfg.get('bound_calibration') is None:
-        calibrate_noise(attack, cfg, calibration_images)
-    if victim.defended is not None:
-        if cfg.get('reference'):
-            raise UsageError(f'--reference: --weights {cfg["weights"]} is a defended victim written by '
-                             '--train_defence, which names the original victim it is charged against itself; drop '
-                             '--reference')
-        reference = victim.defended['reference']
-        attack.charge_against(build_victim(cfg['arch'], cfg['split'], reference['pretrained'], reference['weights'],
-                                           reference['seed']))
-        cfg['victim_defence'] = victim.defended['label']
-    elif cfg.get('reference'):
-        attack.charge_against(reference_victim(cfg))
-        cfg['victim_defence'] = (f'your defence: --weights {os.path.basename(cfg["weights"])}, charged against '
-                                 f'--reference {cfg["reference"]}')
-    return attack
-
-
-def calibrate_noise(attack, cfg, calibration_images):
-    """--noise_for_bound DB: the noise defence, on while the attacker trains and when it is measured, at the variance
-    where the mean unbiased-attacker PSNR ceiling on `calibration_images` (uint8, training images) is DB; the
-    variance and how it was found go into cfg, so every later evaluation of the run sees the same noise."""
-    if calibration_images is None:
-        raise ValueError('--noise_for_bound needs calibration images to set its noise')
-    variance, record = calibrated_variance(attack, attack.to_images(calibration_images), cfg['noise_for_bound'],
-                                           cfg['fil_probes'])
-    cfg.update(DEFENCES['noise'].settings(variance), bound_calibration=record)
-    print(f'--noise_for_bound {cfg["noise_for_bound"]:g}: noise of variance {variance:.4g} (sigma '
-          f'{record["sigma"]:.4g}) on the tensor, where the mean unbiased-attacker PSNR ceiling on {record["images"]} '
-          f'training images is {cfg["noise_for_bound"]:g} dB')
-
-
-def reference_victim(cfg):
-    """--reference: the original victim a defence of your own (--weights) is charged against: torchvision's
-    ImageNet weights ('pretrained') or a state-dict file."""
-    pretrained = cfg['reference'] == REFERENCE_PRETRAINED
-    return build_victim(cfg['arch'], cfg['split'], pretrained, None if pretrained else cfg['reference'],
-                        cfg['victim_seed'], flag='--reference')
+        defence.check(strength, f'--sweep_values {value}', cut)
 
 
 def recorded_defence(record):
-    """The settings a defended victim's file was trained with, in the configuration of every run that attacks it
-    (so tables show what acted, not this command's defaults); defence training's own flags are None where the
-    file predates recording them."""
+    """The flags a defended victim's file was trained with, shown as those of every run that attacks it (so tables
+    show what acted, not this command's defaults); defence training's own flags are None where the file predates
+    recording them."""
     return {**DEFENCES[record['kind']].settings(record['strength']),
-            **(record.get('training') or dict.fromkeys(TRAINING_KEYS))}
+            **(record.get('training') or dict.fromkeys(TRAINING_FLAGS))}
 
 
 def double_centred(distances):
@@ -509,10 +481,10 @@ class SimulatedAttacker:
     step on the detached tensor, then the device's term, minus the weighted reconstruction error of the updated
     attacker."""
 
-    def __init__(self, cfg, shape, device, weight):
+    def __init__(self, seed, image_size, shape, device, weight):
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(simulated_attacker_seed(cfg['seed']))
-            self.decoder = build_decoder(shape, cfg['image_size'], DecoderSpec(depth='light')).to(device)
+            torch.manual_seed(simulated_attacker_seed(seed))
+            self.decoder = build_decoder(shape, image_size, DecoderSpec(depth='light')).to(device)
         self.optimizer = torch.optim.Adam(self.decoder.parameters(), lr=1e-3)
         self.weight = weight
 

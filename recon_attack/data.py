@@ -12,8 +12,8 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from models import defence_training_images
-from utils import RunError, UsageError, atomic_write_bytes, progress
+from .models.victims import defence_training_images
+from .utils import RunError, UsageError, atomic_write_bytes, progress
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
 MIN_SOURCE_SIDE = 8  # smaller images (1-pixel thumbnails and the like) hold nothing to reconstruct
@@ -26,6 +26,7 @@ SAMPLE_TRAIN_PHOTOS = ('coffee.png', 'chelsea.png', 'rocket.jpg', 'hubble_deep_f
 SAMPLE_VAL_PHOTOS = ('astronaut.png', 'grace_hopper.jpg', 'camera.png')  # portraits, never used for training
 SAMPLE_SIZE = 704  # images (crops) in the built-in set: 640 train + 64 validation at the default batch size
 BUILTIN_SOURCE = 'built-in sample photos'
+GIVEN_SOURCE = 'images given in Python'  # the Python API's own images
 CELEBA_PARTITION = 'list_eval_partition.txt'  # the official train / val / test split (identity-disjoint)
 PARTITIONS = {'train': '0', 'val': '1', 'test': '2'}
 
@@ -347,6 +348,33 @@ def builtin_splits(image_size, batch_size, num_batches, seed):
                   f'of {", ".join(SAMPLE_VAL_PHOTOS)})')
 
 
+def as_uint8(images):
+    """(N, 3, S, S) images as this tool stores them: uint8, from uint8 or from floats in [0, 1] (rounded)."""
+    if images.ndim != 4 or images.shape[1] != 3 or images.shape[2] != images.shape[3]:
+        raise UsageError(f'images: a tensor of square RGB images (N, 3, S, S) is needed, got {tuple(images.shape)}')
+    if images.dtype == torch.uint8:
+        return images.cpu()
+    if images.min() < 0 or images.max() > 1:
+        raise UsageError('images: floats must lie in [0, 1] (or pass uint8 images, 0-255)')
+    return (images.detach().float().cpu() * 255).round().to(torch.uint8)
+
+
+def given_splits(images, batch_size, split_seed=0):
+    """Splits of images given in Python (see as_uint8): a seeded 10:1 split into training and held-out images, as for
+    a folder, held-out images never sharing a training image's content."""
+    images = as_uint8(images)
+    data = Splits(images, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long),
+                  [f'image{i:05d}' for i in range(len(images))], [fingerprint(image) for image in images], GIVEN_SOURCE,
+                  GIVEN_SOURCE)
+    train_idx, val_idx = split_indices(len(images), batch_size, None, split_seed)
+    data.train_idx = train_idx
+    data.val_idx = without_training_content(data, val_idx.tolist(), {data.fingerprints[i] for i in train_idx.tolist()},
+                                            'held-out images')
+    data.description = (f'{GIVEN_SOURCE} ({len(data.train_idx)} train, {len(data.val_idx)} held out, a seeded 10:1 '
+                        'split)')
+    return data
+
+
 def load_images(data_dir, image_size, cache_dir, num_workers):
     """Every usable image under `data_dir`, as Splits with nothing assigned to training or validation yet."""
     root, names = list_images(data_dir)
@@ -356,11 +384,17 @@ def load_images(data_dir, image_size, cache_dir, num_workers):
     return Splits(images, empty, empty, kept, fingerprints, os.path.realpath(root), data_dir, partition, cache)
 
 
-def load_data(cfg):
-    """The images of the run's data (the built-in set already split into its training and validation photos)."""
-    if cfg['data_dir'] is None:
-        return builtin_splits(cfg['image_size'], cfg['batch_size'], cfg['num_batches'], cfg['split_seed'])
-    return load_images(cfg['data_dir'], cfg['image_size'], cfg['cache_dir'], cfg['num_workers'])
+def cache_folder(cache_dir):
+    """Where decoded images are cached: `cache_dir`, else $RECON_CACHE_DIR, else ~/.cache/recon-attack."""
+    return cache_dir or os.environ.get('RECON_CACHE_DIR', os.path.expanduser('~/.cache/recon-attack'))
+
+
+def load_data(data):
+    """The images a config.DataConfig names (the built-in set already split into its training and validation
+    photos)."""
+    if data.data_dir is None:
+        return builtin_splits(data.image_size, data.batch_size, data.num_batches, data.split_seed)
+    return load_images(data.data_dir, data.image_size, cache_folder(data.cache_dir), data.num_workers)
 
 
 def without_training_content(data, candidates, trained_fingerprints, what, trainee='the decoder'):
@@ -372,44 +406,46 @@ def without_training_content(data, candidates, trained_fingerprints, what, train
     return torch.tensor(kept, dtype=torch.long)
 
 
-def without_defence_training(data, candidates, cfg, what):
-    """`candidates` (indices) less the images a defended victim (--weights) was fine-tuned on: a defence is never
-    scored on the images it trained on, by the attack or by its cost to the victim."""
-    defended = set(defence_training_images(cfg['weights']).values())
+def without_defence_training(data, candidates, weights, what):
+    """`candidates` (indices) less the images a defended victim (the --weights file) was fine-tuned on: a defence is
+    never scored on the images it trained on, by the attack or by its cost to the victim."""
+    defended = set(defence_training_images(weights).values())
     if not defended:
         return candidates
     return without_training_content(data, candidates.tolist(), defended, what, 'the defence')
 
 
-def load_splits(cfg, record=None):
-    """The train / validation images of a run: those of `record` (a checkpoint's) when given, else split anew
-    (CelebA's official partition where the root has one, else a seeded 10:1 split)."""
-    data = load_data(cfg)
+def load_splits(config, record=None, weights=None, stopping=False):
+    """The train / validation images of a run (config: a config.DataConfig): those of `record` (a checkpoint's) when
+    given, else split anew (CelebA's official partition where the root has one, else a seeded 10:1 split), never
+    scoring an image the defended victim `weights` (a --weights file) was fine-tuned on; with `stopping`
+    (--stop_patience), some training images held out to stop on."""
+    data = load_data(config)
     if record is not None:
         return recorded_splits(data, record)
     if data.source == BUILTIN_SOURCE:
-        data.val_idx = without_defence_training(data, data.val_idx, cfg, 'validation images')
+        data.val_idx = without_defence_training(data, data.val_idx, weights, 'validation images')
     else:
-        split_anew(data, cfg)
-    if cfg.get('stop_patience'):
-        data.set_stopping_images(cfg['split_seed'])
+        split_anew(data, config, weights)
+    if stopping:
+        data.set_stopping_images(config.split_seed)
     return data
 
 
-def split_anew(data, cfg):
+def split_anew(data, config, weights):
     """Train and validation images of a folder: CelebA's official partition where the root has one, else a seeded
     10:1 split; validation never holds a training image's content or a defended victim's training image."""
     if data.partition is not None:
-        train_idx, val_idx = partition_indices(data, cfg['batch_size'], cfg['num_batches'], cfg['split_seed'])
+        train_idx, val_idx = partition_indices(data, config.batch_size, config.num_batches, config.split_seed)
         how = "CelebA's official train / val partition"
     else:
-        train_idx, val_idx = split_indices(len(data.images), cfg['batch_size'], cfg['num_batches'], cfg['split_seed'])
+        train_idx, val_idx = split_indices(len(data.images), config.batch_size, config.num_batches, config.split_seed)
         how = 'a seeded 10:1 split'
     data.train_idx = train_idx
     val_idx = without_training_content(data, val_idx.tolist(), {data.fingerprints[i] for i in train_idx.tolist()},
                                        'validation images')
-    data.val_idx = without_defence_training(data, val_idx, cfg, 'validation images')
-    data.description = (f'{cfg["data_dir"]} ({len(data.train_idx)} train, {len(data.val_idx)} validation of '
+    data.val_idx = without_defence_training(data, val_idx, weights, 'validation images')
+    data.description = (f'{config.data_dir} ({len(data.train_idx)} train, {len(data.val_idx)} validation of '
                         f'{len(data.images)} images, {how})')
 
 
@@ -432,15 +468,16 @@ def recorded_splits(data, record):
     return data
 
 
-def held_out_images(cfg, trained_cfg, record, split='val'):
-    """The Scored images an evaluation of a trained decoder may score.
+def held_out_images(config, record, weights=None, split='val'):
+    """The Scored images of `config` (a config.DataConfig) an evaluation of a trained decoder may score; `record`:
+    the images it trained on and held out (its checkpoint's), `weights`: its victim's file.
 
     Never an image it trained on (by content, whatever the folder or file name); on the training data itself,
     exactly the recorded held-out images that are still there unchanged (whatever spelling of the path), or
     CelebA's official test partition with --eval_split test."""
-    data = load_data({**trained_cfg, **{k: cfg[k] for k in ('data_dir', 'cache_dir', 'num_workers')}})
+    data = load_data(config)
     trained = set(record['train'].values())
-    where = 'the built-in photos' if data.source == BUILTIN_SOURCE else cfg['data_dir']
+    where = 'the built-in photos' if data.source == BUILTIN_SOURCE else config.data_dir
     if split == 'test' and data.partition is None:
         raise UsageError(f'--eval_split test: {where} has no {CELEBA_PARTITION} (CelebA\'s official partition); '
                          f'evaluate with --eval_split val')
@@ -457,8 +494,7 @@ def held_out_images(cfg, trained_cfg, record, split='val'):
         what = 'images held out at training'
     else:
         candidates, what = list(range(len(data.names))), 'images'
-    scored = without_defence_training(data, without_training_content(data, candidates, trained, what), trained_cfg,
-                                      what)
+    scored = without_defence_training(data, without_training_content(data, candidates, trained, what), weights, what)
     if not len(scored):
         raise UsageError(f'{where}: no image left that the decoder did not train on; evaluate on other images')
     return data.scored(scored, f'{len(scored)} {what} of {where}')

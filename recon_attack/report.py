@@ -5,14 +5,17 @@ import json
 import os
 import string
 
-from defences import describe as describe_defences, family
-from evaluate import (ATTACK_KEYS, ATTACKS, RESULT_HEADER, SEEDS_HEADER, against_first, evaluation_file, msssim_note,
-                      over_seeds, provenance_note, result_cells, result_columns, seed_cells)
-from fisher import CEILING_NOTE
-from models import random_victim
-from sweep import tensor_columns
-from utils import NOT_SETTINGS, UsageError, atomic_write_bytes, current_config, read_json, save_csv
-from visualize import plot_privacy_utility
+from .attacks import ATTACKS
+from .bound import CEILING_NOTE
+from .config import AttackPlan
+from .defences import describe as describe_defences, family
+from .evaluate import evaluation_file
+from .metrics import msssim_note
+from .records import NOT_SETTINGS, flags_of, from_record, to_record
+from .tables import (RESULT_HEADER, SEEDS_HEADER, against_first, over_seeds, provenance_note, result_cells,
+                     result_columns, seed_cells, tensor_columns)
+from .utils import UsageError, atomic_write_bytes, read_json, save_csv
+from .visualize import plot_privacy_utility
 
 EVALUATIONS = {evaluation_file(kind): kind for kind in ATTACKS}  # file -> the attack it scored
 # Named above the table when every run shares them.
@@ -43,14 +46,17 @@ def find_evaluations(patterns):
     return found
 
 
-def run_settings(result, kind, defaults, idle_flags):
+def run_settings(result, kind, idle_flags):
     """What the run computed with: its configuration (flags newer than the run at their defaults), those that
-    made no difference to it (`idle_flags`, and the optimisation's for the decoder alone) as None, the attack this
-    evaluation scored, and the defences named as every output names them."""
-    config = {**defaults, **current_config(result['config'])}
-    idle = idle_flags(config) | (set(ATTACK_KEYS) if kind == 'decoder' else set())
-    return {**{k: None if k in idle else v for k, v in config.items() if k not in NOT_SETTINGS}, 'attack': kind,
-            'defence': '; '.join(describe_defences(config)) or 'none'}, config
+    made no difference to it (`idle_flags(config, derived)`, and the optimisation's for the decoder alone) as None,
+    the attack this evaluation scored, and the defences named as every output names them; and the run's
+    (config.Config, config.Derived)."""
+    config, derived = from_record(result['config'])
+    idle = idle_flags(config, derived) | (set(flags_of(AttackPlan)) if kind == 'decoder' else set())
+    noise = derived.noise(config.noise)
+    defences = describe_defences(config.defence, noise, derived.victim_defence)
+    return {**{k: None if k in idle else v for k, v in to_record(config, derived).items() if k not in NOT_SETTINGS},
+            'attack': kind, 'defence': '; '.join(defences) or 'none'}, (config, derived)
 
 
 def setting_text(key, value):
@@ -88,21 +94,22 @@ def made_columns(result):
             'made': made.get('time')}
 
 
-def build_rows(evaluations, defaults, idle_flags):
+def build_rows(evaluations, idle_flags):
     results = [read_json(os.path.join(folder, name)) for folder, name in evaluations]
     for (folder, name), result in zip(evaluations, results):
         if result is None or 'config' not in result or 'metrics' not in result:
             raise UsageError(f'--report: {os.path.join(folder, name)} is not an evaluation written by recon-attack')
-    settings, configs = zip(*(run_settings(r, EVALUATIONS[name], defaults, idle_flags)
-                              for (_, name), r in zip(evaluations, results)))
+    settings, runs = zip(*(run_settings(result, EVALUATIONS[name], idle_flags)
+                           for (_, name), result in zip(evaluations, results)))
     columns = ['attack'] + [k for k in differing(settings) if k != 'attack']
     rows = []
-    for i, ((folder, name), result, setting, config, images) in enumerate(
-            zip(evaluations, results, settings, configs, held_out_sets(results)), start=1):
+    for i, ((folder, name), result, setting, (config, derived), images) in enumerate(
+            zip(evaluations, results, settings, runs, held_out_sets(results)), start=1):
         rows.append({'#': i, 'run': folder, **{k: setting_text(k, setting.get(k)) for k in columns},
-                     'family': family(config), **tensor_columns(config), **result_columns(result),
-                     'held_out_set': images, **made_columns(result)})
-    return rows, columns, settings, configs, results
+                     'family': family(config.defence, derived.noise(config.noise), derived.victim_defence),
+                     **tensor_columns(config, derived), **result_columns(result), 'held_out_set': images,
+                     **made_columns(result)})
+    return rows, columns, settings, [config for config, _ in runs], results
 
 
 def over_seed_groups(rows, columns, results):
@@ -161,18 +168,18 @@ def markdown_report(rows, columns, settings, configs, patterns, sets, results, g
         lines.append(f'| {r["#"]} | {r["run"]} | {" | ".join(r[k] for k in columns)} | {r["tensor"]} | '
                      f'{result_cells(r)} | {r["held_out_set"]} |')
     notes = [held_out_warning(rows, sets)] if comparable_sets(sets) is None else []
-    notes += sorted({msssim_note(c['image_size']) for c in configs}) + [CEILING_NOTE]
+    notes += sorted({msssim_note(c.data.image_size) for c in configs}) + [CEILING_NOTE]
     if all(r['lpips'] is None for r in rows):
         notes.append('LPIPS not scored: its AlexNet weights were not in the torch hub cache')
-    if any(random_victim(c) for c in configs):
+    if any(c.victim.random for c in configs):
         notes.append('rows with a random-initialised victim: their agreement figures are not meaningful')
     return '\n'.join(lines + (seeds_section(grouped, columns) if grouped else []) + ['', '. '.join(notes) + '.', ''])
 
 
-def write_report(patterns, save_dir, defaults, idle_flags):
-    """report.csv, report.md and report.png in `save_dir` for every evaluation under `patterns`; `defaults` are
-    the flags' defaults, `idle_flags(config)` the flags that made no difference to a run. Returns the rows."""
-    rows, columns, settings, configs, results = build_rows(find_evaluations(patterns), defaults, idle_flags)
+def write_report(patterns, save_dir, idle_flags):
+    """report.csv, report.md and report.png in `save_dir` for every evaluation under `patterns`; `idle_flags(config,
+    derived)`: the flags that made no difference to a run. Returns the rows."""
+    rows, columns, settings, configs, results = build_rows(find_evaluations(patterns), idle_flags)
     os.makedirs(save_dir, exist_ok=True)
     save_csv(rows, os.path.join(save_dir, 'report.csv'))
     grouped = over_seed_groups(rows, columns, results)

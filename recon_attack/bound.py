@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from models import random_like, test_noise
+from .noise import generators_for, random_like, rademacher
 
 DB = 10 / math.log(10)  # decibels per unit of natural logarithm
 BIASED = ('it bounds unbiased attackers only: an attacker with a prior (a trained decoder, the optimisation\'s '
@@ -18,17 +18,6 @@ BIASED = ('it bounds unbiased attackers only: an attacker with a prior (a traine
 NO_NOISE = 'no bound: the tensor carries no noise'
 CEILING_NOTE = ('unbiased ceiling: the PSNR no unbiased attacker can beat on those images (dFIL, Maeng et al. 2023), '
                 'where the sent tensor carries Gaussian noise ("no bound" where it carries none); ' + BIASED)
-
-
-def rademacher(shape, generator=None, device=None, dtype=None):
-    """Random +-1 entries: the probe vectors of Hutchinson's estimator (the lowest variance of any i.i.d. choice)."""
-    return torch.randint(0, 2, shape, generator=generator, device=device).to(dtype) * 2 - 1
-
-
-def generators_for(positions, device='cpu'):
-    """One generator per image, seeded by its position among the images scored: its probes do not depend on its
-    batch."""
-    return [torch.Generator(device=device).manual_seed(int(p)) for p in positions]
 
 
 def device_half(attack):
@@ -73,9 +62,8 @@ def leakage(trace, pixels, variance):
     return {'dfil': dfil, 'mse_bound': 1 / dfil, 'psnr_ceiling': DB * torch.log(dfil)}
 
 
-def no_bound(attack, cfg):
-    """Why the evaluation's sent tensor has no bound (None where it has one)."""
-    noise = test_noise(cfg)
+def no_bound(attack, noise):
+    """Why the tensor sent with test `noise` (a config.Noise or None) has no bound (None where it has one)."""
     if noise is None or noise.var == 0:
         return NO_NOISE
     if noise.at == 'features' and attack.on_tensor:
@@ -89,11 +77,11 @@ class Bound:
     `probes` probes (seeded by the image's position among those scored) for noise on the tensor; for noise on the
     input, the device's half cannot add information to x + noise (data processing), so dFIL <= 1 / sigma^2 for
     every image. One Bound serves every attack on one set of scored images: each image's estimate is computed once.
-    `missing`: why the tensor has no bound (None where it has one)."""
+    `noise`: the test noise (a config.Noise or None); `missing`: why the tensor has no bound (None where it has one)."""
 
-    def __init__(self, attack, cfg):
-        self.noise, self.probes, self.half = test_noise(cfg), cfg['fil_probes'], device_half(attack)
-        self.missing = no_bound(attack, cfg)
+    def __init__(self, attack, noise, probes):
+        self.noise, self.probes, self.half = noise, probes, device_half(attack)
+        self.missing = no_bound(attack, noise)
         self.known = {}  # position -> (trace, standard error)
 
     def __call__(self, images, sent, positions, recon=None):
