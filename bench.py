@@ -30,7 +30,7 @@ from recon_attack.attacks import build_attack
 from recon_attack.config import DecoderSpec
 from recon_attack.data import builtin_splits, list_images, load_splits
 from recon_attack.evaluate import evaluate
-from recon_attack.models import ARCHS, DECODER_DEPTHS, DECODERS, IMAGENET_MEAN, IMAGENET_STD, build_victim
+from recon_attack.models import DECODER_DEPTHS, DECODERS, IMAGENET_MEAN, IMAGENET_STD, build_victim
 from recon_attack.train import Budget, EpochPlan, cache_features, make_optimizer, train_one_epoch
 from recon_attack.utils import UsageError, fresh_run_dir, pick_device, progress, save_json
 
@@ -167,7 +167,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     flags = cli.Group(p)  # each default printed once, as in main.py --help
     flags.add_argument('--data_dir', help='a folder of images (default: the built-in photos, written out as JPEGs)')
-    flags.add_argument('--arch', default='resnet18', choices=ARCHS, help="the victim (the tool's --arch)")
+    flags.add_argument('--arch', default='resnet18', help="the victim (the tool's --arch)")
     flags.add_argument('--split', help="where it is cut (default: the arch's default split)")
     flags.add_argument('--image_size', type=int, default=64, help='square side in pixels')
     flags.add_argument('--batch_size', type=int, default=32, help='images per step')
@@ -214,7 +214,7 @@ def bench(args, workdir):
     splits = load_splits(config.data)  # decodes every image once into the cache
     decode_seconds = time.perf_counter() - started
     attack, _ = build_attack(config, device)
-    victim = build_victim(victim_config.arch, victim_config.split, seed=victim_config.seed).to(device)
+    victim = build_victim(victim_config, image_size).to(device)
     reference_decoder = copy.deepcopy(attack.decoder).to(memory_format=torch.contiguous_format)
     reference_images = ReferenceImages([os.path.join(root, splits.names[i]) for i in splits.train_idx], image_size)
     tool_loss, reference_loss, pixel_diff = first_batch_losses(batch_size, attack, splits, reference_decoder, victim,

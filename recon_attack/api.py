@@ -7,6 +7,7 @@ config.Config they set) and nothing read from a command line.
     result = ra.evaluate_attack(trained, other_images)  # per-image metrics, baselines, bound
 
 docs/api.md says more, with an example that the tests run."""
+from dataclasses import replace
 from typing import NamedTuple
 
 import torch
@@ -18,24 +19,26 @@ from .data import as_uint8, fingerprint, given_splits
 from .defences import check_flags
 from .evaluate import evaluate, mean_image_baseline, utility_charged
 from .metrics import load_lpips, summarise
-from .models.cuts import DEFAULT_SPLIT, SPLITS, check_cut, cut_at
+from .models.cuts import check_cut, cut_at, default_split
 from .models.decoders import build_decoder, check, resolve
 from .models.victims import build_victim
 from .train import train
 from .utils import UsageError, pick_device
 
 
-def cut(arch, split=None, *, pretrained=False, weights=None, seed=0):
-    """The torchvision classifier `arch` cut in two at `split` (default: the arch's default cut): a frozen
+def cut(arch=None, split=None, *, model=None, image_size=224, pretrained=False, weights=None, seed=0,
+        normalize='imagenet'):
+    """A classifier cut in two at `split` (a node or module of its traced graph; default: the middle cut): a frozen
     models.SplitVictim in eval mode whose `encode` is the device's half ([0, 1] images -> the tensor it sends) and
-    `classify` the server's (that tensor -> logits). Weights: torchvision's ImageNet ones (`pretrained`), a
-    state-dict file (`weights`), or random ones from `seed`."""
-    if arch not in SPLITS:
-        raise UsageError(f'arch {arch!r}: one of {", ".join(SPLITS)}')
-    split = split or DEFAULT_SPLIT[arch]
-    if split not in SPLITS[arch]:
-        raise UsageError(f'split {split!r}: {arch} is cut at {", ".join(SPLITS[arch])}')
-    return build_victim(arch, split, pretrained, weights, seed)
+    `classify` the server's (that tensor -> logits). The classifier: the torchvision `arch`, or your own `model`
+    ('path/to/file.py:function' or 'package.module:function'); its weights: torchvision's ImageNet ones
+    (`pretrained`), a state-dict file (`weights`), or random ones from `seed`; `image_size`: the side of the images
+    it will see (a ViT is built for it)."""
+    victim = VictimConfig(arch=arch, split=split, pretrained=pretrained, weights=weights, seed=seed, model=model,
+                          normalize=normalize)
+    victim = replace(victim, split=split or default_split(victim, image_size))
+    check_cut(victim, image_size)
+    return build_victim(victim, image_size)
 
 
 def train_attacker(images, *, victim=VictimConfig(), decoder=DecoderSpec(), training=TrainConfig(),
@@ -52,8 +55,8 @@ def train_attacker(images, *, victim=VictimConfig(), decoder=DecoderSpec(), trai
                     noise=noise, decoder=resolve(decoder), defence=defence, training=training,
                     runtime=Runtime(device=device, precision=precision), outputs=Outputs(save_dir=save_dir))
     check(config.decoder)
-    check_cut(victim.arch, victim.split, config.data.image_size)
-    check_flags(defence, cut_at(victim.arch, victim.split, config.data.image_size))
+    check_cut(victim, config.data.image_size)
+    check_flags(defence, cut_at(victim, config.data.image_size))
     splits = given_splits(images, batch_size, split_seed)
     if training.stop_patience:
         splits.set_stopping_images(split_seed)

@@ -11,7 +11,8 @@ from .bound import calibrated_variance
 from .config import Derived
 from .defences import KEEP_CHANNELS, REFERENCE_PRETRAINED, active, recorded_defence
 from .models.decoders import build_decoder, resolve
-from .models.victims import build_victim, feature_shape
+from .models.layouts import layout_of
+from .models.victims import build_victim, entry_digest, feature_shape
 from .noise import add_noise
 from .utils import UsageError, progress, to_unit
 
@@ -63,9 +64,13 @@ class SplitAttack:
         other.decoder = other.decoder_step = decoder
         return other
 
-    def keep_only(self, channel_indices, channels):
-        self.channel_mask = torch.zeros(1, channels, 1, 1, device=self.device)
-        self.channel_mask[:, channel_indices] = 1
+    def keep_only(self, channel_indices, shape):
+        """Send only these channels of a tensor of `shape` (no batch), the rest as zeros."""
+        layout = layout_of(tuple(shape))
+        mask = [1] * (len(shape) + 1)
+        mask[layout.channel_axis()] = layout.channels(shape)
+        self.channel_mask = torch.zeros(mask, device=self.device)
+        self.channel_mask.view(-1)[channel_indices] = 1
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
@@ -218,28 +223,32 @@ def build_attack(config, device, calibration_images=None, derived=Derived()):
     `derived`: what the run found before (a checkpoint's), kept: the same channels, the same noise, and the same
     victim or a one-line refusal. `calibration_images`: uint8 training images on which the device chooses its
     channels or calibrates its noise, where those are not known yet."""
-    spec = config.victim
-    victim = build_victim(spec.arch, spec.split, spec.pretrained, spec.weights, spec.seed)
+    spec, image_size = config.victim, config.data.image_size
+    digest = entry_digest(spec.model) if spec.model else None
+    if derived.victim_digest not in (None, digest):
+        raise UsageError(f'--victim {spec.model}: its file changed since this run was trained (sha256 '
+                         f'{derived.victim_digest[:12]}, now {digest[:12]}); restore it, or train a new run')
+    victim = build_victim(spec, image_size)
     expected = derived.victim_fingerprint
     if expected is not None and not math.isclose(victim.fingerprint(), expected, rel_tol=1e-6):
         raise UsageError('the victim rebuilt from the checkpoint\'s settings (arch, --use_pretrained/--weights, seed) '
                          'is not the one this decoder was trained against; pass the same victim weights')
     torch.manual_seed(config.training.seed)
-    shape = feature_shape(victim, config.data.image_size)
-    decoder = build_decoder(shape, config.data.image_size, config.decoder)
+    shape = feature_shape(victim, image_size)
+    decoder = build_decoder(shape, image_size, config.decoder)
     attack = SplitAttack(victim, decoder, device, bf16=config.runtime.precision == 'bf16',
                          compile=config.runtime.compile)
-    found = {'sent_shape': shape, 'victim_fingerprint': victim.fingerprint()}
+    found = {'sent_shape': shape, 'victim_fingerprint': victim.fingerprint(), 'victim_digest': digest}
     for defence, strength in active(config.defence, derived.noise(config.noise)):
         defence.apply(attack, strength)
     if config.defence.keep_channels is not None:
         found['channel_indices'] = derived.channel_indices or KEEP_CHANNELS.choose(
-            encoded(attack, calibration_images), config.defence.keep_channels, config.defence.channel_select,
-            config.training.seed)
-        attack.keep_only(found['channel_indices'], shape[0])
+            encoded(attack, calibration_images), layout_of(shape).channel_axis(), config.defence.keep_channels,
+            config.defence.channel_select, config.training.seed)
+        attack.keep_only(found['channel_indices'], shape)
     if config.noise.for_bound is not None and derived.bound_calibration is None:
         found['bound_calibration'] = calibrate_noise(attack, config.noise, calibration_images)
-    found.update(charge(attack, victim, config.victim))
+    found.update(charge(attack, victim, config.victim, image_size))
     return attack, dataclasses.replace(derived, **found)
 
 
@@ -263,7 +272,7 @@ def calibrate_noise(attack, noise, calibration_images):
     return record
 
 
-def charge(attack, victim, spec):
+def charge(attack, victim, spec, image_size):
     """A defended victim's utility is charged against the original victim: the one its file names (--train_defence),
     or --reference for a defence of your own; returns what that says of the run (the defence's name in outputs and
     the flags it was trained with), nothing for an undefended victim."""
@@ -273,19 +282,21 @@ def charge(attack, victim, spec):
                              '--train_defence, which names the original victim it is charged against itself; drop '
                              '--reference')
         reference = victim.defended['reference']
-        attack.charge_against(build_victim(spec.arch, spec.split, reference['pretrained'], reference['weights'],
-                                           reference['seed']))
+        original = dataclasses.replace(spec, pretrained=reference['pretrained'], weights=reference['weights'],
+                                       seed=reference['seed'], reference=None)
+        attack.charge_against(build_victim(original, image_size))
         return {'victim_defence': victim.defended['label'], 'defended_with': recorded_defence(victim.defended)}
     if spec.reference:
-        attack.charge_against(reference_victim(spec))
+        attack.charge_against(reference_victim(spec, image_size))
         return {'victim_defence': f'your defence: --weights {os.path.basename(spec.weights)}, charged against '
                                   f'--reference {spec.reference}'}
     return {}
 
 
-def reference_victim(spec):
+def reference_victim(spec, image_size):
     """--reference: the original victim a defence of your own (--weights) is charged against: torchvision's
     ImageNet weights ('pretrained') or a state-dict file."""
     pretrained = spec.reference == REFERENCE_PRETRAINED
-    return build_victim(spec.arch, spec.split, pretrained, None if pretrained else spec.reference, spec.seed,
-                        flag='--reference')
+    original = dataclasses.replace(spec, pretrained=pretrained, weights=None if pretrained else spec.reference,
+                                   reference=None)
+    return build_victim(original, image_size, flag='--reference')

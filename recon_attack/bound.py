@@ -6,9 +6,11 @@ N(0, sigma^2 I) on what it sends, the Fisher information the sent tensor carries
 (J: the Jacobian of f at x). dFIL(x) = tr(J^T J) / (d sigma^2) over the d pixel values, and by Cramer-Rao any
 unbiased attacker's per-pixel MSE on x is at least 1 / dFIL(x): its PSNR on x at most 10 log10(dFIL(x)). An attacker
 with a prior (a trained decoder, the optimisation's total-variation term) is biased and can beat it."""
+import contextlib
 import math
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .noise import generators_for, random_like, rademacher
 
@@ -29,9 +31,22 @@ def device_half(attack):
     return send
 
 
+@contextlib.contextmanager
+def forward_mode_kernels():
+    """Attention computed by kernels that have a forward mode: the plain arithmetic instead of the fused ones."""
+    fused = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fused)
+
+
 def jacobian_norms(half, images, tangents):
     """Per image: ||J v||^2 for its tangent v, one forward-mode product (the victim in eval mode, unchanged)."""
-    _, product = torch.func.jvp(half, (images,), (tangents,))
+    with forward_mode_kernels():
+        _, product = torch.func.jvp(half, (images,), (tangents,))
     return product.pow(2).flatten(1).sum(1)
 
 

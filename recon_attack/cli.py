@@ -4,6 +4,7 @@ The command line (main.py, the recon-attack console script): it parses flags, re
 builds the run's configuration (config.Config) once, and dispatches."""
 import argparse
 import copy
+import difflib
 import math
 import os
 import shlex
@@ -12,6 +13,7 @@ from dataclasses import replace
 from typing import NamedTuple
 
 import torch
+import torchvision
 
 from . import defences
 from .attacks import ATTACKS, build_attack
@@ -20,9 +22,9 @@ from .config import AttackPlan, Config, DecoderSpec, Derived
 from .data import load_splits
 from .defence_training import train_defence
 from .distributed import init_distributed, is_main_process, rank_and_world, same_on_all_processes
-from .models.cuts import ARCHS, DEFAULT_SPLIT, SPLITS, check_cut, cut_at
+from .models.cuts import DEFAULT_SPLIT, SPLITS, check_cut, cut_at, default_split, list_splits, victim_name
 from .models.decoders import DECODER_DEPTHS, DECODERS, INTERPOLATIONS, NORMS, RESIDUAL_DEPTHS, check
-from .models.victims import victim_label
+from .models.victims import normalisation, victim_label
 from .records import RENAMED_FLAGS, from_flags, from_record, idle_flags as record_idle_flags, renamed_value
 from .report import write_report
 from .sweep import SWEEPS, run_seeds, run_sweep
@@ -31,9 +33,9 @@ from .utils import RunError, UsageError, fresh_run_dir, make_deterministic, pick
 from .visualize import draw_all, run_attack
 
 # Flags that define the attack's model: they must agree with a checkpoint that is being loaded.
-MODEL_KEYS = ('arch', 'split', 'pretrained', 'decoder', 'interpolation', 'decoder_depth', 'decoder_width',
+MODEL_KEYS = ('arch', 'split', 'pretrained', 'victim', 'normalize', 'decoder', 'interpolation', 'decoder_depth', 'decoder_width',
               'decoder_blocks', 'decoder_norm', 'image_size', 'noise_for_bound') + defences.FIXED_KEYS
-MODES = ('train', 'resume', 'eval', 'visualize', 'sweep', 'train_defence', 'report')
+MODES = ('train', 'resume', 'eval', 'visualize', 'sweep', 'train_defence', 'report', 'list_splits')
 # Modes that write a new record: into a fresh folder beside a --save_dir that holds one (unless --overwrite).
 NEW_RECORDS = ('train', 'attack', 'train_defence', 'report', 'eval')
 # Settings of how a run is carried out, not of what it computes: they may differ from a checkpoint's (resume,
@@ -150,6 +152,9 @@ def build_parser():
     mode.add_argument('--resume', action='store_true', help='continue training from --model_path X.ckpt')
     mode.add_argument('--eval', action='store_true', help='evaluate the model.pth or ckpt_N.ckpt at --model_path')
     mode.add_argument('--visualize', action='store_true', help='draw the figures for --model_path (.pth or .ckpt)')
+    mode.add_argument('--list_splits', action='store_true',
+                      help='list every cut of the victim (--arch or --victim) at --image_size: the tensor it sends, '
+                           'its size relative to the image, and the default')
     mode.add_argument('--sweep', choices=SWEEPS, help='train and evaluate one decoder per --sweep_values value')
     mode.add_argument('--report', nargs='+', metavar='RUN',
                       help='one table and figure across finished runs and sweeps (folders or globs) into --save_dir')
@@ -159,9 +164,21 @@ def build_parser():
                            "out at training (val), or CelebA's official test partition (test)")
 
     victim = p.flag_group('victim (frozen, cut at --split)')
-    victim.add_argument('--arch', choices=ARCHS, default='resnet18', help='torchvision classifier the device runs')
-    victim.add_argument('--split', help='where the victim is cut: ' + '; '.join(
-        f'{a}: {" ".join(SPLITS[a])} (default {DEFAULT_SPLIT[a]})' for a in ARCHS))
+    victim.add_argument('--arch', default='resnet18',
+                        help='the torchvision image classifier the device runs: any of '
+                             'torchvision.models.list_models(module=torchvision.models) (vit_b_16, convnext_tiny, '
+                             'swin_t, efficientnet_b0, ...)')
+    victim.add_argument('--victim', metavar='FILE.py:FUNCTION',
+                        help='your own network instead: a function (FILE.py:FUNCTION or package.module:FUNCTION) '
+                             'that returns an nn.Module from images to logits; imported only when named here, and '
+                             'again on every --eval or --resume of its runs, which refuse a changed file')
+    victim.add_argument('--normalize', default='imagenet', metavar='imagenet|none|MEAN,STD',
+                        help='what the network expects of [0, 1] images: ImageNet normalisation, none, or a mean and '
+                             'standard deviation (two numbers, or three of each)')
+    victim.add_argument('--split', help='where the victim is cut: any node or module of its traced graph that cuts it '
+                                         'in two (--list_splits lists them); named cuts: ' + '; '.join(
+        f'{a}: {" ".join(SPLITS[a])} (default {DEFAULT_SPLIT[a]})' for a in SPLITS)
+                        + '; other archs: the cut nearest the middle of the graph')
     victim.switch('--use_pretrained', "ImageNet weights (IMAGENET1K_V1) through torchvision's hub cache",
             dest='pretrained')
     victim.add_argument('--weights', help='a local state-dict file for the victim instead')
@@ -304,10 +321,6 @@ def explicit_flags(parser, args, argv):
 
 def check_flags(parser, cfg):
     """The flags' values, checked once, before anything is built: one line naming the flag and what it takes."""
-    splits = SPLITS[cfg['arch']]
-    if cfg['split'] not in splits:
-        parser.error(f"argument --split: invalid choice for {cfg['arch']}: '{cfg['split']}' "
-                     f"(choose from {', '.join(splits)})")
     positive = ('batch_size', 'num_epochs', 'image_size', 'log_interval', 'step_size', 'num_samples', 'attack_steps',
                 'seeds')
     if cfg['fil_probes'] < 2:
@@ -341,15 +354,28 @@ def check_flags(parser, cfg):
     if cfg['reference'] and not cfg['weights']:
         parser.error('--reference names the original victim that a defended --weights file is charged against: '
                      'give --weights too')
+    check_arch(parser, cfg)
+
+
+def check_arch(parser, cfg):
+    """--arch names a torchvision classifier, unless --victim names a network of your own."""
+    archs = torchvision.models.list_models(module=torchvision.models)
+    if not cfg['victim'] and cfg['arch'] not in archs:
+        close = difflib.get_close_matches(str(cfg['arch']), archs, n=2)
+        parser.error(f'argument --arch: {cfg["arch"]} is not one of torchvision\'s image classifiers'
+                     + (f' (did you mean {" or ".join(close)}?)' if close else '')
+                     + '; torchvision.models.list_models(module=torchvision.models) lists them, and --victim takes '
+                       'a network of your own')
 
 
 def check_config(parser, config):
     """What the flags make together, checked on the built configuration: the decoder, the cut, the defences."""
     victim, image_size = config.victim, config.data.image_size
     try:
+        normalisation(victim.normalize)
         check(config.decoder)
-        check_cut(victim.arch, victim.split, image_size)
-        defences.check_flags(config.defence, cut_at(victim.arch, victim.split, image_size))
+        check_cut(victim, image_size)
+        defences.check_flags(config.defence, cut_at(victim, image_size))
     except UsageError as e:
         parser.error(str(e))
 
@@ -382,6 +408,14 @@ def resolve_config(parser, args, argv):
                      f'(got {", ".join("--" + m for m in modes) or "none"})')
     mode = modes[0]
     command = {key: cfg[key] for key in ('model_path', 'eval_split', 'sweep', 'sweep_values', 'seeds', 'report')}
+    if cfg['victim']:
+        cfg['victim'] = entry_point(cfg['victim'])
+        if 'arch' not in given:
+            cfg['arch'] = None  # the network is the user's own
+    cfg['image_size'] = cfg['image_size'] or (USER_IMAGE_SIZE if cfg['data_dir'] else BUILTIN_IMAGE_SIZE)
+    if mode == 'list_splits':
+        check_arch(parser, cfg)
+        return Command(mode, from_flags(cfg))
     if mode == 'report':
         extra = given - {'report'} - RUN_KEYS  # how a run is carried out does not matter here
         if extra:
@@ -402,6 +436,9 @@ def resolve_config(parser, args, argv):
             parser.error(f'--resume needs a training checkpoint (ckpt_N.ckpt), not {cfg["model_path"]}')
         state = load_checkpoint(cfg['model_path'], need_optimizer=mode == 'resume')
         saved = {**vars(parser.parse_args([])), **state['config']}  # flags newer than the file: their defaults
+        if saved['victim'] and 'victim' not in given:  # never import code that a file alone names
+            raise UsageError(f'{cfg["model_path"]} attacks a network of your own: name it again with --victim '
+                             f'{saved["victim"]} (its code is imported only when the command line names it)')
         resuming = mode == 'resume'  # goes on as it was trained: only how it runs, and its length, may change
         fixed = given - RUN_KEYS - set(MODES) - {'num_epochs'} if resuming else set(MODEL_KEYS) & given
         for key in sorted(fixed):
@@ -418,8 +455,9 @@ def resolve_config(parser, args, argv):
         overridden = sorted(given & defences.NOISE_KEYS) if cfg['noise_for_bound'] is not None else []
         if overridden:
             parser.error(f'argument --noise_for_bound sets the noise on the tensor itself: drop --{overridden[0]}')
-        cfg['split'] = cfg['split'] or DEFAULT_SPLIT[cfg['arch']]
-        cfg['image_size'] = cfg['image_size'] or (USER_IMAGE_SIZE if cfg['data_dir'] else BUILTIN_IMAGE_SIZE)
+        if not cfg['split']:
+            check_arch(parser, cfg)
+            cfg['split'] = default_split(from_flags(cfg).victim, cfg['image_size'])
     check_flags(parser, cfg)
     config, derived = from_record(cfg)
     check_config(parser, config)
@@ -440,6 +478,12 @@ def idle_flags(config, derived=Derived()):
     """The flags that made no difference to a run: the mode flags, and those its other flags leave without effect
     (so that a table of runs shows only settings that acted)."""
     return set(MODES) | record_idle_flags(config, derived)
+
+
+def entry_point(entry):
+    """--victim with its file's absolute path, so that a run's record names it wherever it is read."""
+    where, _, function = entry.rpartition(':')
+    return f'{os.path.abspath(where)}:{function}' if where.endswith('.py') else entry
 
 
 def same_setting(key, given, saved):
@@ -473,6 +517,9 @@ def run(argv):
         if chosen != save_dir:
             print(f'{save_dir} already holds a run: writing to {chosen} (--overwrite to reuse it)')
         command = command._replace(config=replace(config, outputs=replace(config.outputs, save_dir=chosen)))
+    if mode == 'list_splits':
+        print(list_splits(config.victim, config.data.image_size))
+        return
     if mode == 'report':
         write_report(command.report, command.config.outputs.save_dir, idle_flags)
         print(f'outputs written to {os.path.abspath(command.config.outputs.save_dir)}')
@@ -483,7 +530,8 @@ def run(argv):
             print(f'note: {preset} describes a published setting on its own data; the built-in photos stand in for '
                   f'it here, so this is a smoke run, not that setting\'s figures')
     if config.victim.random:
-        print(f'victim: {config.victim.arch} {victim_label(config.victim)} (--use_pretrained for ImageNet weights)')
+        print(f'victim: {victim_name(config.victim)} {victim_label(config.victim)} (--use_pretrained or --weights for '
+              'trained weights)')
     try:
         dispatch(command, device)
     except torch.cuda.OutOfMemoryError:

@@ -23,13 +23,17 @@ class Noise(NamedTuple):
 
 @dataclass(frozen=True)
 class VictimConfig:
-    """The frozen classifier and where it is cut."""
+    """The frozen classifier and where it is cut: a torchvision classifier (`arch`), or a network of your own (`model`:
+    'path/to/file.py:function' or 'package.module:function', a function returning the nn.Module), cut at `split` (a
+    node or module of its traced graph, or a name this tool gave a cut before)."""
     arch: str = 'resnet18'
     split: str = 'layer2'
     pretrained: bool = False  # torchvision's ImageNet weights
     weights: str = None  # a state-dict file (or a defended victim's file) instead
     seed: int = flag('victim_seed', 0)  # a random-initialised victim's weights
     reference: str = None  # the original victim a defended --weights file is charged against
+    model: str = flag('victim', None)  # your own network's entry point, instead of `arch`
+    normalize: str = 'imagenet'  # what the network expects of [0, 1] images: imagenet | none | MEAN,STD
 
     @property
     def random(self):
@@ -174,6 +178,7 @@ class Derived:
     victim_fingerprint: float = None  # of the encoder's weights, to catch another victim later
     victim_defence: str = None  # a defended victim's name in outputs (a --train_defence file, or --reference)
     defended_with: dict = None  # the flags a --train_defence file was trained with, shown as the run's own
+    victim_digest: str = None  # sha256 of the file a --victim network was built from
     bound_calibration: dict = None  # --noise_for_bound: the variance found and how
     num_epochs: int = None  # --minutes: the epochs that fit
 

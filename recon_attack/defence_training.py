@@ -15,22 +15,23 @@ from .defences import (DEFENCE_RECORD, DEFENCES, DEFENDED_FILE, TRAINING_FLAGS, 
 from .evaluate import evaluate
 from .metrics import UTILITY
 from .models.cuts import cut
-from .models.victims import DEFENDED_FORMAT, SplitVictim, feature_shape, load_network
+from .models.victims import DEFENDED_FORMAT, SplitVictim, feature_shape, load_network, normalisation
 from .records import to_record
 from .stopping import Plateau, stopping_note
 from .utils import UsageError, progress, provenance, save_json, save_torch, to_unit
 from .visualize import live_curves, plot_defence_history
 
 
-def trainable_victim(victim, server=False):
+def trainable_victim(victim, image_size=None, server=False):
     """A copy of the victim a config.VictimConfig describes, to fine-tune (gradients to the device's half, and the
     server's with `server`), its frozen original (the reference for agreement), and the whole network the copy
     shares its weights with."""
-    net, record = load_network(victim.arch, victim.pretrained, victim.weights, victim.seed)
+    net, record = load_network(victim, image_size)
     if record is not None:
         raise UsageError(f'--weights {victim.weights} is already a defended victim; defend the original instead')
-    reference = SplitVictim(*cut(copy.deepcopy(net), victim.arch, victim.split))
-    student = SplitVictim(*cut(net, victim.arch, victim.split), frozen=False)
+    mean, std = normalisation(victim.normalize)
+    reference = SplitVictim(*cut(copy.deepcopy(net), victim), mean=mean, std=std)
+    student = SplitVictim(*cut(net, victim), frozen=False, mean=mean, std=std)
     student.tail.requires_grad_(server)
     return net, student, reference
 
@@ -116,7 +117,7 @@ def train_defence(config, device):
     strength, save_dir = defence.strength(settings, None), config.outputs.save_dir
     bf16 = config.runtime.precision == 'bf16'
     splits = load_splits(config.data, weights=config.victim.weights, stopping=bool(training.stop_patience))
-    net, student, reference = trainable_victim(config.victim, settings.server)
+    net, student, reference = trainable_victim(config.victim, config.data.image_size, settings.server)
     reference, student = reference.to(device), student.to(device)
     with torch.no_grad():
         calibration = student.encode(to_unit(splits.calibration_images(256).to(device)))
@@ -158,6 +159,6 @@ def train_defence(config, device):
     print(f'{label}: {len(history)} epochs in {record["minutes"]:.1f} min; held-out top-1 agreement with the '
           f'original {after["top1_agreement"]:.3f}, KL {after["kl"]:.4f} nats, distance correlation '
           f'{before["distance_correlation"]:.3f} -> {after["distance_correlation"]:.3f}')
-    print(f'defended victim: {path}; attack it with --train --arch {config.victim.arch} --split {config.victim.split} '
-          f'--weights {path}')
+    victim = f'--victim {config.victim.model}' if config.victim.model else f'--arch {config.victim.arch}'
+    print(f'defended victim: {path}; attack it with --train {victim} --split {config.victim.split} --weights {path}')
     return record

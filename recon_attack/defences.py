@@ -15,8 +15,9 @@ import torch.nn.functional as F
 
 from .bound import jacobian_norms
 from .models.decoders import build_decoder
+from .models.layouts import DESCRIPTIONS
 from .models.victims import SplitVictim, bottleneck, with_bottleneck
-from .config import DecoderSpec
+from .config import DecoderSpec, NoiseConfig
 from .noise import rademacher, random_like
 from .utils import UsageError
 
@@ -37,7 +38,7 @@ def keep_count(keep_channels, channels):
 
 def select_channels(how, count, calibration_features=None, seed=0):
     """The `count` channels the device keeps (sorted indices): the first ones, a seeded random subset, or the
-    highest-variance ones over a calibration batch (N, C, H, W) of training images."""
+    highest-variance ones over a calibration batch (N, C, ...) of training images."""
     channels = calibration_features.shape[1]
     if how == 'first':
         chosen = torch.arange(count)
@@ -82,6 +83,9 @@ class Defence:
 
     def apply(self, attack, strength):
         """Switch the defence on in a built attack (fixed defences whose arithmetic SplitAttack.defend does)."""
+
+    def fits(self, cut):
+        """Refuse, in one line, a cut (models.cuts.Cut) whose tensor the defence cannot act on; asked where it is on."""
 
 
 def noise_flags(variance):
@@ -130,17 +134,23 @@ class KeepChannels(Defence):
             raise UsageError(f'{source}: must be positive, got {strength:g}')
         if strength > 1 and not is_count(strength):
             raise UsageError(f'{source}: a fraction in (0, 1] or a whole number of channels, got {strength:g}')
-        if keep_count(strength, cut.channels) > cut.channels:
+        if cut.channels is not None and keep_count(strength, cut.channels) > cut.channels:
             raise UsageError(f'{source}: {cut.name} sends only {cut.channels} channels, got {strength:g}')
 
     def settings(self, strength):
         return {'keep_channels': strength}
 
+    def fits(self, cut):
+        if cut.channels is None:
+            raise UsageError(f'--{self.name}: {cut.name} sends {DESCRIPTIONS[cut.layout]}, which has no channels to '
+                             'keep')
+
     def describe(self, strength, defence, noise):
         return f'{strength:g} of channels ({defence.channel_select})'
 
-    def choose(self, features, strength, how, seed):
-        """The channels kept, chosen on `features` (N, C, H, W): the calibration batch's clean tensors."""
+    def choose(self, features, axis, strength, how, seed):
+        """The channels kept, chosen on `features`: the calibration batch's clean tensors, channels on `axis`."""
+        features = features.movedim(axis, 1)
         count = keep_count(strength, features.shape[1])
         print(f'defence: the device sends {count} of {features.shape[1]} channels ({how}), the rest as zeros')
         return select_channels(how, count, features, seed)
@@ -321,6 +331,11 @@ class Bottleneck(Trained):
     def check(self, strength, source, cut):
         KEEP_CHANNELS.check(strength, source, cut)
 
+    def fits(self, cut):
+        if cut.layout != 'map':
+            raise UsageError(f'--train_defence bottleneck: a 1x1 conv pair narrows a feature map (C x H x W); '
+                             f'{cut.name} sends {DESCRIPTIONS[cut.layout]}')
+
     def prepare(self, victim, strength, calibration):
         channels = calibration.shape[1]
         squeeze, expand = bottleneck(channels, keep_count(strength, channels))
@@ -384,6 +399,8 @@ def check_flags(defence, cut):
             d.check(strength_flag(defence, d), f'argument --{d.flag}', cut)
     if defence.keep_channels is not None:
         KEEP_CHANNELS.check(defence.keep_channels, 'argument --keep_channels', cut)
+    for d, _ in active(defence, NoiseConfig()):
+        d.fits(cut)
     if defence.epochs < 1:
         raise UsageError(f'argument --defend_epochs: must be at least 1, got {defence.epochs}')
     if defence.lr <= 0:

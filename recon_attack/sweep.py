@@ -18,7 +18,7 @@ from .defences import (DEFENCE_RECORD, DEFENCES, DEFENDED_FILE, KEEP_CHANNELS, N
                        check_sweep_value, family, noise_flags, parse_sweep_value, training_flags)
 from .evaluate import evaluate_and_report, evaluated_plans, evaluation_file, utility_note
 from .metrics import msssim_note
-from .models.cuts import SPLITS, check_cut, cut_at
+from .models.cuts import SPLITS, check_cut, cut_at, probe, victim_name
 from .models.decoders import DECODERS, INTERPOLATIONS, resolve
 from .models.victims import victim_label
 from .records import NOT_SETTINGS, from_record, renamed_value, to_record, with_flags
@@ -61,7 +61,7 @@ def numbers(check):
 
 
 def victims_cut(config):
-    return cut_at(config.victim.arch, config.victim.split, config.data.image_size)
+    return cut_at(config.victim, config.data.image_size)
 
 
 def defence_strength(name):
@@ -70,13 +70,25 @@ def defence_strength(name):
 
 
 def parse_splits(config, raw):
-    splits = choices(lambda c: SPLITS[c.victim.arch], lambda c: f'a split of {c.victim.arch}')(config, raw)
-    for split in splits:
-        check_cut(config.victim.arch, split, config.data.image_size)
+    """Cuts of the victim, each checked as --split is (and --keep_channels at it)."""
+    for split in raw:
+        victim = replace(config.victim, split=split)
+        try:
+            check_cut(victim, config.data.image_size)
+        except UsageError as e:
+            raise UsageError(f'--sweep_values: {split} not a split of {victim_name(victim)}: {e}') from None
         if config.defence.keep_channels is not None:
             KEEP_CHANNELS.check(config.defence.keep_channels, f'--keep_channels (at {split})',
-                                cut_at(config.victim.arch, split, config.data.image_size))
-    return splits
+                                cut_at(victim, config.data.image_size))
+    return list(raw)
+
+
+def named_cuts(config):
+    """A split sweep's values when none are given: the cuts this tool named for the arch, else every module's cut."""
+    victim = config.victim
+    if not victim.model and victim.arch in SPLITS:
+        return SPLITS[victim.arch]
+    return tuple(cut.module for cut in probe(victim, config.data.image_size)[0] if cut.module != cut.node)
 
 
 def parse_decoders(config, raw):
@@ -124,7 +136,7 @@ class Axis(NamedTuple):
 
 
 AXES = {
-    'split': Axis(lambda config: tuple(SPLITS[config.victim.arch]), parse_splits,
+    'split': Axis(named_cuts, parse_splits,
                   lambda config, value: replace(config, victim=replace(config.victim, split=value))),
     'keep_channels': Axis(('1', '0.5', '0.25', '0.125', '0.0625'), numbers(defence_strength('keep_channels')),
                           lambda config, value: with_flags(config, keep_channels=value)),
@@ -240,7 +252,7 @@ class Sweep:
         optimisation = (f' | optimisation: {config.attack.steps} steps, TV {config.attack.tv_weight:g}'
                         if self.name == 'attack' else '')
         attacker = f' | {self.attacker()}' if self.attacker() else ''
-        return (f'sweep of {self.name}: {config.victim.arch} ({victim_label(config.victim)}){cut_at_split}{attacker} | '
+        return (f'sweep of {self.name}: {victim_name(config.victim)} ({victim_label(config.victim)}){cut_at_split}{attacker} | '
                 f'{config.data.image_size}px | {self.budget(short=True)}{optimisation}')
 
     def seeds_text(self):
@@ -321,7 +333,7 @@ def markdown_table(sweep, rows, description, records, reused=(), decoder_runs=()
     several = sweep.seeds > 1
     header = (f'{SEEDS_HEADER} | PSNR against {sweep.row_label(rows[0])} (95 % interval over paired seeds)'
               if several else RESULT_HEADER)
-    lines = [f'Sweep of `{name}`: {config.victim.arch} ({victim_label(config.victim)})'
+    lines = [f'Sweep of `{name}`: {victim_name(config.victim)} ({victim_label(config.victim)})'
              + (f' cut at {config.victim.split}' if name != 'split' else '')
              + f'{attacker}, {config.data.image_size} px, {sweep.budget()}, {sweep.seeds_text()}; {description}.', '',
              provenance_note(records) + '.', '',
@@ -542,7 +554,7 @@ def defence_seed_rows(runs):
 def seeds_table(config, seeds, rows, records, defence):
     first = config.training.seed
     mode = 'train_defence' if defence else 'train'
-    title = (f'{mode} over seeds {first}-{first + seeds - 1}: {config.victim.arch} ({victim_label(config.victim)}) '
+    title = (f'{mode} over seeds {first}-{first + seeds - 1}: {victim_name(config.victim)} ({victim_label(config.victim)}) '
              f'cut at {config.victim.split}, {config.data.image_size} px; every seed scored on the same held-out '
              f'images (--split_seed {config.data.split_seed}).\n\n{provenance_note(records)}.')
     if defence:

@@ -7,6 +7,7 @@ from scipy import stats
 
 from .metrics import PERCEPTUAL, UTILITY
 from .models.cuts import probe_feature_shape
+from .models.layouts import layout_of
 
 
 def provenance_note(records):
@@ -119,9 +120,9 @@ def difference_text(difference):
 
 
 def tensor_columns(config, derived):
-    """The sent tensor's shape and how many of its channels are sent, from a run's configuration and what it derived."""
-    victim = config.victim
-    channels, height, width = derived.sent_shape or probe_feature_shape(victim.arch, victim.split,
-                                                                        config.data.image_size)
-    return {'tensor': f'{channels}x{height}x{width}',
+    """The sent tensor's shape and how many of its channels are sent (of a vector: its values), from a run's
+    configuration and what it derived."""
+    shape = derived.sent_shape or probe_feature_shape(config.victim, config.data.image_size)
+    channels = layout_of(tuple(shape)).channels(tuple(shape)) or shape[0]
+    return {'tensor': 'x'.join(map(str, shape)),
             'channels_sent': len(derived.channel_indices) if derived.channel_indices else channels}

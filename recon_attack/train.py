@@ -94,8 +94,9 @@ def cache_features(attack, images, indices, batch_size, max_bytes):
         print(f'feature cache skipped: {size / 2**30:.1f} GiB > --feature_cache_gb')
         return None
     on_device = attack.device.type == 'cpu' or size < torch.cuda.mem_get_info(attack.device)[0] // 4
-    cache = torch.empty(len(indices), *shape, device=attack.device if on_device else 'cpu',
-                        pin_memory=not on_device, memory_format=torch.channels_last)
+    layout = {'memory_format': torch.channels_last} if len(shape) == 3 else {}  # as the encoder computes maps
+    cache = torch.empty(len(indices), *shape, device=attack.device if on_device else 'cpu', pin_memory=not on_device,
+                        **layout)
     for start in progress(range(0, len(indices), batch_size), desc='caching victim features'):
         cache[start:start + batch_size] = attack.encode(attack.to_images(images[indices[start:start + batch_size]]))
     return cache

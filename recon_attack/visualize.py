@@ -17,6 +17,8 @@ from .defences import describe as describe_defences  # noqa: E402
 from .distributed import is_main_process  # noqa: E402
 from .evaluate import attack_slug, evaluate, evaluate_and_report  # noqa: E402
 from .metrics import score  # noqa: E402
+from .models.cuts import victim_name  # noqa: E402
+from .models.layouts import layout_of  # noqa: E402
 from .models.victims import victim_label  # noqa: E402
 from .utils import to_unit  # noqa: E402
 
@@ -33,7 +35,7 @@ def describe(config, derived, kind='decoder'):
     input_noise = [f'noise on the input (mean {noise.mean:g}, var {noise.var:g})'] if on_input else []
     defences = input_noise + describe_defences(config.defence, noise_config, derived.victim_defence)
     attacker = attacker_name(kind, config.decoder, config.training.feature_weight)
-    return (f'{config.victim.arch} ({victim_label(config.victim)}) cut at {config.victim.split} | {attacker} | '
+    return (f'{victim_name(config.victim)} ({victim_label(config.victim)}) cut at {config.victim.split} | {attacker} | '
             f'{config.data.image_size}px | ' + (f'defence: {", ".join(defences)}' if defences else 'no defence'))
 
 
@@ -252,7 +254,13 @@ def draw_all(attack, scored, config, derived, history, save_dir, psnr_values=Non
     sample = samples(scored, config.outputs.num_samples)
     paths.append(plot_samples(attack, sample, noise, title, save_dir))
     images, sent = sample_sent(attack, sample, noise)
-    paths.append(plot_feature_maps(images[0], sent[0], title, os.path.join(save_dir, 'feature_maps.png')))
+    layout = layout_of(tuple(sent.shape[1:]))
+    if layout.kind == 'vector':
+        print('feature_maps.png skipped: the cut sends a vector, no map to draw')
+    else:
+        read_as = '' if layout.kind == 'map' else f' | {layout.kind} {"x".join(map(str, sent.shape[1:]))} read as a map'
+        paths.append(plot_feature_maps(images[0], layout.to_map(sent[:1])[0], title + read_as,
+                                       os.path.join(save_dir, 'feature_maps.png')))
     paths.append(plot_decoder_layers(attack, sent[0], title, os.path.join(save_dir, 'decoder_layers.png')))
     if psnr_values is None:
         psnr_values = evaluate(attack, scored.images, scored.indices, config.data.batch_size, noise)['psnr']

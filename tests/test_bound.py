@@ -11,7 +11,7 @@ from recon_attack import attacks, bound as fisher
 from recon_attack.attacks import build_attack
 from recon_attack.bound import (DB, NO_NOISE, Bound, calibrated_variance, device_half, exact_trace,
                                 hutchinson_trace, leakage)
-from recon_attack.models import build_victim
+from recon_attack import cut
 from recon_attack.noise import generators_for
 from recon_attack.utils import provenance
 
@@ -43,7 +43,7 @@ def test_on_a_linear_half_dfil_is_the_frobenius_norm_and_hutchinson_converges_to
 
 
 def test_exact_and_hutchinson_agree_on_a_resnet_cut_at_16_pixels():
-    victim = build_victim('resnet18', 'layer1')
+    victim = cut('resnet18', 'layer1')
     half = victim.encode
     images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     estimate, error = hutchinson_trace(half, images, 64, generators_for(range(2)))
@@ -75,7 +75,7 @@ def test_no_unbiased_attacker_beats_the_bound_on_a_linear_half():
 
 
 def test_scaling_the_tensor_with_its_noise_leaves_dfil_alone_and_channels_not_sent_lower_it(tmp_path):
-    victim = build_victim('resnet18', 'layer1')
+    victim = cut('resnet18', 'layer1')
     image = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(1))
     trace = exact_trace(victim.encode, image)
     scaled = exact_trace(lambda x: 5 * victim.encode(x), image)

@@ -10,8 +10,8 @@ import torchvision
 from PIL import Image
 
 from conftest import ROOT, run_cli, run_script, tiny_config
+from recon_attack import cut
 from recon_attack.attacks import SplitAttack, build_attack
-from recon_attack.models import build_victim
 from recon_attack.visualize import capture_decoder_activations
 
 TINY = ('--image_size', '32', '--batch_size', '16', '--num_batches', '22', '--decoder_depth', 'light',
@@ -66,7 +66,7 @@ def test_evaluation_reproduces_the_final_validation_metrics(workdir, filename):
     assert evaluation['metrics']['psnr']['mean'] == pytest.approx(final['psnr'], abs=1e-4)
     assert evaluation['metrics']['ssim']['mean'] == pytest.approx(final['ssim'], abs=1e-5)
     assert evaluation['metrics']['mse']['mean'] == pytest.approx(final['val_loss'], rel=1e-5)
-    assert evaluation['precision'] == SplitAttack(build_victim('resnet18', 'layer2'), None, CPU, bf16=True).precision
+    assert evaluation['precision'] == SplitAttack(cut('resnet18', 'layer2'), None, CPU, bf16=True).precision
     made, head = evaluation['provenance'], subprocess.run(['git', '-C', ROOT, 'rev-parse', '--short=12', 'HEAD'],
                                                           capture_output=True, text=True)
     assert made['commit'].startswith(head.stdout.strip() if head.returncode == 0 else 'unknown (not a git checkout)')
@@ -142,7 +142,8 @@ def test_running_the_main_command_twice_keeps_the_first_run(workdir):
      '--arch resnet50 contradicts the checkpoint run/model.pth, trained with arch=resnet18'),
     (('--resume', '--model_path', 'run/model.pth'), '--resume needs a training checkpoint'),
     (('--train', '--batch_size', '0'), '--batch_size: must be at least 1'),
-    (('--train', '--split', 'layer3', '--image_size', '40'), 'has stride 16, so the image side must be a multiple of 16'),
+    (('--train', '--arch', 'vit_b_16', '--image_size', '40'),
+     'vit_b_16 does not run at 40 px (AssertionError: Input shape indivisible by patch size!); it runs at 32, 64'),
     (('--train', '--keep_channels', '500'), '--keep_channels: resnet18 cut at layer2 sends only 128 channels, got 500'),
     (('--sweep', 'split', '--sweep_values', 'layer1', 'block3'), 'block3 not a split of resnet18'),
     (('--train', '--sweep_values', '1'), '--sweep_values needs --sweep'),

@@ -56,7 +56,7 @@ def test_chosen_channels_are_deterministic_and_stored_in_the_checkpoint(tmp_path
 def test_dropped_channels_reach_the_server_as_exact_zeros(tmp_path):
     attack, _ = build_attack(tiny_config(tmp_path), CPU)
     kept = [3, 17, 64]
-    attack.keep_only(kept, 128)
+    attack.keep_only(kept, (128, 4, 4))
     images = torch.rand(4, 3, 32, 32)
     noise = Noise('features', 0.5, 1.0)
     sent = attack.send(images, noise, attack.noise_generator(0))

@@ -23,7 +23,7 @@ from recon_attack.models.cuts import cut_at
 from recon_attack.records import with_flags
 from recon_attack.utils import UsageError
 cfg = tiny_config(pathlib.Path('.'), defence='quantise', quantise_bits=2)
-cut = cut_at(cfg.victim.arch, cfg.victim.split, cfg.data.image_size)
+cut = cut_at(cfg.victim, cfg.data.image_size)
 check_flags(cfg.defence, cut)
 splits = load_splits(cfg.data)
 attack, _ = build_attack(cfg, torch.device('cpu'), splits.calibration_images(16))

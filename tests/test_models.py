@@ -4,12 +4,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from recon_attack import attacks
+from recon_attack import attacks, cut
 from recon_attack.attacks import SplitAttack, build_attack, invert_features
 from recon_attack.cli import build_parser, resolve_config
-from recon_attack.config import DecoderSpec
-from recon_attack.models import (INTERPOLATIONS, SPLITS, Decoder, build_decoder, build_victim, feature_shape,
-                                 nominal_stride, resolve)
+from recon_attack.config import DecoderSpec, VictimConfig
+from recon_attack.models import (INTERPOLATIONS, SPLITS, Decoder, build_decoder, feature_shape, probe_feature_shape,
+                                 resolve)
 from recon_attack.utils import UsageError
 
 ARCH_SPLITS = [(arch, split) for arch, splits in SPLITS.items() for split in splits]
@@ -18,7 +18,7 @@ ARCH_SPLITS = [(arch, split) for arch, splits in SPLITS.items() for split in spl
 @pytest.mark.parametrize('arch,split', ARCH_SPLITS)
 def test_every_arch_and_split_builds_and_decodes_to_the_input_shape(arch, split):
     torch.manual_seed(0)
-    victim = build_victim(arch, split)
+    victim = cut(arch, split)
     images = torch.rand(2, 3, 64, 64)
     for kind, interpolations in INTERPOLATIONS.items():
         for interpolation in interpolations:
@@ -33,7 +33,7 @@ def test_every_arch_and_split_builds_and_decodes_to_the_input_shape(arch, split)
 @pytest.mark.parametrize('arch,split', ARCH_SPLITS)
 def test_every_cut_trains_and_attacks_at_its_smallest_image_size(arch, split, tmp_path):
     """Down to a 1x1 feature map (layer4, block16, block15 at 32 px): flags, decoder step, white-box step, utility."""
-    size = max(16, nominal_stride(arch, split))
+    size = max(16, 256 // probe_feature_shape(VictimConfig(arch, split), 256)[1])  # its stride
     argv = ['--train', '--arch', arch, '--split', split, '--image_size', str(size), '--batch_size', '2',
             '--decoder_depth', 'light', '--precision', 'fp32', '--save_dir', str(tmp_path)]
     parser = build_parser()
@@ -56,7 +56,7 @@ def test_every_cut_trains_and_attacks_at_its_smallest_image_size(arch, split, tm
 def test_encoder_then_tail_is_the_whole_victim(arch, split):
     import torchvision
     images = torch.rand(2, 3, 64, 64)
-    victim = build_victim(arch, split, seed=3)
+    victim = cut(arch, split, seed=3)
     with torch.random.fork_rng():
         torch.manual_seed(3)
         whole = torchvision.models.get_model(arch, weights=None).eval()
@@ -66,18 +66,18 @@ def test_encoder_then_tail_is_the_whole_victim(arch, split):
 
 
 def test_original_works_cut_is_672_channels_at_stride_16():
-    victim = build_victim('mobilenet_v3_large', 'block13_expand')
+    victim = cut('mobilenet_v3_large', 'block13_expand')
     assert feature_shape(victim, 320) == (672, 20, 20)
 
 
 def test_random_victim_is_a_function_of_the_seed():
-    a, b, c = build_victim('resnet18', 'layer1', seed=1), build_victim('resnet18', 'layer1', seed=1), \
-        build_victim('resnet18', 'layer1', seed=2)
+    a, b, c = cut('resnet18', 'layer1', seed=1), cut('resnet18', 'layer1', seed=1), \
+        cut('resnet18', 'layer1', seed=2)
     assert a.fingerprint() == b.fingerprint() != c.fingerprint()
 
 
 def test_encoder_stays_frozen_through_training_steps():
-    victim = build_victim('resnet18', 'layer2')
+    victim = cut('resnet18', 'layer2')
     before = {k: v.clone() for k, v in victim.state_dict().items()}
     attack = SplitAttack(victim, Decoder(128, 8, 'transpose', 'light'), torch.device('cpu'))
     victim.train()  # whatever the caller asks, the victim stays in eval mode
@@ -96,9 +96,15 @@ def test_encoder_stays_frozen_through_training_steps():
     assert any('running_mean' in k for k in before)
 
 
-def test_decoder_rejects_a_stride_that_is_not_a_power_of_two():
-    with pytest.raises(UsageError):
-        build_decoder((64, 5, 5), 64, DecoderSpec())
+def test_decoders_reach_the_image_side_from_any_map_and_refuse_what_is_no_map():
+    """A map whose side is not the image's over a power of two (5 px for 64: 12.8) is decoded to the image's side
+    by the last stage's resize; a 1x1 map (a vector) by six x2 stages."""
+    for shape in ((64, 5, 5), (512,)):
+        for kind in ('original', 'residual'):
+            decoder = build_decoder(shape, 64, resolve(DecoderSpec(kind=kind, depth='light'))).eval()
+            assert decoder(torch.randn(2, *shape)).shape == (2, 3, 64, 64), (shape, kind)
+    with pytest.raises(UsageError, match='not a tensor of shape 5x7x9'):
+        build_decoder((5, 7, 9), 64, DecoderSpec())
 
 
 def test_weights_file_loads_into_the_victim_and_bad_files_are_named(tmp_path):
@@ -106,20 +112,20 @@ def test_weights_file_loads_into_the_victim_and_bad_files_are_named(tmp_path):
     torch.manual_seed(1)
     source = torchvision.models.get_model('resnet18', weights=None)
     torch.save(source.state_dict(), tmp_path / 'victim.pth')
-    victim = build_victim('resnet18', 'layer2', weights_path=str(tmp_path / 'victim.pth'))
-    assert torch.equal(victim.encoder[0].weight, source.conv1.weight)
-    assert victim.fingerprint() != build_victim('resnet18', 'layer2').fingerprint()
+    victim = cut('resnet18', 'layer2', weights=str(tmp_path / 'victim.pth'))
+    assert torch.equal(victim.encoder.conv1.weight, source.conv1.weight)
+    assert victim.fingerprint() != cut('resnet18', 'layer2').fingerprint()
     with pytest.raises(UsageError, match='does not fit ResNet'):
-        build_victim('resnet34', 'layer2', weights_path=str(tmp_path / 'victim.pth'))
+        cut('resnet34', 'layer2', weights=str(tmp_path / 'victim.pth'))
     with pytest.raises(UsageError, match='no such file'):
-        build_victim('resnet18', 'layer2', weights_path=str(tmp_path / 'missing.pth'))
+        cut('resnet18', 'layer2', weights=str(tmp_path / 'missing.pth'))
 
 
 @pytest.mark.parametrize('hardware', [True, False])
 def test_the_arithmetic_recorded_is_the_one_that_ran(monkeypatch, hardware):
     """--precision bf16 is a request: where the hardware has no bf16 arithmetic it runs fp32, and says so."""
     monkeypatch.setattr(attacks, 'bf16_is_fast', lambda device: hardware)
-    victim = build_victim('resnet18', 'layer1')
+    victim = cut('resnet18', 'layer1')
     for requested in (True, False):
         attack = SplitAttack(victim, None, torch.device('cpu'), bf16=requested)
         ran = requested and hardware

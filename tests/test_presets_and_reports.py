@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import main_in
 from recon_attack.cli import build_parser, idle_flags, presets, resolve_config, resolve_presets
 from recon_attack.config import Derived
-from recon_attack.models import build_victim
+from recon_attack import cut
 from recon_attack.records import to_record
 from recon_attack.tables import provenance_note
 from recon_attack.train import CURVES
@@ -95,7 +95,8 @@ def test_the_original_preset_builds_exactly_the_original_cut():
     """features[0..12] and the 1x1 expansion of block 13 on the device (672 channels at stride 16), the rest and
     the head on the server: together exactly torchvision's MobileNetV3-Large."""
     cfg = parse('@original', '--no-use_pretrained')
-    victim = build_victim(cfg['arch'], cfg['split'], cfg['pretrained'], cfg['weights'], cfg['victim_seed'])
+    victim = cut(cfg['arch'], cfg['split'], pretrained=cfg['pretrained'], weights=cfg['weights'],
+                 seed=cfg['victim_seed'])
     torch.manual_seed(cfg['victim_seed'])  # the random victim's weights: the same seed, the same network
     reference = torchvision.models.mobilenet_v3_large(weights=None).eval()
     images = torch.rand(2, 3, cfg['image_size'], cfg['image_size'])

@@ -114,7 +114,7 @@ def test_model_path_that_is_not_a_checkpoint_or_unsafe(tmp_path, cli_error):
 
 @pytest.mark.parametrize('args, message', [
     (('--noise_var', '-0.1'), '--noise_var: must not be negative'),
-    (('--split', 'layer4', '--image_size', '16'), 'must be a multiple of 32'),
+    (('--split', 'layer2.0.conv1'), 'not cut in two at layer2.0.conv1 (the server\'s half would need an earlier tensor'),
     (('--keep_channels', '0'), '--keep_channels: must be positive'),
     (('--keep_channels', '2.5'), 'a fraction in (0, 1] or a whole number of channels'),
 ])

@@ -11,7 +11,8 @@ from recon_attack.attacks import build_attack
 from recon_attack.data import load_splits
 from recon_attack.defence_training import defence_epoch, defended_record, train_defence, trainable_victim
 from recon_attack.defences import DEFENCES, TRAINED, active, distance_correlation, initialise_by_pca
-from recon_attack.models import build_victim, feature_shape
+from recon_attack import cut
+from recon_attack.models import feature_shape
 from recon_attack.models.victims import bottleneck
 from recon_attack.records import to_record, with_flags
 from recon_attack.sweep import Sweep, comparable
@@ -65,7 +66,7 @@ def test_pca_start_of_a_full_width_bottleneck_is_the_identity():
 @pytest.mark.parametrize('kind', TRAINED)
 def test_defence_training_leaves_the_original_victim_bit_identical(tmp_path, kind):
     cfg = defence_config(tmp_path, kind, defend_server=True)
-    net, student, reference = trainable_victim(cfg.victim, cfg.defence.server)
+    net, student, reference = trainable_victim(cfg.victim, server=cfg.defence.server)
     splits = load_splits(cfg.data)
     original = {k: v.clone() for k, v in reference.state_dict().items()}
     defence = DEFENCES[kind]
@@ -75,7 +76,7 @@ def test_defence_training_leaves_the_original_victim_bit_identical(tmp_path, kin
     optimizer = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=1e-3)
     defence_epoch(student, reference, term, optimizer, splits, 16, CPU, torch.Generator().manual_seed(0))
     assert all(torch.equal(original[k], v) for k, v in reference.state_dict().items())
-    assert not torch.equal(net.layer1[0].conv1.weight, reference.encoder[4][0].conv1.weight)  # the copy moved
+    assert not torch.equal(net.layer1[0].conv1.weight, reference.encoder.get_submodule('layer1.0.conv1').weight)  # the copy moved
     assert not any(p.requires_grad for p in reference.parameters())
 
 
@@ -91,13 +92,13 @@ def test_the_defended_file_loads_with_weights_and_sends_the_same_tensor(tmp_path
             p.add_(0.01 * torch.randn_like(p))
     path = tmp_path / 'defended.pth'
     save_torch(defended_record(cfg.victim, cfg.defence, DEFENCES[kind], net, student, load_splits(cfg.data)), path)
-    loaded = build_victim('resnet18', 'layer2', weights_path=str(path))
+    loaded = cut('resnet18', 'layer2', weights=str(path))
     with torch.no_grad():
         assert torch.equal(loaded.encode(images), student.encode(images))
         assert torch.equal(loaded.classify(loaded.encode(images)), student.classify(student.encode(images)))
     assert loaded.defended['reference'] == {'pretrained': False, 'seed': 0, 'weights': None}
     with pytest.raises(UsageError, match='defended at its layer2 cut; pass --arch resnet18 --split layer2'):
-        build_victim('resnet18', 'layer3', weights_path=str(path))
+        cut('resnet18', 'layer3', weights=str(path))
 
 
 def test_defend_then_attack_end_to_end(tmp_path, main_here):

@@ -1,10 +1,14 @@
-"""The attacker's decoders: from the shape of the sent tensor alone (the attack is black-box) back to an image."""
+"""The attacker's decoders: from the shape of the sent tensor alone (the attack is black-box) back to an image. Any
+tensor a cut sends is read as a feature map first (models.layouts); x2 stages then bring it to the image's side, the
+last one resized to it where the side is not the map's times a power of two."""
 import dataclasses
 import math
 
+import torch.nn.functional as F
 from torch import nn
 
 from ..utils import UsageError
+from .layouts import layout_of
 
 DECODERS = ('original', 'residual')
 # The original work's decoder: (base width, extra convs a stage) per --decoder_depth; x2 by 'transpose' or 'bicubic'.
@@ -34,10 +38,8 @@ def check(spec):
 
 
 def decoder_stages(stride):
-    n_stages = int(round(math.log2(stride)))
-    if stride < 2 or 2 ** n_stages != stride:
-        raise UsageError(f'the decoder needs a power-of-two stride >= 2 between image and features, got {stride}')
-    return n_stages
+    """The x2 stages from a map `stride` times smaller than the image up to it (or just past it)."""
+    return max(0, math.ceil(math.log2(stride) - 1e-9))
 
 
 def conv_bn_relu(c_in, c_out):
@@ -57,17 +59,22 @@ def upsampling_stage(c_in, c_out, interpolation, extra_convs):
 
 
 class StagedDecoder(nn.Module):
-    """Intercepted tensor (C, H, W) -> image in [0, 1] through `stages`, then `to_image`.
+    """Intercepted tensor -> image in [0, 1]: read as a feature map (`layout`), through `stages`, resized to the
+    image's side (`size`) where the stages do not reach it exactly, then `to_image`.
 
     Built from the shape of the intercepted tensor alone: the attack is black-box."""
+    layout, size = None, None  # set by build_decoder
 
     def forward(self, features, activations=None):
         """`activations`, a list, collects each stage's output (for the sparsity penalty)."""
-        x = features
+        x = features if self.layout is None else self.layout.to_map(features)
         for stage in self.stages:
             x = stage(x)
             if activations is not None:
                 activations.append(x)
+        if self.size is not None and x.shape[-1] != self.size:
+            x = F.interpolate(x.float(), size=(self.size, self.size), mode='bilinear',  # antialiasing: fp32 only
+                              antialias=x.shape[-1] > self.size)
         return self.to_image(x)
 
 
@@ -131,13 +138,17 @@ class ResidualDecoder(StagedDecoder):
 
 
 def build_decoder(shape, image_size, spec):
-    """The decoder `spec` (a config.DecoderSpec) describes, for a sent tensor of `shape` (C, H, W) and square images of
-    `image_size` pixels."""
-    channels, height, width = shape
-    if height != width or image_size % height:
-        raise UsageError(f'--image_size {image_size} gives {height}x{width} features, not an exact fraction; '
-                         f'use a multiple of {image_size // max(height, 1)}')
-    spec, stride = resolve(spec), image_size // height
+    """The decoder `spec` (a config.DecoderSpec) describes, for a sent tensor of `shape` (no batch: any layout
+    models.layouts reads) and square images of `image_size` pixels."""
+    layout = layout_of(tuple(shape))
+    if layout is None:
+        raise UsageError(f'the decoder reads a feature map, a channels-last map, a token grid or a vector, not a '
+                         f'tensor of shape {"x".join(map(str, shape))}')
+    channels, height, _ = layout.map_shape(tuple(shape))
+    spec, stride = resolve(spec), image_size / height
     if spec.kind == 'original':
-        return Decoder(channels, stride, spec.interpolation, spec.depth)
-    return ResidualDecoder(channels, stride, spec.interpolation, spec.width, spec.blocks, spec.norm)
+        decoder = Decoder(channels, stride, spec.interpolation, spec.depth)
+    else:
+        decoder = ResidualDecoder(channels, stride, spec.interpolation, spec.width, spec.blocks, spec.norm)
+    decoder.layout, decoder.size = (None if layout.kind == 'map' else layout), image_size
+    return decoder
