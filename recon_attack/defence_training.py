@@ -22,7 +22,7 @@ from .utils import UsageError, progress, provenance, save_json, save_torch, to_u
 from .visualize import live_curves, plot_defence_history
 
 
-def trainable_victim(victim, image_size=None, server=False):
+def trainable_victim(victim, image_size, server=False):
     """A copy of the victim a config.VictimConfig describes, to fine-tune (gradients to the device's half, and the
     server's with `server`), its frozen original (the reference for agreement), and the whole network the copy
     shares its weights with."""
@@ -30,8 +30,8 @@ def trainable_victim(victim, image_size=None, server=False):
     if record is not None:
         raise UsageError(f'--weights {victim.weights} is already a defended victim; defend the original instead')
     mean, std = normalisation(victim.normalize)
-    reference = SplitVictim(*cut(copy.deepcopy(net), victim), mean=mean, std=std)
-    student = SplitVictim(*cut(net, victim), frozen=False, mean=mean, std=std)
+    reference = SplitVictim(*cut(copy.deepcopy(net), victim, image_size), mean=mean, std=std)
+    student = SplitVictim(*cut(net, victim, image_size), frozen=False, mean=mean, std=std)
     student.tail.requires_grad_(server)
     return net, student, reference
 

@@ -66,7 +66,7 @@ def test_pca_start_of_a_full_width_bottleneck_is_the_identity():
 @pytest.mark.parametrize('kind', TRAINED)
 def test_defence_training_leaves_the_original_victim_bit_identical(tmp_path, kind):
     cfg = defence_config(tmp_path, kind, defend_server=True)
-    net, student, reference = trainable_victim(cfg.victim, server=cfg.defence.server)
+    net, student, reference = trainable_victim(cfg.victim, 32, server=cfg.defence.server)
     splits = load_splits(cfg.data)
     original = {k: v.clone() for k, v in reference.state_dict().items()}
     defence = DEFENCES[kind]
@@ -83,7 +83,7 @@ def test_defence_training_leaves_the_original_victim_bit_identical(tmp_path, kin
 @pytest.mark.parametrize('kind', TRAINED)
 def test_the_defended_file_loads_with_weights_and_sends_the_same_tensor(tmp_path, kind):
     cfg = defence_config(tmp_path, kind)
-    net, student, reference = trainable_victim(cfg.victim)
+    net, student, reference = trainable_victim(cfg.victim, 32)
     images = torch.rand(4, 3, 32, 32)
     strength = cfg.defence.strengths[DEFENCES[kind].flag]
     student = DEFENCES[kind].prepare(student, strength, student.encode(images).detach())
@@ -186,7 +186,7 @@ def test_the_fisher_defence_lowers_the_jacobian_energy_it_penalises(tmp_path):
     after = {}
     for weight in (0.0, 10.0):
         cfg = defence_config(tmp_path, 'fil', fil_weight=weight, defend_lr=1e-3)
-        _, student, reference = trainable_victim(cfg.victim)
+        _, student, reference = trainable_victim(cfg.victim, 32)
         before = jacobian_energy(student)
         term = DEFENCES['fil'].privacy_term(weight, student, feature_shape(student, 32), cfg.training.seed, 32)
         optimizer = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=1e-3)

@@ -2,6 +2,7 @@
 graph (torchvision's feature-extraction node names) that every path from the image to the logits passes through,
 so that the tensor it computes is the only thing the server's half needs. A module's name stands for its last node;
 the names this tool used before graph cuts (layer2, block6, block13_expand) stay aliases."""
+import dataclasses
 import functools
 from typing import NamedTuple
 
@@ -89,24 +90,24 @@ class Graph:
         half would need more than the tensor sent), naming the nearest legal cuts."""
         name = self.node_name(split, aliases)
         if name not in self.separators:
-            position = self.names.index(name)
-            before = [n for n in self.separators if self.names.index(n) < position][-1:]
-            after = [n for n in self.separators if self.names.index(n) > position][:1]
+            position, modules = self.names.index(name), self.module_names()
+            before = [modules.get(n, n) for n in self.separators if self.names.index(n) < position][-1:]
+            after = [modules.get(n, n) for n in self.separators if self.names.index(n) > position][:1]
             raise UsageError(f'--split {split}: the network is not cut in two at {name} (the server\'s half would '
                              f'need an earlier tensor too, e.g. a skip connection); the nearest cuts are '
                              f'{" and ".join(before + after) or "none"} (--list_splits lists them all)')
         return name
 
-    def halves(self, name):
-        """(encoder, tail): GraphModules sharing the network's weights, the image -> the node's tensor, and that
-        tensor -> the logits."""
+    def halves(self, name, root=None):
+        """(encoder, tail): GraphModules sharing the weights of `root` (a network of the traced architecture; default
+        the one traced), the image -> the node's tensor, and that tensor -> the logits."""
         cut = self.nodes[name]
         sent = ancestors(cut) & descendants(self.input) | {cut}
-        encoder = self.subgraph({self.input: 'x'}, ancestors(cut) | {cut}, cut)
-        tail = self.subgraph({cut: 'sent'}, (ancestors(self.logits) | {self.logits}) - sent, self.logits)
+        encoder = self.subgraph(root, {self.input: 'x'}, ancestors(cut) | {cut}, cut)
+        tail = self.subgraph(root, {cut: 'sent'}, (ancestors(self.logits) | {self.logits}) - sent, self.logits)
         return encoder, tail
 
-    def subgraph(self, inputs, keep, output):
+    def subgraph(self, root, inputs, keep, output):
         graph, copied = fx.Graph(), {}
         for node in self.module.graph.nodes:
             if node in inputs:
@@ -114,7 +115,7 @@ class Graph:
             elif node in keep:
                 copied[node] = graph.node_copy(node, lambda arg: copied[arg])
         graph.output(copied[output])
-        return fx.GraphModule(self.module, graph)
+        return fx.GraphModule(self.module if root is None else root, graph)
 
     def module_names(self):
         """Each node's shortest module name that stands for it (the module whose last node it is), else itself."""
@@ -159,12 +160,17 @@ class CutInfo(NamedTuple):
     layout: object
 
 
-@functools.lru_cache(maxsize=8)
 def probe(victim, image_size):
     """The legal cuts of a victim (a config.VictimConfig) at `image_size`, traced on the meta device (no weights, no
     compute; on the CPU for an architecture that cannot be built without data): [CutInfo] in order, and the Graph,
-    for the flag checks and --list_splits. A size the network does not run at is refused in one line that names
-    sizes it runs at."""
+    for the flag checks, --list_splits and the cut itself. Traced once per architecture and size in a process. A
+    size the network does not run at is refused in one line that names sizes it runs at."""
+    return probe_architecture(dataclasses.replace(victim, split=None, pretrained=False, weights=None, seed=0,
+                                                  reference=None), image_size)
+
+
+@functools.lru_cache(maxsize=16)
+def probe_architecture(victim, image_size):
     try:
         graph, outputs = traced_run(victim, image_size)
     except UsageError:
@@ -277,7 +283,14 @@ def list_splits(victim, image_size):
     return '\n'.join(lines)
 
 
-def cut(net, victim):
-    """(encoder, tail) of the network at the victim's --split (checked), sharing the network's weights."""
-    graph = Graph(net, victim_name(victim))
-    return graph.halves(graph.check(victim.split, aliases_of(victim)))
+def cut(net, victim, image_size):
+    """(encoder, tail) of the network at the victim's --split (checked), sharing the network's weights: built from
+    its architecture's graph traced at `image_size`, or from the network traced itself where that graph holds
+    constants of its own (a tensor its forward creates)."""
+    graph = probe(victim, image_size)[1]
+    name = graph.check(victim.split, aliases_of(victim))
+    try:
+        return graph.halves(name, net)
+    except AttributeError:
+        graph = Graph(net, victim_name(victim))
+        return graph.halves(graph.check(victim.split, aliases_of(victim)))

@@ -239,11 +239,11 @@ def load_network(victim, image_size=None, flag='--weights'):
     return net.eval(), record
 
 
-def build_victim(victim, image_size=None, flag='--weights'):
+def build_victim(victim, image_size, flag='--weights'):
     """The victim a config.VictimConfig describes, cut at its split, for square images of `image_size` pixels (a
     defended victim's file with its bottleneck, if it has one)."""
     net, record = load_network(victim, image_size, flag)
-    encoder, tail = cut(net, victim)
+    encoder, tail = cut(net, victim, image_size)
     if record is not None:
         check_defended(record, victim.weights, victim)
         if record['bottleneck'] is not None:
