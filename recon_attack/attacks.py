@@ -6,13 +6,15 @@ import math
 import os
 
 import torch
+import torchvision
 
 from .bound import calibrated_variance
-from .config import Derived
+from .config import Derived, VictimConfig
 from .defences import KEEP_CHANNELS, REFERENCE_PRETRAINED, active, recorded_defence
 from .models.decoders import build_decoder, resolve
 from .models.layouts import layout_of
-from .models.victims import build_victim, entry_digest, feature_shape
+from .models.cuts import default_split
+from .models.victims import build_victim, entry_digest, feature_shape, is_entry_point
 from .noise import add_noise
 from .utils import UsageError, progress, to_unit
 
@@ -288,15 +290,25 @@ def charge(attack, victim, spec, image_size):
         return {'victim_defence': victim.defended['label'], 'defended_with': recorded_defence(victim.defended)}
     if spec.reference:
         attack.charge_against(reference_victim(spec, image_size))
-        return {'victim_defence': f'your defence: --weights {os.path.basename(spec.weights)}, charged against '
-                                  f'--reference {spec.reference}'}
+        defended = f'--weights {os.path.basename(spec.weights)}' if spec.weights else f'--victim {spec.model}'
+        return {'victim_defence': f'your defence: {defended}, charged against --reference {spec.reference}'}
     return {}
 
 
 def reference_victim(spec, image_size):
-    """--reference: the original victim a defence of your own (--weights) is charged against: torchvision's
-    ImageNet weights ('pretrained') or a state-dict file."""
-    pretrained = spec.reference == REFERENCE_PRETRAINED
-    original = dataclasses.replace(spec, pretrained=pretrained, weights=None if pretrained else spec.reference,
-                                   reference=None)
+    """--reference: the original victim a defence of your own is charged against: torchvision's ImageNet weights of
+    the same network ('pretrained'), a state-dict file of it, or another network (a torchvision classifier with its
+    ImageNet weights, or FILE.py:FUNCTION), where the defence changed the architecture; cut anywhere, since only its
+    predictions count."""
+    reference = spec.reference
+    if reference == REFERENCE_PRETRAINED:
+        original = dataclasses.replace(spec, pretrained=True, weights=None, reference=None)
+    elif reference in torchvision.models.list_models(module=torchvision.models):
+        original = VictimConfig(arch=reference, split=None, pretrained=True, seed=spec.seed)
+    elif is_entry_point(reference):
+        original = VictimConfig(arch=None, split=None, model=reference, seed=spec.seed, normalize=spec.normalize)
+    else:
+        original = dataclasses.replace(spec, pretrained=False, weights=reference, reference=None)
+    if original.split is None:
+        original = dataclasses.replace(original, split=default_split(original, image_size))
     return build_victim(original, image_size, flag='--reference')

@@ -24,7 +24,7 @@ from .defence_training import train_defence
 from .distributed import init_distributed, is_main_process, rank_and_world, same_on_all_processes
 from .models.cuts import DEFAULT_SPLIT, SPLITS, check_cut, cut_at, default_split, list_splits, victim_name
 from .models.decoders import DECODER_DEPTHS, DECODERS, INTERPOLATIONS, NORMS, RESIDUAL_DEPTHS, check
-from .models.victims import normalisation, victim_label
+from .models.victims import is_entry_point, normalisation, victim_label
 from .records import RENAMED_FLAGS, from_flags, from_record, idle_flags as record_idle_flags, renamed_value
 from .report import write_report
 from .sweep import SWEEPS, run_seeds, run_sweep
@@ -351,9 +351,9 @@ def check_flags(parser, cfg):
         parser.error('argument --image_size: at least 16 pixels are needed (SSIM uses an 11-pixel window)')
     if cfg['num_batches'] is not None and cfg['num_batches'] < 2:
         parser.error('argument --num_batches: at least 2 (one batch is kept for validation)')
-    if cfg['reference'] and not cfg['weights']:
-        parser.error('--reference names the original victim that a defended --weights file is charged against: '
-                     'give --weights too')
+    if cfg['reference'] and not (cfg['weights'] or cfg['victim']):
+        parser.error('--reference names the original victim that a defended victim (--weights, or a --victim of '
+                     'your own) is charged against: give --weights too')
     check_arch(parser, cfg)
 
 
@@ -408,8 +408,10 @@ def resolve_config(parser, args, argv):
                      f'(got {", ".join("--" + m for m in modes) or "none"})')
     mode = modes[0]
     command = {key: cfg[key] for key in ('model_path', 'eval_split', 'sweep', 'sweep_values', 'seeds', 'report')}
+    for key in ('victim', 'reference'):  # functions of your own, by their files' absolute paths
+        if cfg[key] and is_entry_point(cfg[key]):
+            cfg[key] = entry_point(cfg[key])
     if cfg['victim']:
-        cfg['victim'] = entry_point(cfg['victim'])
         if 'arch' not in given:
             cfg['arch'] = None  # the network is the user's own
     cfg['image_size'] = cfg['image_size'] or (USER_IMAGE_SIZE if cfg['data_dir'] else BUILTIN_IMAGE_SIZE)

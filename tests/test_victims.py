@@ -55,6 +55,19 @@ class Net(nn.Module):
 
 def make():
     return Net()
+
+
+class Obfuscated(Net):
+    def __init__(self):
+        super().__init__()
+        self.obfuscate = nn.Conv2d(16, 16, 1)
+
+    def forward(self, x):
+        return self.head(self.down(self.block(self.obfuscate(torch.relu(self.stem(x))))).mean((2, 3)))
+
+
+def defended():
+    return Obfuscated()
 '''
 
 
@@ -211,6 +224,13 @@ def test_a_network_from_a_file_is_attacked_end_to_end_and_never_imported_unnamed
     assert again.returncode == 0, again.stderr
     scored = json.loads((tmp_path / 'elsewhere' / 'again' / 'eval_decoder_optimize.json').read_text())
     assert scored['held_out'] == json.loads((tmp_path / 'run' / 'eval_decoder_optimize.json').read_text())['held_out']
+    charged = main_here(tmp_path, '--train', '--victim', 'net.py:defended', '--split', 'block', '--reference',
+                        'net.py:make', *common, '--save_dir', 'charged')  # a defence that changed the architecture
+    assert charged.returncode == 0, charged.stderr
+    evaluation = json.loads((tmp_path / 'charged' / 'eval.json').read_text())
+    assert evaluation['config']['victim_defence'] == (f'your defence: --victim {tmp_path / "net.py"}:defended, '
+                                                      f'charged against --reference {tmp_path / "net.py"}:make')
+    assert evaluation['metrics']['kl']['mean'] > 0 and 'original victim' in evaluation['utility']
     (tmp_path / 'net.py').write_text(NET + '\n# changed\n')
     changed = main_here(tmp_path, '--eval', '--model_path', 'run/model.pth', '--victim', 'net.py:make')
     assert changed.returncode == 2 and 'its file changed since this run was trained' in changed.stderr

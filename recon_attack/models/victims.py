@@ -84,6 +84,15 @@ def victim_label(victim):
     return f'random-initialised, victim seed {victim.seed}'
 
 
+def is_entry_point(value):
+    """Whether a flag's value names a function (FILE.py:FUNCTION or package.module:FUNCTION), not a file."""
+    where, colon, function = value.rpartition(':')
+    if not colon or not function.isidentifier():
+        return False
+    module = all(part.isidentifier() for part in where.split('.'))
+    return where.endswith('.py') or (module and importlib.util.find_spec(where.split('.')[0]) is not None)
+
+
 def entry_file(entry):
     """The file of an entry point ('path/to/file.py:function' or 'package.module:function') and its function's name."""
     where, _, function = entry.rpartition(':')
