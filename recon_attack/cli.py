@@ -33,7 +33,8 @@ from .utils import RunError, UsageError, fresh_run_dir, make_deterministic, pick
 from .visualize import draw_all, run_attack
 
 # Flags that define the attack's model: they must agree with a checkpoint that is being loaded.
-MODEL_KEYS = ('arch', 'split', 'pretrained', 'victim', 'normalize', 'decoder', 'interpolation', 'decoder_depth', 'decoder_width',
+MODEL_KEYS = ('arch', 'split', 'pretrained', 'victim', 'normalize', 'decoder', 'interpolation', 'decoder_depth',
+              'decoder_width',
               'decoder_blocks', 'decoder_norm', 'image_size', 'noise_for_bound') + defences.FIXED_KEYS
 MODES = ('train', 'resume', 'eval', 'visualize', 'sweep', 'train_defence', 'report', 'list_splits')
 # Modes that write a new record: into a fresh folder beside a --save_dir that holds one (unless --overwrite).

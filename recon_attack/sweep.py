@@ -252,7 +252,8 @@ class Sweep:
         optimisation = (f' | optimisation: {config.attack.steps} steps, TV {config.attack.tv_weight:g}'
                         if self.name == 'attack' else '')
         attacker = f' | {self.attacker()}' if self.attacker() else ''
-        return (f'sweep of {self.name}: {victim_name(config.victim)} ({victim_label(config.victim)}){cut_at_split}{attacker} | '
+        victim = f'{victim_name(config.victim)} ({victim_label(config.victim)})'
+        return (f'sweep of {self.name}: {victim}{cut_at_split}{attacker} | '
                 f'{config.data.image_size}px | {self.budget(short=True)}{optimisation}')
 
     def seeds_text(self):
@@ -554,7 +555,8 @@ def defence_seed_rows(runs):
 def seeds_table(config, seeds, rows, records, defence):
     first = config.training.seed
     mode = 'train_defence' if defence else 'train'
-    title = (f'{mode} over seeds {first}-{first + seeds - 1}: {victim_name(config.victim)} ({victim_label(config.victim)}) '
+    victim = f'{victim_name(config.victim)} ({victim_label(config.victim)})'
+    title = (f'{mode} over seeds {first}-{first + seeds - 1}: {victim} '
              f'cut at {config.victim.split}, {config.data.image_size} px; every seed scored on the same held-out '
              f'images (--split_seed {config.data.split_seed}).\n\n{provenance_note(records)}.')
     if defence:

@@ -76,7 +76,7 @@ def sample_indices(n_available, n_samples):
 def plot_image_grid(rows, names, title, path):
     """rows: (label, [0, 1] batch) pairs, the originals first; every other image is scored against its original."""
     target, n = rows[0][1], len(names)
-    fig, axes = plt.subplots(len(rows), n, figsize=(1.9 * n, 2.2 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(len(rows), n, figsize=(1.9 * n, 2.2 * len(rows)), squeeze=False, layout='constrained')
     for r, (label, batch) in enumerate(rows):
         metrics = score(batch, target) if r else None
         for c in range(n):
@@ -88,7 +88,7 @@ def plot_image_grid(rows, names, title, path):
             if c == 0:
                 ax.set_ylabel(label, fontsize=8)
             if r == 0:
-                ax.set_title(names[c], fontsize=7)
+                ax.set_title(os.path.splitext(names[c])[0], fontsize=6)
     fig.suptitle(title, fontsize=9)
     return save_figure(fig, path)
 

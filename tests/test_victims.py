@@ -11,6 +11,7 @@ from recon_attack import cut
 from recon_attack.attacks import SplitAttack, build_attack, invert_features
 from recon_attack.config import DecoderSpec, VictimConfig
 from recon_attack.data import load_splits
+from recon_attack.defences import DEFENCES
 from recon_attack.evaluate import evaluate
 from recon_attack.models import IMAGENET_MEAN, IMAGENET_STD, build_decoder, layout_of
 from recon_attack.models.cuts import Graph, default_split, list_splits, probe
@@ -99,7 +100,8 @@ def test_every_legal_cut_decodes_and_inverts(arch):
     graph = Graph(net, arch)
     images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        whole = net((images - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+        mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        whole = net((images - mean) / std)
     kinds = set()
     for info in cuts:
         halves = SplitVictim(*graph.halves(info.node))
@@ -130,6 +132,10 @@ def test_the_layouts_read_as_maps_without_losing_a_value():
     assert torch.equal(layout_of((4, 4, 6)).to_map(channels_last), channels_last.permute(0, 3, 1, 2))
     assert layout_of((6,)).to_map(torch.randn(2, 6)).shape == (2, 6, 1, 1)
     assert layout_of((15, 8)) is None and layout_of((3, 4, 5)) is None
+    for sent in (tokens, channels_last):  # the elementwise defences act on any layout
+        assert (DEFENCES['topk'].transform(sent, 0.25) != 0).flatten(1).sum(1).tolist() == [sent[0].numel() // 4] * 2
+        dropped = DEFENCES['dropout'].transform(sent, 0.5, torch.Generator().manual_seed(0))
+        assert dropped.shape == sent.shape and 0.3 < (dropped == 0).float().mean() < 0.7
 
 
 def test_kept_channels_of_a_token_sequence_are_its_features(tmp_path):
@@ -209,9 +215,11 @@ def test_a_network_from_a_file_is_attacked_end_to_end_and_never_imported_unnamed
               '--decoder_depth', 'light', '--num_samples', '2', '--num_workers', '0', '--normalize', 'none')
     inside = main_here(tmp_path, '--train', '--victim', 'net.py:make', '--split', 'block.conv1', *common)
     assert inside.returncode == 2 and 'Traceback' not in inside.stderr
-    assert 'not cut in two at block.conv1' in inside.stderr and 'the nearest cuts are relu and block.add' in inside.stderr
+    assert 'not cut in two at block.conv1' in inside.stderr
+    assert 'the nearest cuts are relu and block.add' in inside.stderr
     trained = main_here(tmp_path, '--train', '--victim', 'net.py:make', '--split', 'block', '--attack',
-                        'decoder+optimize', '--attack_steps', '2', '--keep_channels', '0.5', *common, '--save_dir', 'run')
+                        'decoder+optimize', '--attack_steps', '2', '--keep_channels', '0.5', *common,
+                        '--save_dir', 'run')
     assert trained.returncode == 0, trained.stderr
     record = json.loads((tmp_path / 'run' / 'eval_decoder_optimize.json').read_text())['config']
     assert record['victim'] == f'{tmp_path / "net.py"}:make' and record['arch'] is None
@@ -219,7 +227,8 @@ def test_a_network_from_a_file_is_attacked_end_to_end_and_never_imported_unnamed
     unnamed = main_here(tmp_path, '--eval', '--model_path', 'run/model.pth')
     assert unnamed.returncode == 2 and 'name it again with --victim' in unnamed.stderr
     (tmp_path / 'elsewhere').mkdir()  # from another folder: the same file by another path
-    again = main_here(tmp_path / 'elsewhere', '--eval', '--model_path', '../run/model.pth', '--victim', '../net.py:make',
+    again = main_here(tmp_path / 'elsewhere', '--eval', '--model_path', '../run/model.pth', '--victim',
+                      '../net.py:make',
                       '--save_dir', 'again')
     assert again.returncode == 0, again.stderr
     scored = json.loads((tmp_path / 'elsewhere' / 'again' / 'eval_decoder_optimize.json').read_text())
@@ -234,3 +243,23 @@ def test_a_network_from_a_file_is_attacked_end_to_end_and_never_imported_unnamed
     (tmp_path / 'net.py').write_text(NET + '\n# changed\n')
     changed = main_here(tmp_path, '--eval', '--model_path', 'run/model.pth', '--victim', 'net.py:make')
     assert changed.returncode == 2 and 'its file changed since this run was trained' in changed.stderr
+
+
+def test_defences_attacks_and_the_bound_at_a_vits_tokens(tmp_path, main_here):
+    """A ViT's token sequence through everything that acts on a sent tensor: channels kept (token features), noise
+    on the tensor with its bound, the feature-consistency term, the refinement, a trained defence."""
+    common = ('--arch', 'vit_b_16', '--split', 'encoder.layers.encoder_layer_1', '--image_size', '32', '--batch_size',
+              '16', '--num_batches', '4', '--num_workers', '0', '--num_samples', '2')
+    attacked = main_here(tmp_path, '--train', *common, '--num_epochs', '1', '--decoder_depth', 'light',
+                         '--keep_channels', '0.5', '--noise_at', 'features', '--train_noise', '--test_noise',
+                         '--test_noise_var', '0.1', '--feature_weight',
+                         '1', '--attack', 'decoder+optimize', '--attack_steps', '2', '--save_dir', 'attacked')
+    assert attacked.returncode == 0, attacked.stderr
+    record = json.loads((tmp_path / 'attacked' / 'eval_decoder_optimize.json').read_text())
+    assert record['config']['sent_shape'] == [5, 768] and len(record['config']['channel_indices']) == 384
+    assert 'psnr_ceiling' in record['metrics'] and 'kl' in record['metrics']  # (a random ViT's head is all zeros)
+    assert (tmp_path / 'attacked' / 'feature_maps.png').is_file()  # the tokens drawn on their grid
+    defended = main_here(tmp_path, '--train_defence', 'adversarial', *common, '--defend_epochs', '1',
+                         '--save_dir', 'defended')
+    assert defended.returncode == 0, defended.stderr
+    assert json.loads((tmp_path / 'defended' / 'defence.json').read_text())['sent_shape'] == [5, 768]

@@ -177,9 +177,9 @@ def probe_architecture(victim, image_size):
         raise
     except Exception as e:
         sizes = [size for size in CANDIDATE_SIZES if size != image_size and runs_at(victim, size)][:4]
+        works = ', '.join(map(str, sizes)) or 'none of ' + ', '.join(map(str, CANDIDATE_SIZES))
         raise UsageError(f'--image_size {image_size}: {victim_name(victim)} does not run at {image_size} px '
-                         f'({type(e).__name__}: {str(e).splitlines()[0][:120]}); it runs at '
-                         f'{", ".join(map(str, sizes)) or "none of " + ", ".join(map(str, CANDIDATE_SIZES))} px') from None
+                         f'({type(e).__name__}: {str(e).splitlines()[0][:120]}); it runs at {works} px') from None
     modules, cuts = graph.module_names(), []
     for name in graph.separators:
         value = outputs[name]
