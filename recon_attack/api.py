@@ -17,10 +17,10 @@ from .config import (AttackPlan, Config, DataConfig, DecoderSpec, DefenceConfig,
                      TrainConfig, VictimConfig)
 from .data import as_uint8, fingerprint, given_splits
 from .defences import check_flags
-from .evaluate import evaluate, mean_image_baseline, utility_charged
+from .evaluate import Baselines, evaluate, mean_training_image, split_baselines, utility_charged
 from .metrics import load_lpips, summarise
 from .models.cuts import check_cut, cut_at, default_split
-from .models.decoders import build_decoder, check, resolve
+from .models.decoders import check, resolve
 from .models.victims import build_victim
 from .train import train
 from .utils import UsageError, pick_device
@@ -73,16 +73,6 @@ class Evaluation(NamedTuple):
     bound: object
 
 
-@torch.no_grad()
-def untrained_decoder(trained):
-    """A decoder of the trained one's architecture at the weights it started from (the attacker's seed)."""
-    config = trained.config
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.training.seed)
-        decoder = build_decoder(trained.derived.sent_shape, config.data.image_size, config.decoder)
-    return decoder.to(trained.attack.device, memory_format=torch.channels_last)
-
-
 def evaluate_attack(trained, images, *, plan=AttackPlan()):
     """Every figure of the attack `plan` (the decoder, the white-box optimisation, or both) of a train_attacker
     result on `images` (N, 3, S, S: uint8, or floats in [0, 1]), scored per image on [0, 1] pixels from the tensor
@@ -102,9 +92,9 @@ def evaluate_attack(trained, images, *, plan=AttackPlan()):
         raise UsageError('images: every one of them is an image the decoder trained on; evaluate on others')
     noise, batch_size = derived.noise(config.noise).testing(), config.data.batch_size
     bound = Bound(attack, noise, config.noise.probes)
+    baselines = Baselines(attack, config, derived, mean_training_image(splits))
     per_image = evaluate(attack, images, kept, batch_size, noise, utility=utility_charged(config, derived), plan=plan,
-                         perceptual=load_lpips(attack.device), measures=[bound] if bound.missing is None else [])
-    untrained = evaluate(attack.using(untrained_decoder(trained)), images, kept, batch_size, noise)
-    baselines = {'mean_image': summarise(mean_image_baseline(splits, images[kept])),
-                 'untrained_decoder': summarise(untrained)}
-    return Evaluation(per_image, summarise(per_image), baselines, bound.record())
+                         perceptual=load_lpips(attack.device),
+                         measures=[baselines, *([bound] if bound.missing is None else [])])
+    summary, found = split_baselines(summarise(per_image))
+    return Evaluation(per_image, summary, found, bound.record())

@@ -15,7 +15,7 @@ from .models.decoders import build_decoder, resolve
 from .models.layouts import layout_of
 from .models.cuts import default_split
 from .models.victims import build_victim, entry_digest, feature_shape, is_entry_point
-from .noise import add_noise
+from .noise import add_noise, stream_seed, held_out_draws
 from .utils import UsageError, progress, to_unit
 
 # Each attack (--attack) and what it does: how the attacker turns the sent tensor into an image.
@@ -83,9 +83,6 @@ class SplitAttack:
         fp32 where the hardware has no bf16 arithmetic, so the flag alone does not say)."""
         return f'bf16 autocast on {self.device.type}' if self.bf16 else f'fp32 on {self.device.type}'
 
-    def noise_generator(self, seed):
-        return torch.Generator(device=self.device).manual_seed(seed)
-
     def to_images(self, uint8_images):
         """uint8 batch (on the CPU) -> float [0, 1] on the device."""
         if self.device.type == 'cuda':
@@ -93,10 +90,11 @@ class SplitAttack:
         images = to_unit(uint8_images.to(self.device, non_blocking=True))
         return images.contiguous(memory_format=torch.channels_last)
 
-    def encode(self, images, noise=None, generator=None):
-        """The victim's intercepted tensor, with the device's input noise if any (a config.Noise)."""
+    def encode(self, images, noise=None, draws=None):
+        """The victim's intercepted tensor, with the device's input noise if any (a config.Noise; `draws`: a
+        noise.Draws)."""
         if noise is not None and noise.at == 'input':
-            images = add_noise(images, noise, generator)
+            images = add_noise(images, noise, draws.noise)
         return self.run_encoder(self.run_victim, images)
 
     def run_encoder(self, encode, images):
@@ -106,27 +104,27 @@ class SplitAttack:
             features = encode(images).float()
         return features.clone()  # a normal tensor again, which autograd may save (the decoder's first layer does)
 
-    def defend(self, features, noise=None, generator=None):
+    def defend(self, features, noise=None, draws=None):
         """What the device sends: the intercepted tensor after its feature-side defences (noise, then the fixed
         defences' arithmetic such as dropout or top-k, then the channel subset), so that dropped elements reach the
-        server as exact zeros. `generator`: one, a list of one per image (see noise.random_like), or None."""
+        server as exact zeros. `draws`: a noise.Draws, or None (a fixed seed)."""
         if noise is not None and noise.at == 'features':
-            features = add_noise(features, noise, generator)
+            features = add_noise(features, noise, draws.noise)
         for defence in self.on_tensor:
-            features = defence(features, generator)
+            features = defence(features, draws and draws.masks)
         if self.channel_mask is not None:
             features = features * self.channel_mask
         return features
 
-    def send(self, images, noise=None, generator=None):
-        return self.defend(self.encode(images, noise, generator), noise, generator)
+    def send(self, images, noise=None, draws=None):
+        return self.defend(self.encode(images, noise, draws), noise, draws)
 
     def decode(self, features, activations=None, training=False):
         with self.autocast():
             return (self.decoder_step if training else self.decoder)(features, activations).float()
 
-    def reconstruct(self, images, noise=None, generator=None):
-        return self.decode(self.send(images, noise, generator))
+    def reconstruct(self, images, noise=None, draws=None):
+        return self.decode(self.send(images, noise, draws))
 
     @torch.no_grad()
     def classify(self, features, victim=None):
@@ -182,11 +180,11 @@ def invert_features(attack, sent, start, steps, lr, tv_weight, desc='optimising'
 def received(attack, target, positions, noise=None):
     """(encoded, sent) for the [0, 1] images `target` at `positions` among the images scored: what the device's half
     computed, and what it sent after its defences. Each image's random draws (test noise, dropout masks) come from
-    a generator seeded by its position, so the evaluation, every figure and every sample grid of the same images see
-    exactly the same tensor, whatever the batch."""
-    generators = [attack.noise_generator(int(p)) for p in positions]
-    encoded = attack.encode(target, noise, generators)
-    return encoded, attack.defend(encoded, noise, generators)
+    generators seeded by its position (noise.held_out_draws), so the evaluation, every figure and every sample grid of
+    the same images see exactly the same tensor, whatever the batch."""
+    draws = held_out_draws(positions, attack.device)
+    encoded = attack.encode(target, noise, draws)
+    return encoded, attack.defend(encoded, noise, draws)
 
 
 @torch.no_grad()
@@ -246,7 +244,7 @@ def build_attack(config, device, calibration_images=None, derived=Derived()):
     if config.defence.keep_channels is not None:
         found['channel_indices'] = derived.channel_indices or KEEP_CHANNELS.choose(
             encoded(attack, calibration_images), layout_of(shape).channel_axis(), config.defence.keep_channels,
-            config.defence.channel_select, config.training.seed)
+            config.defence.channel_select, stream_seed('channel subset', config.victim.seed))
         attack.keep_only(found['channel_indices'], shape)
     if config.noise.for_bound is not None and derived.bound_calibration is None:
         found['bound_calibration'] = calibrate_noise(attack, config.noise, calibration_images)

@@ -112,7 +112,7 @@ class Bound:
         new = [i for i, p in enumerate(positions) if p not in self.known]
         if new:
             trace, error = hutchinson_trace(self.half, images[new], self.probes,
-                                            generators_for([positions[i] for i in new], images.device))
+                                            generators_for('bound probes', [positions[i] for i in new], images.device))
             self.known.update((positions[i], pair) for i, pair in zip(new, zip(trace, error)))
         trace, error = zip(*(self.known[p] for p in positions))
         return torch.stack(trace), torch.stack(error)
@@ -141,7 +141,8 @@ def calibrated_variance(attack, images, target_db, probes):
     """--noise_for_bound: the noise variance on the tensor at which the mean PSNR ceiling over `images` ([0, 1],
     training images) is `target_db`, and the record of the calibration. Closed form, as the ceiling falls by
     10 log10(sigma^2): sigma^2 = exp(mean_i ln(tr_i / d) - target / DB)."""
-    trace, _ = hutchinson_trace(device_half(attack), images, probes, generators_for(range(len(images)), images.device))
+    probe_draws = generators_for('bound probes', range(len(images)), images.device)
+    trace, _ = hutchinson_trace(device_half(attack), images, probes, probe_draws)
     variance = math.exp(torch.log(trace.double() / images[0].numel()).mean().item() - target_db / DB)
     return variance, {'target_db': target_db, 'variance': variance, 'sigma': math.sqrt(variance),
                       'images': len(images), 'probes': probes}

@@ -1,13 +1,15 @@
 """Checkpoints (model.pth, ckpt_N.ckpt, interrupted.ckpt): the decoder's weights with the run's record (its
 configuration and what it derived, records.py), the images it trained on and held out, and its history; read with
 weights_only=True, and in every format this tool wrote."""
+import dataclasses
 import os
 import re
 
 import torch
 
 from .attacks import build_attack
-from .data import held_out_images
+from .data import BUILTIN_SOURCE, held_out_images, load_splits
+from .evaluate import mean_training_image
 from .records import FORMAT_2_SETTINGS, current_names, from_record
 from .utils import UsageError
 
@@ -64,6 +66,20 @@ def load_trained_attack(state, device, config=None, derived=None, path='the chec
         raise UsageError(f'--model_path {path}: decoder weights do not fit its configuration '
                          f'({str(e).splitlines()[0]})') from None
     return attack
+
+
+def mean_image(state, data):
+    """The mean of the images a checkpoint's decoder trained on (the baseline of its evaluations): recorded in it, or
+    for a checkpoint from before it was, computed from the recorded training images of `data` (a config.DataConfig,
+    its data_dir where the run trained) where they are still there; None, said in one line, where they are not."""
+    if 'mean_image' in state:
+        return state['mean_image']
+    source = None if state['data']['source'] == BUILTIN_SOURCE else state['data']['source']
+    try:
+        return mean_training_image(load_splits(dataclasses.replace(data, data_dir=source), state['data']))
+    except UsageError as e:
+        print(f'mean-image baseline left out: the images this decoder trained on cannot be read ({e})')
+        return None
 
 
 def evaluation_images(data, state, weights=None, split='val'):

@@ -7,6 +7,7 @@ import copy
 import difflib
 import math
 import os
+import re
 import shlex
 import sys
 from dataclasses import replace
@@ -17,7 +18,8 @@ import torchvision
 
 from . import defences
 from .attacks import ATTACKS, build_attack
-from .checkpoint import checkpoint_epochs, evaluation_images, load_checkpoint, load_trained_attack
+from .checkpoint import checkpoint_epochs, evaluation_images, load_checkpoint, load_trained_attack, mean_image
+from .evaluate import mean_training_image
 from .config import AttackPlan, Config, DecoderSpec, Derived
 from .data import load_splits
 from .defence_training import train_defence
@@ -25,6 +27,7 @@ from .distributed import init_distributed, is_main_process, rank_and_world, same
 from .models.cuts import DEFAULT_SPLIT, SPLITS, check_cut, cut_at, default_split, list_splits, victim_name
 from .models.decoders import DECODER_DEPTHS, DECODERS, INTERPOLATIONS, NORMS, RESIDUAL_DEPTHS, check
 from .models.victims import is_entry_point, normalisation, victim_label
+from .noise import noise_line
 from .records import RENAMED_FLAGS, from_flags, from_record, idle_flags as record_idle_flags, renamed_value
 from .report import write_report
 from .sweep import SWEEPS, run_seeds, run_sweep
@@ -69,33 +72,54 @@ class Group:
     """An argument group (or parser) whose flags print their default once: appended to their help through
     argparse's public %(default)s unless the help already gives it or the flag has none (None, a switch's False)."""
 
-    def __init__(self, group):
+    def __init__(self, group, flags=None):
         self.group = group
+        self.flags = [] if flags is None else flags  # the parser's list of every flag, for its error hints
 
     def add_argument(self, *flags, **kwargs):
         default, help = kwargs.get('default'), kwargs.get('help') or ''
         if not any(default is none for none in (None, False, argparse.SUPPRESS)) and 'default' not in help:
             kwargs['help'] = help + ' (default: %(default)s)'
-        return self.group.add_argument(*flags, **kwargs)
+        action = self.group.add_argument(*flags, **kwargs)
+        self.flags += action.option_strings
+        return action
 
     def switch(self, flag, help, dest=None):
         """An on / off flag: `--flag` and `--no-flag`, so a flag after a preset (@FILE) can turn its setting off."""
-        self.group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=False, help=help)
+        action = self.group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=False,
+                                         help=help)
+        self.flags += action.option_strings
 
 
 class Parser(argparse.ArgumentParser):
     """argparse reading `@FILE` arguments (presets): flags as on the command line, one or more a line, `#` comments."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.flags = []
 
     def convert_arg_line_to_args(self, line):
         return resolve_presets(shlex.split(line, comments=True))
 
     def flag_group(self, title):
         """A titled group of flags whose help gives each default once (Group)."""
-        return Group(self.add_argument_group(title))
+        return Group(self.add_argument_group(title), self.flags)
 
     def error(self, message):
-        """One line and where to start, not the whole usage block."""
-        self.exit(2, f'usage: {USAGE}\nerror: {message}\n')
+        """One line and where to start, not the whole usage block; for a misspelt flag, the flags spelt nearest."""
+        self.exit(2, f'usage: {USAGE}\nerror: {message}{self.hint(message)}\n')
+
+    def hint(self, message):
+        if message.startswith('unrecognized arguments:'):
+            unknown = [token.split('=')[0] for token in message.split(':', 1)[1].split() if token.startswith('-')]
+            nearest = {flag: difflib.get_close_matches(flag, self.flags, n=2, cutoff=0.7) for flag in unknown}
+            return ''.join(f'; {flag}: did you mean {" or ".join(near)}?' for flag, near in nearest.items() if near)
+        given = re.match(r"argument --defence: invalid choice: '?([\w-]+)", message)
+        trained = given and given.group(1) in defences.TRAINED and given.group(1)
+        if trained:
+            return (f'; {trained} is a trained defence: --train_defence {trained} fine-tunes the victim against it '
+                    'and writes defended_victim.pth, then --train --weights FOLDER/defended_victim.pth attacks it')
+        return ''
 
 
 def presets():
@@ -297,8 +321,10 @@ def build_parser():
     train.add_argument('--victim_seed', type=int, default=0,
                        help='seeds a random-initialised victim (without --use_pretrained or --weights)')
     train.add_argument('--device', choices=('auto', 'cuda', 'cpu'), default='auto', help='auto: CUDA when available')
-    train.switch('--deterministic', 'deterministic CUDA kernels (torch.use_deterministic_algorithms, cuBLAS '
-            'workspace setting, no cuDNN autotuning): runs repeat bit for bit on a GPU too, somewhat slower')
+    train.switch('--deterministic', 'deterministic CUDA kernels where PyTorch has them (torch.use_deterministic_'
+                 'algorithms, warn only; cuBLAS workspace setting; no cuDNN autotuning), somewhat slower: GPU runs '
+                 'repeat more closely, but not bit for bit where an operation has no deterministic kernel (bicubic '
+                 'upsampling\'s and adaptive pooling\'s backward warn and stay as they are); CPU runs repeat anyway')
     train.add_argument('--precision', choices=('bf16', 'fp32'), default='bf16',
                        help='bf16: bf16 autocast where the hardware has bf16 arithmetic (CUDA; CPUs with '
                             'AVX512-BF16 or AMX), else fp32; metrics are always computed in fp32')
@@ -455,6 +481,9 @@ def resolve_config(parser, args, argv):
         if 'save_dir' not in given:
             cfg['save_dir'] = default_save_dir(mode, cfg['model_path'], cfg['eval_split'])
     else:
+        if cfg['data_dir'] and 'image_size' not in given:
+            print(f'image size: {USER_IMAGE_SIZE} px, the default with --data_dir ({BUILTIN_IMAGE_SIZE} px with the '
+                  'built-in photos); --image_size to change it')
         overridden = sorted(given & defences.NOISE_KEYS) if cfg['noise_for_bound'] is not None else []
         if overridden:
             parser.error(f'argument --noise_for_bound sets the noise on the tensor itself: drop --{overridden[0]}')
@@ -468,13 +497,14 @@ def resolve_config(parser, args, argv):
 
 
 def default_save_dir(mode, model_path, eval_split):
-    """Beside the file: resuming and drawing write into its run's folder; an evaluation into a folder of its own
-    (eval_ckpt_5, eval_model_test, ...), so that it never replaces the record of another evaluation."""
+    """Beside the file: resuming writes into its run's folder; an evaluation or a drawing into a folder of its own
+    (eval_ckpt_5, eval_model_test, visualize_model, ...), so that it never replaces the record or the figures of
+    the run or of another evaluation."""
     folder = os.path.dirname(os.path.abspath(model_path))
-    if mode != 'eval':
+    if mode == 'resume':
         return folder
     stem = os.path.splitext(os.path.basename(model_path))[0]
-    return os.path.join(folder, f'eval_{stem}' + ('_test' if eval_split == 'test' else ''))
+    return os.path.join(folder, f'{mode}_{stem}' + ('_test' if eval_split == 'test' else ''))
 
 
 def idle_flags(config, derived=Derived()):
@@ -535,6 +565,8 @@ def run(argv):
     if config.victim.random:
         print(f'victim: {victim_name(config.victim)} {victim_label(config.victim)} (--use_pretrained or --weights for '
               'trained weights)')
+    if noise_line(config.noise):
+        print(noise_line(config.noise))
     try:
         dispatch(command, device)
     except torch.cuda.OutOfMemoryError:
@@ -554,7 +586,7 @@ def dispatch(command, device):
     elif mode == 'attack':
         splits = load_splits(config.data, weights=config.victim.weights, stopping=bool(config.training.stop_patience))
         attack, derived = build_attack(config, device, splits.calibration_images(config.data.batch_size))
-        run_attack(attack, splits.validation(), config, derived)
+        run_attack(attack, splits.validation(), config, derived, mean_image=mean_training_image(splits))
     elif mode == 'sweep':
         run_sweep(config, command.sweep, command.sweep_values, command.seeds, device)
     elif mode == 'train_defence':
@@ -562,13 +594,18 @@ def dispatch(command, device):
     else:
         scored = evaluation_images(config.data, state, config.victim.weights, command.eval_split)
         attack = load_trained_attack(state, device, config, derived, command.model_path)
+        mean = mean_image(state, config.data)
         if mode == 'eval':
             print(f'evaluating {command.model_path} ({checkpoint_epochs(state)}) on {scored.description}')
+            if config.attack.kind != 'decoder':
+                print(f"the checkpoint's --attack {config.attack.kind} runs {config.attack.steps} Adam steps on every "
+                      'image (minutes on a CPU); --attack decoder evaluates the decoder alone')
             run_attack(attack, scored, config, derived,
-                       {'model_path': os.path.abspath(command.model_path), 'epoch': state['epoch']}, state['history'])
+                       {'model_path': os.path.abspath(command.model_path), 'epoch': state['epoch']}, state['history'],
+                       mean_image=mean)
         else:
             print(f'drawing {command.model_path} ({checkpoint_epochs(state)}) on {scored.description}')
-            draw_all(attack, scored, config, derived, state.get('history'), config.outputs.save_dir)
+            draw_all(attack, scored, config, derived, state.get('history'), config.outputs.save_dir, mean_image=mean)
 
 
 def main(argv=None):

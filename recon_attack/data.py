@@ -1,4 +1,5 @@
 """Images in, uint8 tensors out: a folder, a .zip or a CelebA root, decoded once into a cache; or built-in photos."""
+import functools
 import hashlib
 import json
 import os
@@ -28,6 +29,7 @@ SAMPLE_SIZE = 704  # images (crops) in the built-in set: 640 train + 64 validati
 BUILTIN_SOURCE = 'built-in sample photos'
 GIVEN_SOURCE = 'images given in Python'  # the Python API's own images
 CELEBA_PARTITION = 'list_eval_partition.txt'  # the official train / val / test split (identity-disjoint)
+CELEBA_IDENTITIES = 'identity_CelebA.txt'  # each image's person: stopping images never share one with training
 PARTITIONS = {'train': '0', 'val': '1', 'test': '2'}
 
 
@@ -53,7 +55,9 @@ class Splits:
     partition: dict = None  # name -> 'train' | 'val' | 'test' for a CelebA root with its official partition
     cache: str = None  # the decoded-image cache file `images` come from
     stop_idx: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # --stop_patience
+    stop_origins: list = field(default_factory=list)  # the origins (photos, people) of stop_idx
     pixel_hashes: dict = field(default_factory=dict)  # index -> fingerprint of its pixels, hashed once when scored
+    identities: dict = None  # name -> CelebA identity, where the root has its identity file
 
     @property
     def val_names(self):
@@ -85,22 +89,48 @@ class Splits:
     def record(self):
         """Which images were trained on and which were held out, by name and content: stored in checkpoints."""
         return {'source': self.source, **{part: {self.names[i]: self.fingerprints[i] for i in indices.tolist()}
-                                          for part, indices in self.parts().items()}}
+                                          for part, indices in self.parts().items()},
+                **({'stop_origins': self.stop_origins} if self.stop_origins else {})}
 
     def parts(self):
         """The recorded parts: trained on, held out and scored, and (--stop_patience) held out to stop on."""
         stop = {'stop': self.stop_idx} if len(self.stop_idx) else {}
         return {'train': self.train_idx, 'held_out': self.val_idx, **stop}
 
-    def set_stopping_images(self, seed):
-        """--stop_patience: as many images as are scored, drawn (seeded) out of the training images, to decide when
-        training stops: held out from training and never reported, so no choice is made on the reported images."""
-        order = torch.randperm(len(self.train_idx), generator=torch.Generator().manual_seed(seed))
-        count = min(len(self.val_idx), len(self.train_idx) // 2)
-        self.stop_idx = self.train_idx[order[:count].sort().values]
-        self.train_idx = self.train_idx[order[count:].sort().values]
-        self.description = f'{self.description}; {count} of its training images held out to stop on'
+    def origin(self, i):
+        """What image i was made from, so that images of one origin stay on one side of a split: its CelebA
+        identity where known, else its file's stem before '_crop' (crops of one photo), else its name."""
+        name = self.names[i]
+        if self.identities:
+            identity = self.identities.get(name, self.identities.get(os.path.basename(name)))
+            if identity is not None:
+                return f'identity {identity}'
+        stem = os.path.splitext(name)[0]
+        return stem.split('_crop')[0] if '_crop' in stem else stem
 
+    def set_stopping_images(self, seed):
+        """--stop_patience: about as many images as are scored, whole origins (`origin`) drawn (seeded) out of the
+        training images, to decide when training stops: held out from training and never reported, so no choice is
+        made on the reported images, and no origin on both sides, so the rule does not watch near-training data."""
+        origins = {}
+        for i in self.train_idx.tolist():
+            origins.setdefault(self.origin(i), []).append(i)
+        target, most = min(len(self.val_idx), len(self.train_idx) // 2), len(self.train_idx) // 2
+        chosen = []
+        for k in torch.randperm(len(origins), generator=torch.Generator().manual_seed(seed)).tolist():
+            group = list(origins.values())[k]
+            if len(chosen) < target and len(chosen) + len(group) <= most:
+                chosen += group
+        if not chosen or len(chosen) == len(self.train_idx):
+            raise UsageError(f'--stop_patience needs training images of at least two origins (photos, people) to '
+                             f'hold some out, but the {len(self.train_idx)} training images come from '
+                             f'{len(origins)}: leave --stop_patience off or add images')
+        stop = set(chosen)
+        self.stop_idx = torch.tensor(sorted(stop), dtype=torch.long)
+        self.train_idx = torch.tensor([i for i in self.train_idx.tolist() if i not in stop], dtype=torch.long)
+        self.stop_origins = sorted({self.origin(i) for i in chosen})
+        self.description = (f'{self.description}; {len(chosen)} of its training images ({len(self.stop_origins)} '
+                            f'of {len(origins)} photos or people) held out to stop on')
 
 
 def fingerprint(image):
@@ -297,6 +327,18 @@ def read_partition(data_dir):
         raise UsageError(f'{path}: not CelebA\'s partition file (lines of "NAME 0|1|2"); fix or remove it') from None
 
 
+def read_identities(data_dir):
+    """CelebA's identity of each image, name -> identity, when the root holds its file; else None."""
+    path = os.path.join(data_dir, CELEBA_IDENTITIES)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            return dict(line.split() for line in f if line.strip())
+    except ValueError:
+        raise UsageError(f'{path}: not CelebA\'s identity file (lines of "NAME IDENTITY"); fix or remove it') from None
+
+
 def partition_indices(data, batch_size, num_batches, seed):
     """Training and validation images from CelebA's official train and val partitions (seeded subsets of them
     when --num_batches asks for fewer)."""
@@ -334,12 +376,18 @@ def random_crops(photos, count, size, generator):
     return crops
 
 
-def builtin_splits(image_size, batch_size, num_batches, seed):
-    n_train, n_val = split_counts(SAMPLE_SIZE, batch_size, num_batches)
+@functools.lru_cache(maxsize=4)
+def builtin_crops(image_size, n_train, n_val, seed):
+    """The built-in photos' crops: cut once a process (a sweep loads its data once a value); callers get a copy."""
     generator = torch.Generator().manual_seed(seed)
     train = random_crops([sample_photo(n) for n in SAMPLE_TRAIN_PHOTOS], n_train, image_size, generator)
     val = random_crops([sample_photo(n) for n in SAMPLE_VAL_PHOTOS], n_val, image_size, generator)
-    images = torch.cat([train, val])
+    return torch.cat([train, val])
+
+
+def builtin_splits(image_size, batch_size, num_batches, seed):
+    n_train, n_val = split_counts(SAMPLE_SIZE, batch_size, num_batches)
+    images = builtin_crops(image_size, n_train, n_val, seed).clone()
     names = [f'{os.path.splitext(photos[i % len(photos)])[0]}_crop{i:03d}'
              for photos, count in ((SAMPLE_TRAIN_PHOTOS, n_train), (SAMPLE_VAL_PHOTOS, n_val)) for i in range(count)]
     return Splits(images, torch.arange(n_train), torch.arange(n_train, n_train + n_val), names,
@@ -379,9 +427,11 @@ def load_images(data_dir, image_size, cache_dir, num_workers):
     """Every usable image under `data_dir`, as Splits with nothing assigned to training or validation yet."""
     root, names = list_images(data_dir)
     images, kept, fingerprints, cache = decode_into_cache(root, names, image_size, cache_dir, num_workers)
-    partition = read_partition(data_dir) if os.path.isdir(data_dir) else None
+    partition, identities = (read_partition(data_dir), read_identities(data_dir)) if os.path.isdir(data_dir) else (
+        None, None)
     empty = torch.zeros(0, dtype=torch.long)
-    return Splits(images, empty, empty, kept, fingerprints, os.path.realpath(root), data_dir, partition, cache)
+    return Splits(images, empty, empty, kept, fingerprints, os.path.realpath(root), data_dir, partition, cache,
+                  identities=identities)
 
 
 def cache_folder(cache_dir):
@@ -463,6 +513,7 @@ def recorded_splits(data, record):
                              f'{record["source"]} (e.g. {lost[0]}): it cannot go on as it was; start a new --train')
         indices.append(torch.tensor([where[n] for n in record.get(part, {})], dtype=torch.long))
     data.train_idx, data.val_idx, data.stop_idx = indices
+    data.stop_origins = record.get('stop_origins', [])
     if data.source != BUILTIN_SOURCE:
         data.description = f'{data.description} ({len(indices[0])} train, {len(indices[1])} validation, as recorded)'
     return data

@@ -147,7 +147,8 @@ def train_defence(config, device):
     label = defence.describe(strength)
     record = {'defence': label, 'sent_shape': list(shape), 'minutes': history[-1]['seconds'] / 60,
               'held_out': {'before': before, 'after': after, 'data': splits.description}, 'history': history,
-              'config': to_record(config), 'weights': path, 'provenance': provenance(device)}
+              'config': to_record(config), 'weights': path, 'provenance': provenance(device),
+              'precision': SplitAttack(student, None, device, bf16).precision}
     if plateau.patience:
         record['stopping'] = plateau.record(len(history), settings.epochs)
         print(stopping_note(record['stopping'], 'defence training'))

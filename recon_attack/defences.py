@@ -6,7 +6,6 @@ loads and the normal attack then attacks from scratch; they are charged against 
 
 A defence's methods receive the parts of the configuration they read: `defence` (a config.DefenceConfig, which
 holds each defence's own flag in `strengths`) and `noise` (a config.NoiseConfig: the noise defence's settings)."""
-import hashlib
 import inspect
 from typing import NamedTuple
 
@@ -18,7 +17,7 @@ from .models.decoders import build_decoder
 from .models.layouts import DESCRIPTIONS
 from .models.victims import SplitVictim, bottleneck, with_bottleneck
 from .config import DecoderSpec, NoiseConfig
-from .noise import rademacher, random_like
+from .noise import rademacher, random_like, stream_seed
 from .utils import UsageError
 
 DEFENDED_FILE, DEFENCE_RECORD = 'defended_victim.pth', 'defence.json'
@@ -490,7 +489,7 @@ def initialise_by_pca(squeeze, expand, features):
 def simulated_attacker_seed(seed):
     """The adversarial defence's own attacker starts from this seed, never `seed` itself, from which the fresh
     attacker that later measures the defence starts: the two must not share their initial weights."""
-    return int.from_bytes(hashlib.blake2b(f'simulated attacker {seed}'.encode(), digest_size=7).digest(), 'big')
+    return stream_seed('simulated attacker', seed)
 
 
 class SimulatedAttacker:

@@ -10,6 +10,7 @@ from .attacks import attacker_name, received, recover
 from .bound import Bound
 from .config import AttackPlan
 from .defences import active
+from .models.decoders import build_decoder
 from .metrics import (METRICS, format_summary, format_utility, load_lpips, msssim_note, score, summarise,
                       victim_agreement)
 from .records import to_record
@@ -61,23 +62,31 @@ def evaluated_plans(plan):
 
 
 def write_evaluation(per_image, names, extra, save_dir, kind):
-    """The evaluation_file of attack `kind` (means, stds, settings) and the per-image CSV beside it
-    (eval{_attack}_per_image.csv); returns the summary."""
+    """The evaluation_file of attack `kind` (means, stds, the baselines' apart, their flags, settings) and the
+    per-image CSV beside it (eval{_attack}_per_image.csv, the baselines' columns too); returns the summary."""
     summary = summarise(per_image)
     path = os.path.join(save_dir, evaluation_file(kind))
-    save_json({**extra, 'n_images': len(names), 'metrics': summary}, path)
+    own, baselines = split_baselines(summary)
+    save_json({**extra, 'n_images': len(names), 'metrics': own, 'baselines': baselines,
+               'flags': result_flags(own['psnr']['mean'], baselines, len(names))}, path)
     rows = [{'image': n, **{m: f'{per_image[m][i].item():.6g}' for m in per_image}} for i, n in enumerate(names)]
     save_csv(rows, path.removesuffix('.json') + '_per_image.csv')
     return summary
 
 
+def mean_training_image(splits, batch_size=256):
+    """The mean of the attacker's training images, (3, S, S) in [0, 1]: the trivial attack every attack stands
+    beside."""
+    total = torch.zeros(splits.images.shape[1:], dtype=torch.float64)
+    for start in range(0, len(splits.train_idx), batch_size):
+        total += splits.images[splits.train_idx[start:start + batch_size]].double().sum(0)
+    return to_unit(total / len(splits.train_idx)).float()
+
+
 def mean_image_baseline(splits, scored=None, batch_size=256):
     """Per-image metrics of the trivial attack that always answers the mean training image, on the held-out images
     (or `scored`, uint8 images)."""
-    mean = torch.zeros(splits.images.shape[1:], dtype=torch.float64)
-    for start in range(0, len(splits.train_idx), batch_size):
-        mean += splits.images[splits.train_idx[start:start + batch_size]].double().sum(0)
-    mean = to_unit(mean / len(splits.train_idx))
+    mean = mean_training_image(splits, batch_size)
     images, indices = (splits.images, splits.val_idx) if scored is None else (scored, torch.arange(len(scored)))
     results = {m: [] for m in METRICS}
     for start in range(0, len(indices), batch_size):
@@ -85,6 +94,62 @@ def mean_image_baseline(splits, scored=None, batch_size=256):
         for name, values in score(mean.expand_as(target), target).items():
             results[name].append(values)
     return {m: torch.cat(v) for m, v in results.items()}
+
+
+def untrained_decoder(config, derived, device):
+    """A decoder of the attacker's architecture at the weights its training started from (the attacker's seed)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.training.seed)
+        decoder = build_decoder(derived.sent_shape, config.data.image_size, config.decoder)
+    return decoder.to(device, memory_format=torch.channels_last).eval()
+
+
+class Baselines:
+    """Two trivial attacks scored on the images and from the tensor every attack is, as one of `evaluate`'s
+    measures: the mean training image (where it is known) and an untrained decoder of the attacker's architecture.
+    A leak is only what an attack recovers beyond them."""
+
+    def __init__(self, attack, config, derived, mean_image=None):
+        self.mean = None if mean_image is None else mean_image.to(attack.device)
+        self.untrained = attack.using(untrained_decoder(config, derived, attack.device))
+
+    def __call__(self, images, sent, positions, recon=None):
+        guesses = {'untrained_decoder': self.untrained.decode(sent)}
+        if self.mean is not None:
+            guesses['mean_image'] = self.mean.expand_as(images)
+        scores = {name: score(guess, images) for name, guess in guesses.items()}
+        return {f'{name}_{metric}': values[metric] for name, values in scores.items() for metric in ('psnr', 'ssim')}
+
+
+BASELINES = {'mean_image': 'mean training image', 'untrained_decoder': 'untrained decoder'}
+MIN_IMAGES = 16  # fewer scored images say too little of how much leaks
+
+
+def split_baselines(summary):
+    """(the attack's summary, {baseline: {metric: summary}}) of a summary that holds the baselines' figures."""
+    own = {m: v for m, v in summary.items() if not m.startswith(tuple(BASELINES))}
+    baselines = {name: {metric: summary[f'{name}_{metric}'] for metric in ('psnr', 'ssim')}
+                 for name in BASELINES if f'{name}_psnr' in summary}
+    return own, baselines
+
+
+def baseline_line(baselines):
+    """The baselines' PSNR, as logs and figure titles give it."""
+    return 'baselines on these images: ' + ', '.join(
+        f'{BASELINES[name]} {figures["psnr"]["mean"]:.2f} dB' for name, figures in baselines.items())
+
+
+def result_flags(psnr, baselines, n_images):
+    """Why a result shows no leak to trust, {short name: why}: too few images, or an attack's mean PSNR within one
+    per-image standard deviation of a baseline's mean (the strongest baseline's)."""
+    found = {'few images': f'scored on {n_images} images, fewer than {MIN_IMAGES}'} if n_images < MIN_IMAGES else {}
+    if baselines:
+        name, best = max(baselines.items(), key=lambda item: item[1]['psnr']['mean'])
+        if psnr <= best['psnr']['mean'] + best['psnr']['std']:
+            found['within baseline'] = (f'within the spread of the {BASELINES[name]} baseline '
+                                        f'({best["psnr"]["mean"]:.2f} ± {best["psnr"]["std"]:.2f} dB): no leak shown '
+                                        'beyond it')
+    return found
 
 
 def utility_charged(config, derived):
@@ -109,18 +174,20 @@ def utility_note(config, derived):
 
 
 def evaluate_and_report(attack, scored, config, derived, extra=None, plan=AttackPlan(), history=(), bound=None,
-                        measures=()):
-    """The full evaluation (quality and victim utility) of the Scored images by the attack `plan`, printed and
-    written into the run's folder as eval{_attack}.json and eval{_attack}_per_image.csv with the run's record
-    (config.Config and config.Derived); `history`: the training history of the decoder used; `bound`: the Bound of
-    these images where another attack on them already has one; `measures`: more per-batch hooks, as `evaluate`
-    takes. Returns (per-image figures, summary)."""
+                        measures=(), mean_image=None):
+    """The full evaluation (quality and victim utility) of the Scored images by the attack `plan`, beside the
+    baselines on the same images (`mean_image`: the mean training image, where known), printed and written into the
+    run's folder as eval{_attack}.json and eval{_attack}_per_image.csv with the run's record (config.Config and
+    config.Derived); `history`: the training history of the decoder used; `bound`: the Bound of these images where
+    another attack on them already has one; `measures`: more per-batch hooks, as `evaluate` takes. Returns
+    (per-image figures, summary), the baselines' among them."""
     noise = derived.noise(config.noise).testing()
     bound = bound or Bound(attack, noise, config.noise.probes)
     charged = utility_charged(config, derived)
+    baselines = Baselines(attack, config, derived, mean_image)
     per_image = evaluate(attack, scored.images, scored.indices, config.data.batch_size, noise, utility=charged,
                          plan=plan, perceptual=load_lpips(attack.device),
-                         measures=[*measures, *([bound] if bound.missing is None else [])])
+                         measures=[*measures, baselines, *([bound] if bound.missing is None else [])])
     attacker = attacker_name(plan.kind, config.decoder, config.training.feature_weight)
     trained_for = () if plan.kind == 'optimize' else history
     settings = {**(extra or {}), 'attack': dataclasses.asdict(plan), 'attacker': attacker,
@@ -130,7 +197,11 @@ def evaluate_and_report(attack, scored, config, derived, extra=None, plan=Attack
                 'msssim': msssim_note(config.data.image_size), 'utility': utility_note(config, derived),
                 'config': to_record(config, derived)}
     summary = write_evaluation(per_image, scored.names, settings, config.outputs.save_dir, plan.kind)
-    print(f'{plan.kind} attack ({attacker}) on {len(scored.names)} images: {format_summary(summary)}')
+    own, found = split_baselines(summary)
+    print(f'{plan.kind} attack ({attacker}) on {len(scored.names)} images: {format_summary(own)}')
+    print(baseline_line(found))
+    for flag in result_flags(own['psnr']['mean'], found, len(scored.names)).values():
+        print(f'warning: {flag}')
     print(bound.line(summary, per_image))
     if charged:
         print(format_utility(summary))

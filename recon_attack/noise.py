@@ -1,13 +1,63 @@
-"""Random draws on the device's side (Gaussian noise, dropout masks) and of the bound's probes: from one generator, or
-one generator per image, so that an image's draws do not depend on the batch it is in."""
+"""Random draws on the device's side (Gaussian noise, dropout masks) and of the bound's probes, each from its own
+stream: a stream's seeds are hashed from its name and the position of the draw (seed, epoch, image), so no two
+streams ever share a seed (the first training batch of an epoch never sees a held-out image's test noise), and an
+image's draws do not depend on the batch it is in.
+
+The streams (docs/measurement.md, "Random streams"):
+- 'test noise' / 'test masks' (image position): what the device adds to each scored image, the same for every
+  attack, seed and figure;
+- 'training noise' / 'training masks' (attacker seed, epoch, process): the attacker's training images;
+- 'data order' (attacker seed, epoch) and 'augment' (attacker seed, epoch, step, process): the attacker's batches;
+- 'bound probes' (image position): the Hutchinson probes of the bound;
+- 'channel subset' (victim seed): --channel_select random, a property of the defence, not of the attacker;
+- the attacker's initial weights: torch.manual_seed(attacker seed)."""
+import hashlib
 import math
+from typing import NamedTuple
 
 import torch
 
 
-def generators_for(positions, device='cpu'):
-    """One generator per image, seeded by its position among the images scored."""
-    return [torch.Generator(device=device).manual_seed(int(p)) for p in positions]
+def stream_seed(stream, *position):
+    """The seed of one draw of a named stream: a hash of the stream's name and the draw's position."""
+    text = ' '.join(map(str, (stream, *position)))
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=7).digest(), 'big')
+
+
+def generator(stream, *position, device='cpu'):
+    return torch.Generator(device=device).manual_seed(stream_seed(stream, *position))
+
+
+def generators_for(stream, positions, device='cpu'):
+    """One generator of `stream` per image, seeded by its position among the images scored."""
+    return [generator(stream, int(p), device=device) for p in positions]
+
+
+class Draws(NamedTuple):
+    """Where the device's random draws come from: its Gaussian noise and its random defences' masks, two streams,
+    each one generator or a list of one per image (see random_like)."""
+    noise: object
+    masks: object
+
+
+def held_out_draws(positions, device):
+    """Each scored image's own draws, by its position: the same tensor for every attack and figure of the images."""
+    return Draws(generators_for('test noise', positions, device), generators_for('test masks', positions, device))
+
+
+def training_draws(seed, epoch, rank, device):
+    """The attacker's training images' draws in one epoch (of one process): a stream per attacker seed and epoch."""
+    return Draws(generator('training noise', seed, epoch, rank, device=device),
+                 generator('training masks', seed, epoch, rank, device=device))
+
+
+def noise_line(noise):
+    """Where the device's Gaussian noise goes and when (a config.NoiseConfig), as the log says it; None without."""
+    where = 'the input image' if noise.at == 'input' else 'the sent tensor'
+    other = '--noise_at features puts it on the sent tensor' if noise.at == 'input' else 'a defence'
+    parts = ([f'variance {noise.var:g} (mean {noise.mean:g}) while the attacker trains'] if noise.train else []) + (
+        [f'variance {noise.test_var:g} (mean {noise.test_mean:g}) when it is measured'] if noise.test else [])
+    return f'noise on {where} ({other}): ' + ', '.join(parts) if parts else None
 
 
 def random_like(x, draw, generator):

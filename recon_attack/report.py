@@ -12,8 +12,9 @@ from .defences import describe as describe_defences, family
 from .evaluate import evaluation_file
 from .metrics import msssim_note
 from .records import NOT_SETTINGS, flags_of, from_record, to_record
-from .tables import (RESULT_HEADER, SEEDS_HEADER, against_first, over_seeds, provenance_note, result_cells,
-                     result_columns, seed_cells, tensor_columns)
+from .tables import (BASELINE_NOTE, RESULT_HEADER, SEEDS_HEADER, against_first, flagged_line, holm_note, made_columns,
+                     markdown_lines, over_seeds, provenance_note, result_cells, result_columns, seed_cells,
+                     tensor_columns)
 from .utils import UsageError, atomic_write_bytes, read_json, save_csv
 from .visualize import plot_privacy_utility
 
@@ -87,11 +88,9 @@ def held_out_sets(results):
     return [names.get(result.get('held_out'), '?') for result in results]
 
 
-def made_columns(result):
-    """Where and with what an evaluation was made (report.csv's last columns; None where it does not say)."""
-    made = result.get('provenance') or {}
-    return {'machine': made.get('machine'), 'precision': result.get('precision'), 'commit': made.get('commit'),
-            'made': made.get('time')}
+def made_with_text(result):
+    made = made_columns(result)
+    return f'{made["precision"] or "arithmetic not recorded"} on {made["machine"] or "a machine not recorded"}'
 
 
 def build_rows(evaluations, idle_flags):
@@ -102,43 +101,77 @@ def build_rows(evaluations, idle_flags):
     settings, runs = zip(*(run_settings(result, EVALUATIONS[name], idle_flags)
                            for (_, name), result in zip(evaluations, results)))
     columns = ['attack'] + [k for k in differing(settings) if k != 'attack']
+    made_with = [made_with_text(result) for result in results]
+    if len(set(made_with)) > 1:  # other arithmetic or another machine: other numbers, so another setting
+        columns.append('made with')
     rows = []
     for i, ((folder, name), result, setting, (config, derived), images) in enumerate(
             zip(evaluations, results, settings, runs, held_out_sets(results)), start=1):
         rows.append({'#': i, 'run': folder, **{k: setting_text(k, setting.get(k)) for k in columns},
                      'family': family(config.defence, derived.noise(config.noise), derived.victim_defence),
                      **tensor_columns(config, derived), **result_columns(result), 'held_out_set': images,
-                     **made_columns(result)})
+                     **made_columns(result), 'made with': made_with[i - 1]})
     return rows, columns, settings, [config for config, _ in runs], results
 
 
-def over_seed_groups(rows, columns, results):
-    """The settings that were run at several seeds: rows that differ only in --seed (the same attack and held-out
-    images), each group as one row of means and spread over its seeds, compared with the first group scored on the
-    same held-out images (never across sets: other images, other PSNRs)."""
-    groups = {}
+SELECTION_RULE = ('where one run was evaluated more than once on the same images (its re-evaluations in eval_model/ '
+                  'or eval_ckpt_N/), its final evaluation: of the longest-trained decoder, then the latest made')
+
+
+def comparable(row):
+    """What two rows must share for their PSNRs to be compared: the images scored, the arithmetic and the machine."""
+    return row['held_out_set'], row['precision'], row['machine']
+
+
+def final_evaluations(rows, results, columns):
+    """One (row, result) per setting and seed, chosen by SELECTION_RULE, and a warning naming the rows left out."""
+    chosen, left_out = {}, []
     for row, result in zip(rows, results):
-        key = tuple(row[k] for k in columns if k != 'seed') + (row['held_out_set'],)
+        key = tuple(row[k] for k in columns) + comparable(row)
+        if key in chosen:
+            kept = max(chosen[key], (row, result), key=lambda pair: (pair[0]['epochs'] or 0, pair[0]['made'] or ''))
+            left_out.append(next(r for r, _ in (chosen[key], (row, result)) if r is not kept[0]))
+            chosen[key] = kept
+        else:
+            chosen[key] = (row, result)
+    numbers = ', '.join(str(r['#']) for r in sorted(left_out, key=lambda r: r['#']))
+    rows_are = ('rows', 'repeat', 'are') if len(left_out) > 1 else ('row', 'repeats', 'is')
+    warning = (f'WARNING: {rows_are[0]} {numbers} {rows_are[1]} the setting and seed of another row and {rows_are[2]} '
+               'left out of the table over seeds, which counts each seed once (' + SELECTION_RULE + ')'
+               ) if left_out else None
+    return list(chosen.values()), warning
+
+
+def over_seed_groups(rows, columns, results):
+    """The settings that were run at several seeds: rows that differ only in --seed (the same attack, held-out images,
+    arithmetic and machine), each seed once (`final_evaluations`), each group as one row of means and spread over its
+    seeds, compared with the first group that is `comparable` (never across sets: other images, other PSNRs).
+    Returns (the groups, the comparisons tested, the warning about rows left out or None)."""
+    chosen, warning = final_evaluations(rows, results, columns)
+    groups = {}
+    for row, result in chosen:
+        key = tuple(row[k] for k in columns if k != 'seed') + comparable(row)
         groups.setdefault(key, []).append((row, result))
     if 'seed' not in columns or all(len(group) == 1 for group in groups.values()):
-        return []
+        return [], 0, warning
     grouped = [{'rows': ' '.join(str(row['#']) for row, _ in group),
                 **{k: group[0][0][k] for k in columns if k != 'seed'}, 'held_out_set': group[0][0]['held_out_set'],
-                **over_seeds([result for _, result in group])} for group in groups.values()]
-    against_first(grouped, lambda group: group['held_out_set'], lambda group: f'— (rows {group["rows"]})')
-    return grouped
+                **made_columns(*(result for _, result in group)), **over_seeds([result for _, result in group])}
+               for group in groups.values()]
+    tested = against_first(grouped, comparable, lambda group: f'— (rows {group["rows"]})')
+    return grouped, tested, warning
 
 
-def seeds_section(grouped, columns):
+def seeds_section(grouped, columns, tested):
     shown = [k for k in columns if k != 'seed']
-    return ['', 'Over seeds: the rows that differ only in `seed` (the attacker\'s), as one setting each: the mean over '
-            'its seeds and their spread; a difference from the first setting scored on the same held-out images '
-            'counts only where its paired 95 % interval over the seeds excludes 0.', '',
-            f'| rows | {" | ".join(shown)} | {SEEDS_HEADER} | PSNR against the first setting of its held-out set | '
-            'held-out set |',
-            '|' + '---|' * (len(shown) + SEEDS_HEADER.count('|') + 4)] + [
-        f'| {g["rows"]} | {" | ".join(g[k] for k in shown)} | {seed_cells(g)} | {g["against_first"]} | '
-        f'{g["held_out_set"]} |' for g in grouped]
+    header = (f'rows | {" | ".join(shown)} | {SEEDS_HEADER} | PSNR against the first setting of its held-out set | '
+              'held-out set')
+    return ['', 'Over seeds: the rows that differ only in `seed` (the attacker\'s), as one setting each (one '
+            'evaluation per seed: ' + SELECTION_RULE + '): the mean over its seeds and their spread; a difference from '
+            'the first comparable setting (the same held-out images, arithmetic and machine) counts only where its '
+            f'paired test over the seeds finds one ({holm_note(tested)}).', ''] + markdown_lines(header, [
+                f'{g["rows"]} | {" | ".join(g[k] for k in shown)} | {seed_cells(g)} | {g["against_first"]} | '
+                f'{g["held_out_set"]}' for g in grouped])
 
 
 def comparable_sets(sets):
@@ -157,23 +190,24 @@ def held_out_warning(rows, sets):
         + f'); compare rows only within a set{unknown}')
 
 
-def markdown_report(rows, columns, settings, configs, patterns, sets, results, grouped=()):
+def markdown_report(rows, columns, settings, configs, patterns, sets, results, seeds=((), 0, None)):
     shared = [k for k in SUMMARY_KEYS if k not in columns and k in settings[0]
               and (settings[0][k] is not None or k == 'data_dir')]
     lines = [f'Report of {len(rows)} evaluations from {", ".join(patterns)}.', '', provenance_note(results) + '.', '',
              'Same in every run: ' + ', '.join(f'{k} {setting_text(k, settings[0][k])}' for k in shared) + '.', '',
-             f'| # | run | {" | ".join(columns)} | tensor | {RESULT_HEADER} | held-out set |',
-             '|' + '---|' * (len(columns) + 13)]
-    for r in rows:
-        lines.append(f'| {r["#"]} | {r["run"]} | {" | ".join(r[k] for k in columns)} | {r["tensor"]} | '
-                     f'{result_cells(r)} | {r["held_out_set"]} |')
+             *markdown_lines(f'# | run | {" | ".join(columns)} | tensor | {RESULT_HEADER} | held-out set', [
+                 f'{r["#"]} | {r["run"]} | {" | ".join(r[k] for k in columns)} | {r["tensor"]} | {result_cells(r)} | '
+                 f'{r["held_out_set"]}' for r in rows])]
+    grouped, tested, duplicates = seeds
     notes = [held_out_warning(rows, sets)] if comparable_sets(sets) is None else []
-    notes += sorted({msssim_note(c.data.image_size) for c in configs}) + [CEILING_NOTE]
+    notes += [duplicates] if duplicates else []
+    notes += [BASELINE_NOTE] + sorted({msssim_note(c.data.image_size) for c in configs}) + [CEILING_NOTE]
     if all(r['lpips'] is None for r in rows):
         notes.append('LPIPS not scored: its AlexNet weights were not in the torch hub cache')
     if any(c.victim.random for c in configs):
         notes.append('rows with a random-initialised victim: their agreement figures are not meaningful')
-    return '\n'.join(lines + (seeds_section(grouped, columns) if grouped else []) + ['', '. '.join(notes) + '.', ''])
+    return '\n'.join(lines + (seeds_section(grouped, columns, tested) if grouped else [])
+                     + ['', '. '.join(notes) + '.', ''])
 
 
 def write_report(patterns, save_dir, idle_flags):
@@ -182,16 +216,16 @@ def write_report(patterns, save_dir, idle_flags):
     rows, columns, settings, configs, results = build_rows(find_evaluations(patterns), idle_flags)
     os.makedirs(save_dir, exist_ok=True)
     save_csv(rows, os.path.join(save_dir, 'report.csv'))
-    grouped = over_seed_groups(rows, columns, results)
-    if grouped:
-        save_csv(grouped, os.path.join(save_dir, 'report_seeds.csv'))
+    seeds = over_seed_groups(rows, columns, results)
+    if seeds[0]:
+        save_csv(seeds[0], os.path.join(save_dir, 'report_seeds.csv'))
     sets = sorted({r['held_out_set'] for r in rows})
-    table = markdown_report(rows, columns, settings, configs, patterns, sets, results, grouped)
+    table = markdown_report(rows, columns, settings, configs, patterns, sets, results, seeds)
     atomic_write_bytes(os.path.join(save_dir, 'report.md'), table.encode())
     one_set = comparable_sets(sets) is not None
     labels = [f'{r["#"]}' + ('' if one_set else f' ({r["held_out_set"]})') for r in rows]
     title = f'report of {len(rows)} evaluations (points: the rows of report.md' + (
         ')' if one_set else f'; held-out set in brackets: NOT COMPARABLE across sets {", ".join(sets)})')
-    plot_privacy_utility(rows, labels, title, os.path.join(save_dir, 'report.png'))
+    plot_privacy_utility(rows, labels, title + flagged_line(rows, labels), os.path.join(save_dir, 'report.png'))
     print(table)
     return rows

@@ -16,14 +16,15 @@ from .data import load_splits
 from .defence_training import train_defence
 from .defences import (DEFENCE_RECORD, DEFENCES, DEFENDED_FILE, KEEP_CHANNELS, NO_DEFENCE, NOISE_KEYS,
                        check_sweep_value, family, noise_flags, parse_sweep_value, training_flags)
-from .evaluate import evaluate_and_report, evaluated_plans, evaluation_file, utility_note
+from .evaluate import evaluate_and_report, evaluated_plans, evaluation_file, mean_training_image, utility_note
 from .metrics import msssim_note
 from .models.cuts import SPLITS, check_cut, cut_at, probe, victim_name
 from .models.decoders import DECODERS, INTERPOLATIONS, resolve
 from .models.victims import victim_label
 from .records import NOT_SETTINGS, from_record, renamed_value, to_record, with_flags
-from .tables import (RESULT_HEADER, SEEDS_HEADER, against_first, over_seeds, provenance_note, result_cells,
-                     result_columns, seed_cells, tensor_columns)
+from .tables import (BASELINE_NOTE, RESULT_HEADER, SEEDS_HEADER, against_first, flagged_line, holm_note, made_columns,
+                     markdown_lines, over_seeds, provenance_note, result_cells, result_columns, seed_cells,
+                     tensor_columns)
 from .train import train, train_and_evaluate
 from .utils import UsageError, atomic_write_bytes, fresh_run_dir, read_json, save_csv, save_json
 from .visualize import (plot_privacy_utility, plot_sweep, plot_sweep_samples, plot_training_time, sample_sent,
@@ -241,6 +242,8 @@ class Sweep:
     def budget(self, short=False):
         """Each value's training budget, as the table (or, `short`, the figures) say it."""
         minutes, epochs = self.config.training.minutes, self.config.training.num_epochs
+        if self.config.attack.kind == 'optimize' and self.name != 'attack':
+            return 'no training' if short else 'no training (the white-box optimisation alone)'
         if minutes:
             return f'~{minutes:g} min each' if short else f'about {minutes:g} minutes of training each'
         return f'{epochs} epochs'
@@ -294,7 +297,7 @@ def table_row(sweep, value, results):
         labels = {sweep.name: value_label(value)}
     figures = result_columns(results[0]) if sweep.seeds == 1 else over_seeds(results)
     return {**labels, **tensor_columns(config, derived), **figures, **decoder_psnr(sweep, results),
-            **defence_cost(sweep, config)}
+            **defence_cost(sweep, config), **made_columns(*results)}
 
 
 def decoder_psnr(sweep, results):
@@ -325,7 +328,7 @@ def training_history(sweep, run):
     return metrics['history'] if metrics else []
 
 
-def markdown_table(sweep, rows, description, records, reused=(), decoder_runs=()):
+def markdown_table(sweep, rows, description, records, reused=(), decoder_runs=(), tested=0):
     """sweep.md: the title (victim, attacker, budget, seeds, data), where it was made (`records`: the eval jsons
     behind the rows), the table, then its notes."""
     config, name = sweep.config, sweep.name
@@ -338,13 +341,11 @@ def markdown_table(sweep, rows, description, records, reused=(), decoder_runs=()
              + (f' cut at {config.victim.split}' if name != 'split' else '')
              + f'{attacker}, {config.data.image_size} px, {sweep.budget()}, {sweep.seeds_text()}; {description}.', '',
              provenance_note(records) + '.', '',
-             f'| {" | ".join(label_columns)} | tensor | channels sent | {header} |',
-             '|' + '---|' * (2 + len(label_columns) + header.count('|') + 1)]
-    for r in rows:
-        figures = f'{seed_cells(r)} | {r["against_first"]}' if several else result_cells(r)
-        lines.append(f'| {" | ".join(r[c] for c in label_columns)} | {r["tensor"]} | {r["channels_sent"]} | '
-                     f'{figures} |')
-    notes = [msssim_note(config.data.image_size), utility_note(config, Derived()), CEILING_NOTE]
+             *markdown_lines(f'{" | ".join(label_columns)} | tensor | channels sent | {header}', [
+                 f'{" | ".join(r[c] for c in label_columns)} | {r["tensor"]} | {r["channels_sent"]} | '
+                 + (f'{seed_cells(r)} | {r["against_first"]}' if several else result_cells(r)) for r in rows])]
+    notes = ([holm_note(tested)] if several else []) + [BASELINE_NOTE, msssim_note(config.data.image_size),
+                                                        utility_note(config, Derived()), CEILING_NOTE]
     if all(r['lpips'] is None for r in rows):
         notes.append('LPIPS not scored: its AlexNet weights were not in the torch hub cache')
     if name == 'decoder':
@@ -427,13 +428,14 @@ def run_value(sweep, run, device):
             validation, bound = trained.splits.validation(), Bound(trained.attack, noise, trainee.noise.probes)
             for plan in evaluated_plans(trainee.attack):  # the decoder's eval.json beside a refinement's
                 evaluate_and_report(trained.attack, validation, trainee, trained.derived, extra, plan,
-                                    trained.history, bound)
+                                    trained.history, bound, mean_image=mean_training_image(trained.splits))
             if trainee is run:
                 return finished_result(run)
     splits = value_splits(sweep, run)
     attack, derived = value_attack(sweep, run, device, splits)
     history = () if run.attack.kind == 'optimize' else trained_decoder(sweep, run)[1]['history']
-    evaluate_and_report(attack, splits.validation(), run, derived, extra, run.attack, history)
+    evaluate_and_report(attack, splits.validation(), run, derived, extra, run.attack, history,
+                        mean_image=mean_training_image(splits))
     return finished_result(run)
 
 
@@ -486,18 +488,18 @@ def run_sweep(config, name, given_values, seeds, device):
         rows.append(table_row(sweep, value, results))
         first = from_record(results[0]['config'])  # the first seed's, for figures
         evaluated.append((replace(first[0], outputs=sweep.run(value).outputs), first[1]))
-    if seeds > 1:
-        against_first(rows)  # every value is scored on the same held-out images
+    tested = against_first(rows) if seeds > 1 else 0  # every value is scored on the same held-out images
     validation = value_splits(sweep, evaluated[0][0]).validation()
     save_csv(rows, os.path.join(folder, 'sweep.csv'))
     table = markdown_table(sweep, rows, validation.description, records, reused,
-                           [(v, run) for v, (run, _) in zip(values, evaluated)])
+                           [(v, run) for v, (run, _) in zip(values, evaluated)], tested)
     atomic_write_bytes(os.path.join(folder, 'sweep.md'), table.encode())
     labels = [sweep.row_label(r) for r in rows]
+    title = sweep.title() + flagged_line(rows, labels)
     if name in ('attack', 'defence'):
-        plot_privacy_utility(rows, labels, sweep.title(), os.path.join(folder, 'sweep.png'))
+        plot_privacy_utility(rows, labels, title, os.path.join(folder, 'sweep.png'))
     else:
-        plot_sweep(rows, labels, name, config.attack.kind, sweep.title(), os.path.join(folder, 'sweep.png'))
+        plot_sweep(rows, labels, name, config.attack.kind, title, os.path.join(folder, 'sweep.png'))
     if name == 'decoder':
         plot_training_time([training_history(sweep, run) for run, _ in evaluated], labels, sweep.title(),
                            os.path.join(folder, 'sweep_time.png'))
@@ -537,7 +539,8 @@ def attack_seed_rows(runs):
     """One row per attack evaluated: its figures' means and spread over the seeds."""
     def records(kind):
         return [read_json(os.path.join(run.outputs.save_dir, evaluation_file(kind))) for run in runs]
-    return [{'attack': plan.kind, **over_seeds(records(plan.kind))} for plan in evaluated_plans(runs[0].attack)]
+    return [{'attack': plan.kind, **over_seeds(records(plan.kind)), **made_columns(*records(plan.kind))}
+            for plan in evaluated_plans(runs[0].attack)]
 
 
 def defence_seed_rows(runs):
@@ -548,8 +551,10 @@ def defence_seed_rows(runs):
             for run, record in zip(runs, records)]
     figures = [k for k in rows[0] if k != 'seed']
     values = {k: torch.tensor([row[k] for row in rows], dtype=torch.float64) for k in figures}
-    return rows + [{'seed': 'mean', **{k: v.mean().item() for k, v in values.items()}},
-                   {'seed': 'spread (std)', **{k: v.std().item() for k, v in values.items()}}]
+    rows += [{'seed': 'mean', **{k: v.mean().item() for k, v in values.items()}},
+             {'seed': 'spread (std)', **{k: v.std().item() for k, v in values.items()}}]
+    return [{**row, **made_columns(*(records if isinstance(row['seed'], str) else [record]))}
+            for row, record in zip(rows, records + [None, None])]
 
 
 def seeds_table(config, seeds, rows, records, defence):
@@ -560,10 +565,10 @@ def seeds_table(config, seeds, rows, records, defence):
              f'cut at {config.victim.split}, {config.data.image_size} px; every seed scored on the same held-out '
              f'images (--split_seed {config.data.split_seed}).\n\n{provenance_note(records)}.')
     if defence:
-        header = ' | '.join(rows[0])
-        lines = [f'| {header} |', '|' + '---|' * len(rows[0])] + [
-            '| ' + ' | '.join(v if isinstance(v, str) else f'{v:.4g}' for v in row.values()) + ' |' for row in rows]
+        lines = markdown_lines(' | '.join(rows[0]), [
+            ' | '.join(v if isinstance(v, str) else '—' if v is None else f'{v:.4g}' for v in row.values())
+            for row in rows])
     else:
-        lines = [f'| attack | {SEEDS_HEADER} |', '|' + '---|' * (SEEDS_HEADER.count('|') + 2)] + [
-            f'| {row["attack"]} | {seed_cells(row)} |' for row in rows]
-    return '\n'.join([title, '', *lines, '', utility_note(config, Derived()) + '.', ''])
+        lines = markdown_lines(f'attack | {SEEDS_HEADER}', [f'{row["attack"]} | {seed_cells(row)}' for row in rows])
+    notes = [utility_note(config, Derived())] + ([] if defence else [BASELINE_NOTE])
+    return '\n'.join([title, '', *lines, '', '. '.join(notes) + '.', ''])

@@ -25,8 +25,9 @@ from .config import Derived
 from .data import full_batches, load_splits
 from .distributed import (gather_from_processes, is_main_process, main_first, mean_over_processes, rank_and_world,
                           same_on_all_processes, save_if_main)
-from .evaluate import evaluate, evaluate_and_report, mean_image_baseline
+from .evaluate import evaluate, evaluate_and_report, mean_image_baseline, mean_training_image
 from .metrics import format_summary, msssim_note, summarise
+from .noise import generator, training_draws
 from .records import to_record
 from .stopping import STOP_KEY, Plateau, stopping_note
 from .utils import Interrupted, RunError, UsageError, progress, save_json, save_torch
@@ -177,11 +178,6 @@ class StoppedInEpoch(Exception):
         self.progress = progress
 
 
-def batch_generator(seed, epoch, step, rank):
-    """The random draws of one process's batch (--augment), seeded by its position: a resumed run redraws them."""
-    return torch.Generator().manual_seed(((seed * 1000 + epoch) * 100_000 + step) * 64 + rank)
-
-
 class EpochPlan(NamedTuple):
     """What every epoch of a run shares: the recipe (a config.TrainConfig), the batch size, the noise the
     attacker's training images get (a config.Noise or None), and the run's epochs (a Budget)."""
@@ -195,36 +191,38 @@ def train_one_epoch(attack, splits, cache, plan, optimizer, epoch, stop=None, re
                     average=None):
     """One pass over the training split; returns the mean training loss.
 
-    The data order is a permutation seeded by (seed, epoch) and the noise comes from a generator whose state is
-    saved, so a run stopped mid-epoch (`stop`) continues (`resume`) with exactly the batches and noise it would
-    have seen. Under torchrun every process draws the same permutation and takes every world-th image of each
-    global batch (as DistributedSampler does); DDP averages the gradients, so the step is the one of the whole
-    --batch_size. `batch_scheduler` (cosine) steps after every batch; `average` (--ema) follows the weights."""
+    The data order is a permutation seeded by (seed, epoch) and the noise and masks come from generators
+    (noise.training_draws) whose states are saved, so a run stopped mid-epoch (`stop`) continues (`resume`) with
+    exactly the batches and noise it would have seen. Under torchrun every process draws the same permutation and
+    takes every world-th image of each global batch (as DistributedSampler does); DDP averages the gradients, so the
+    step is the one of the whole --batch_size. `batch_scheduler` (cosine) steps after every batch; `average` (--ema)
+    follows the weights."""
     attack.decoder.train()
     rank, world = rank_and_world()
     seed = plan.training.seed
-    data_order = torch.Generator().manual_seed(seed * 1000 + epoch)
-    noise_rng = attack.noise_generator(seed * 1000 + epoch + 100_003 * rank)
+    draws = training_draws(seed, epoch, rank, attack.device)
     batch_size, n = plan.batch_size, len(splits.train_idx)
-    order = torch.randperm(n, generator=data_order)
+    order = torch.randperm(n, generator=generator('data order', seed, epoch))
     starts = full_batches(n, batch_size)
     total, count, first = torch.zeros((), device=attack.device), 0, 0
-    if resume is not None:  # each process goes on from its own running loss and noise generator
+    if resume is not None:  # each process goes on from its own running loss and random draws
         mine = resume['processes'][rank]
         total += mine['loss_sum']
         count, first = resume['count'], resume['step']
-        noise_rng.set_state(mine['noise_rng'])
+        draws.noise.set_state(mine['noise_rng'])
+        if 'mask_rng' in mine:  # a checkpoint from before masks had their own stream goes on with a fresh one
+            draws.masks.set_state(mine['mask_rng'])
     with progress(starts[first:], desc=f'epoch {epoch + 1}/{plan.budget.epochs}') as bar:
         for step, start in enumerate(bar, start=first):
             positions = order[start:start + batch_size][rank::world]
             images = attack.to_images(splits.images[splits.train_idx[positions]])
             if plan.training.augment:  # new images: the attacker queries the device's half for their features
-                images = augment(images, batch_generator(seed, epoch, step, rank))
+                images = augment(images, generator('augment', seed, epoch, step, rank))
             if cache is None:
-                features = attack.encode(images, plan.noise, noise_rng)
+                features = attack.encode(images, plan.noise, draws)
             else:
                 features = cache[positions.to(cache.device)].to(attack.device, non_blocking=True)
-            features = attack.defend(features, plan.noise, noise_rng)
+            features = attack.defend(features, plan.noise, draws)
             activations = [] if plan.training.sparse else None
             recon = attack.decode(features, activations, training=True)
             loss = training_loss(attack, recon, images, features, activations, plan.training)
@@ -245,28 +243,33 @@ def train_one_epoch(attack, splits, cache, plan, optimizer, epoch, stop=None, re
                                    f'written so far are intact')
                 bar.set_postfix(loss=f'{mean_loss:.4f}')
             if stop is not None and step < len(starts) - 1 and stop.requested(step):
-                mine = {'loss_sum': total.item(), 'noise_rng': noise_rng.get_state().cpu()}
+                mine = {'loss_sum': total.item(), 'noise_rng': draws.noise.get_state().cpu(),
+                        'mask_rng': draws.masks.get_state().cpu()}
                 raise StoppedInEpoch({'step': step + 1, 'of': len(starts), 'count': count,
                                       'processes': gather_from_processes(mine)})
     return mean_loss
 
 
 class BestWeights:
-    """--stop_patience: the attacking decoder's weights at the stopping rule's best epoch, chosen on the stopping
-    images (never the reported ones); the attack uses them once training stops, as an attacker who watched a
-    held-out set of its own would."""
+    """--stop_patience: the attacking decoder's weights of the epoch with the highest PSNR on the stopping images
+    (never the reported ones; ties: the earliest); the attack uses them once training stops, as an attacker who
+    watched a held-out set of its own would."""
 
     def __init__(self):
-        self.epoch, self.decoder = 0, None
+        self.epoch, self.value, self.decoder = 0, None, None
 
-    def keep(self, decoder, epoch):
-        self.epoch, self.decoder = epoch, {k: v.detach().clone() for k, v in decoder.state_dict().items()}
+    def offer(self, decoder, epoch, value):
+        if self.value is None or value > self.value:
+            self.epoch, self.value = epoch, value
+            self.decoder = {k: v.detach().clone() for k, v in decoder.state_dict().items()}
 
     def state_dict(self):
-        return {'epoch': self.epoch, 'decoder': self.decoder}
+        return {'epoch': self.epoch, 'value': self.value, 'decoder': self.decoder}
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state, history):
+        """`history`: the run's, where a checkpoint from before the value was stored holds it."""
         self.epoch, self.decoder = state['epoch'], state['decoder']
+        self.value = state['value'] if 'value' in state else history[self.epoch - 1][STOP_KEY]
 
 
 class Trainer(NamedTuple):
@@ -282,7 +285,8 @@ def checkpoint(attack, splits, record, history, epoch, trainer, resumable=True):
     (records.to_record); a `resumable` one (ckpt_N.ckpt) also holds what goes on training."""
     average = trainer.average
     state = {'format': CHECKPOINT_FORMAT, 'config': record, 'epoch': epoch, 'history': history,
-             'decoder': attacking_decoder(attack, average).state_dict(), 'data': splits.record()}
+             'decoder': attacking_decoder(attack, average).state_dict(), 'data': splits.record(),
+             'mean_image': mean_training_image(splits)}  # the baseline of every later evaluation
     if resumable:
         state['optimizer'] = trainer.optimizer.state_dict()
         state['scheduler'] = trainer.scheduler.state_dict() if trainer.scheduler is not None else None
@@ -306,7 +310,8 @@ def save_and_stop(attack, splits, record, save_dir, history, epoch, trainer, pro
     state = checkpoint(attack, splits, record, history, epoch, trainer)
     state['partial_epoch'] = progress
     save_if_main(save_torch, state, path)
-    where = f'in epoch {epoch + 1} after step {progress["step"]} of {progress["of"]}' if progress else f'after epoch {epoch}'
+    where = (f'in epoch {epoch + 1} after step {progress["step"]} of {progress["of"]}' if progress
+             else f'after epoch {epoch}')
     raise Interrupted(f'{reason}: training stopped {where} and saved {path}; to go on: '
                       f'python main.py --resume --model_path {path}')
 
@@ -419,15 +424,15 @@ def train(config, device, resume=None, derived=Derived(), splits=None):
                                             start_epoch) as curves:
         epoch = start_epoch
         while epoch < budget.epochs and not plateau.reached(epoch):  # --minutes may set the epochs after epoch 1
-            started = time.time()
+            started = time.time() - (partial or {}).get('seconds', 0.0)  # an epoch resumed: its time before too
             record = to_record(config, derived)
             try:
                 train_loss = train_one_epoch(attack, splits, cache, plan, optimizer, epoch, stop, partial,
                                              trainer.scheduler if training.scheduler == 'cosine' else None,
                                              trainer.average)
             except StoppedInEpoch as stopped:
-                save_and_stop(attack, splits, record, save_dir, history, epoch, trainer, stopped.progress,
-                              stop.signal)
+                save_and_stop(attack, splits, record, save_dir, history, epoch, trainer,
+                              {**stopped.progress, 'seconds': time.time() - started}, stop.signal)
             partial = None
             if training.scheduler == 'step':
                 trainer.scheduler.step()
@@ -436,14 +441,14 @@ def train(config, device, resume=None, derived=Derived(), splits=None):
                         if plateau.patience else None)
             history.append(history_row(epoch + 1, train_loss, summary, optimizer, time.time() - started, stopping))
             plateau.update(history[-1])
-            if plateau.best_epoch == epoch + 1 and trainer.best is not None:
-                trainer.best.keep(attacking_decoder(attack, trainer.average), epoch + 1)
+            if trainer.best is not None:
+                trainer.best.offer(attacking_decoder(attack, trainer.average), epoch + 1, history[-1][STOP_KEY])
             if curves is not None:
                 curves.log(epoch + 1, {tag: history[-1][key] for key, tag in CURVES.items()})
                 curves.reconstructions(epoch + 1, attack.using(attacking_decoder(attack, trainer.average)))
             print(f'epoch {epoch + 1}/{budget.epochs}: train loss {train_loss:.5f}  val loss '
                   f'{summary["mse"]["mean"]:.5f}  {format_summary(summary)}  ({time.time() - started:.1f}s)')
-            if epoch == 0 and training.minutes and resume is None:
+            if epoch == 0 and training.minutes and derived.num_epochs is None:  # a resumed first epoch too
                 budget.epochs = epochs_within(training.minutes, history[0]['seconds'])
                 derived = dataclasses.replace(derived, num_epochs=budget.epochs)
                 record = to_record(config, derived)
@@ -470,7 +475,8 @@ def use_best_weights(attack, trainer, epochs):
     best = trainer.best
     if best.decoder is not None and best.epoch < epochs:
         attacking_decoder(attack, trainer.average).load_state_dict(best.decoder)
-        print(f'the attack uses the decoder of epoch {best.epoch}, the best on the stopping images')
+        print(f'the attack uses the decoder of epoch {best.epoch}, the highest PSNR on the stopping images '
+              f'({best.value:.2f} dB)')
 
 
 def train_and_evaluate(config, device, resume=None, derived=Derived()):
@@ -479,14 +485,14 @@ def train_and_evaluate(config, device, resume=None, derived=Derived()):
     trained = train(config, device, resume, derived)
     if not is_main_process():
         return
-    attack, derived = trained.attack, trained.derived
+    attack, derived, mean_image = trained.attack, trained.derived, mean_training_image(trained.splits)
     noise = derived.noise(config.noise)
     validation, bound = trained.splits.validation(), Bound(attack, noise.testing(), config.noise.probes)
     per_image, _ = evaluate_and_report(attack, validation, config, derived, {'epoch': len(trained.history)},
-                                       history=trained.history, bound=bound)
-    draw_all(attack, validation, config, derived, trained.history, config.outputs.save_dir, per_image['psnr'])
+                                       history=trained.history, bound=bound, mean_image=mean_image)
+    draw_all(attack, validation, config, derived, trained.history, config.outputs.save_dir, per_image, mean_image)
     if config.attack.kind != 'decoder':
-        run_attack(attack, validation, config, derived, history=trained.history, bound=bound)
+        run_attack(attack, validation, config, derived, history=trained.history, bound=bound, mean_image=mean_image)
 
 
 def resume_training(attack, trainer, state, epochs):
@@ -498,7 +504,7 @@ def resume_training(attack, trainer, state, epochs):
     if trainer.average is not None:
         trainer.average.load_state_dict(state['average'])
     if trainer.best is not None and state.get('best'):
-        trainer.best.load_state_dict(state['best'])
+        trainer.best.load_state_dict(state['best'], state['history'])
     partial = state.get('partial_epoch')
     print(f'resuming epoch {state["epoch"] + 1} of {epochs}'
           + (f' at step {partial["step"] + 1} of {partial["of"]}' if partial else ''))

@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import tempfile
 
 import torch
@@ -116,14 +117,16 @@ def processor():
 
 @functools.lru_cache(maxsize=1)
 def tool_commit():
-    """The tool's git commit (12 digits, '+ uncommitted changes' where tracked files differ from it), or why there
-    is none."""
+    """The tool's git commit (12 digits, '+ uncommitted changes' where tracked files differ from it or code that
+    git does not track is in the checkout: a new .py file, anything new in the package), or why there is none."""
     def git(*args):
         return subprocess.run(['git', '-C', TOOL_DIR, *args], capture_output=True, text=True, timeout=10,
                               check=True).stdout.strip()
     try:
         commit = git('rev-parse', '--short=12', 'HEAD')
-        return commit + (' + uncommitted changes' if git('status', '--porcelain', '--untracked-files=no') else '')
+        changed = git('status', '--porcelain', '--untracked-files=no') or git(
+            'ls-files', '--others', '--exclude-standard', '--', '*.py', 'recon_attack')
+        return commit + (' + uncommitted changes' if changed else '')
     except (OSError, subprocess.SubprocessError):
         return 'unknown (not a git checkout)'
 
@@ -143,8 +146,33 @@ def provenance(device):
 
 
 def progress(iterable, desc, unit='batch'):
-    """The progress bar of every long loop (rank 0's only)."""
-    return tqdm(iterable, desc=desc, unit=unit, leave=False, disable=not is_main_process())
+    """The progress bar of every long loop (rank 0's only); where stderr is a file, not a terminal, one plain line
+    as the loop starts instead of the bar's redraws, which would bury the log."""
+    if sys.stderr.isatty() or not is_main_process():
+        return tqdm(iterable, desc=desc, unit=unit, leave=False, disable=not is_main_process())
+    return PlainProgress(iterable, desc, unit)
+
+
+class PlainProgress:
+    """What `progress` gives a log file: the loop's name and length, once (tqdm's interface, its redraws left out)."""
+
+    def __init__(self, iterable, desc, unit):
+        self.iterable = iterable
+        plural = unit + ('es' if unit.endswith(('ch', 'sh', 's', 'x')) else 's')
+        count = f' ({len(iterable)} {plural})' if hasattr(iterable, '__len__') else ''
+        print(f'{desc}{count}', file=sys.stderr, flush=True)
+
+    def __iter__(self):
+        return iter(self.iterable)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def set_postfix(self, **values):
+        """The bar's running figures: a log file gets the loop's result from the line after it instead."""
 
 
 def fresh_run_dir(save_dir):

@@ -15,8 +15,9 @@ from .attacks import attacker_name, received, recover  # noqa: E402
 from .config import AttackPlan  # noqa: E402
 from .defences import describe as describe_defences  # noqa: E402
 from .distributed import is_main_process  # noqa: E402
-from .evaluate import attack_slug, evaluate, evaluate_and_report  # noqa: E402
-from .metrics import score  # noqa: E402
+from .evaluate import (BASELINES, Baselines, attack_slug, baseline_line, evaluate, evaluate_and_report,  # noqa: E402
+                       result_flags, split_baselines)
+from .metrics import score, summarise  # noqa: E402
 from .models.cuts import victim_name  # noqa: E402
 from .models.layouts import layout_of  # noqa: E402
 from .models.victims import victim_label  # noqa: E402
@@ -49,14 +50,19 @@ def to_numpy_image(image):
     return image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
 
 
-def plot_history(history, title, path):
-    """Train / validation loss, and validation PSNR and SSIM, per epoch."""
+LOSS_NAMES = {'mse': 'pixel MSE', 'l1': 'pixel L1', 'ssim': '1 - SSIM', 'mix': '0.84 (1 - SSIM) + 0.16 L1'}
+
+
+def plot_history(history, title, path, loss='mse'):
+    """Per epoch: the training objective (--loss, with any extra terms), the validation MSE, and the validation PSNR
+    and SSIM, each on an axis of its own."""
     epochs = [h['epoch'] for h in history]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    left.plot(epochs, [h['train_loss'] for h in history], 'o-', label='train loss')
-    left.plot(epochs, [h['val_loss'] for h in history], 's-', label='validation loss (MSE)')
-    left.set(xlabel='epoch', ylabel='loss', yscale='log', title='loss')
-    left.legend()
+    fig, (objective, mse, right) = plt.subplots(1, 3, figsize=(15, 4), layout='constrained')
+    objective.plot(epochs, [h['train_loss'] for h in history], 'o-')
+    objective.set(xlabel='epoch', ylabel=f'training loss ({LOSS_NAMES[loss]})', yscale='log',
+                  title='what training minimises')
+    mse.plot(epochs, [h['val_loss'] for h in history], 's-', color='tab:orange')
+    mse.set(xlabel='epoch', ylabel='validation MSE', yscale='log', title='validation error')
     right.plot(epochs, [h['psnr'] for h in history], 'o-', color='tab:green', label='PSNR')
     right.set(xlabel='epoch', ylabel='validation PSNR (dB)', title='validation quality')
     ssim_axis = right.twinx()
@@ -131,16 +137,18 @@ class Kept:
 
 
 @torch.no_grad()
-def plot_samples(attack, sample, noise, title, save_dir, plan=AttackPlan(), reconstructions=None):
+def plot_samples(attack, sample, noise, title, save_dir, plan=AttackPlan(), reconstructions=None, mean_image=None):
     """Columns of original | reconstruction by the attack `plan` from the very tensor the evaluation scored (test
-    `noise` and defences included), so each image's PSNR is the one in eval_per_image.csv; each image also as its
-    own PNG under save_dir/samples/. `reconstructions`: the evaluation's own (Kept), else the attack runs here."""
+    `noise` and defences included), so each image's PSNR is the one in eval_per_image.csv, over the mean training
+    image (the baseline beside which a reconstruction is read) where it is known; each image also as its own PNG
+    under save_dir/samples/. `reconstructions`: the evaluation's own (Kept), else the attack runs here."""
     attack.decoder.eval()
     target, sent = sample_sent(attack, sample, noise)
     if reconstructions is None:
         reconstructions = recover(attack, sent, plan, target.shape)
     received_as = f' (noisy {noise.at}, var {noise.var:g})' if noise is not None else ''
     rows = [('original', target), (f'{plan.kind} reconstruction{received_as}', reconstructions)]
+    baseline = [] if mean_image is None else [('mean training image\n(baseline)', mean_image.expand_as(target))]
     samples_dir = os.path.join(save_dir, 'samples')
     os.makedirs(samples_dir, exist_ok=True)
     slug = attack_slug(plan.kind)
@@ -150,7 +158,7 @@ def plot_samples(attack, sample, noise, title, save_dir, plan=AttackPlan(), reco
             save_image(batch[c].clamp(0, 1), os.path.join(samples_dir, f'{stem}_{suffix}.png'))
     title += '' if plan.kind == 'decoder' else (f'\n{plan.kind} attack: {plan.steps} Adam steps, lr {plan.lr:g}, TV '
                                                  f'weight {plan.tv_weight:g}')
-    return plot_image_grid(rows, sample.names, title, os.path.join(save_dir, f'samples{slug}.png'))
+    return plot_image_grid(rows + baseline, sample.names, title, os.path.join(save_dir, f'samples{slug}.png'))
 
 
 def plot_feature_maps(image, sent, title, path):
@@ -229,30 +237,48 @@ def plot_defence_history(history, title, path):
     return save_figure(fig, path)
 
 
-def plot_psnr_histogram(psnr_values, title, scored, path):
-    """The per-image PSNR of the Scored images, titled with what they are."""
+def plot_psnr_histogram(psnr_values, title, scored, path, baselines=None):
+    """The per-image PSNR of the Scored images, titled with what they are, beside the baselines' mean PSNR on them
+    (`baselines`: {name: {'psnr': summary}})."""
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.hist(psnr_values.numpy(), bins=min(40, max(5, len(psnr_values) // 4)), color='tab:blue', alpha=0.8)
     mean, median = psnr_values.mean().item(), psnr_values.median().item()
     ax.axvline(mean, color='tab:red', label=f'mean {mean:.2f} dB')
     ax.axvline(median, color='black', linestyle='--', label=f'median {median:.2f} dB')
-    ax.set(xlabel='per-image PSNR (dB)', ylabel='images', title=f'{len(psnr_values)} images scored: {scored.description}')
+    for (name, figures), style in zip((baselines or {}).items(), (':', '-.')):
+        ax.axvline(figures['psnr']['mean'], color='tab:gray', linestyle=style,
+                   label=f'{BASELINES[name]} (baseline) {figures["psnr"]["mean"]:.2f} dB')
+    ax.set(xlabel='per-image PSNR (dB)', ylabel='images',
+           title=f'{len(psnr_values)} images scored: {scored.description}')
     ax.legend()
     fig.suptitle(title, fontsize=9)
     return save_figure(fig, path)
 
 
-def draw_all(attack, scored, config, derived, history, save_dir, psnr_values=None):
-    """Every figure of the Scored images by the attack of a run (config.Config, config.Derived) into save_dir;
-    returns their paths. `psnr_values`: per-image PSNR if known."""
+def scored_title(title, per_image):
+    """A figure's title with the baselines on its images and what they flag beneath it."""
+    own, baselines = split_baselines(summarise(per_image))
+    found = result_flags(own['psnr']['mean'], baselines, len(per_image['psnr'])) if 'psnr' in own else {}
+    return f'{title}\n{baseline_line(baselines)}' + ''.join(f'\nWARNING: {flag}' for flag in found.values()), baselines
+
+
+def draw_all(attack, scored, config, derived, history, save_dir, per_image=None, mean_image=None):
+    """Every figure of the Scored images by the attack of a run (config.Config, config.Derived) into save_dir, beside
+    the baselines (`mean_image`: the mean training image, where known); returns their paths. `per_image`: the
+    evaluation's per-image figures (its baselines' among them) if known."""
     os.makedirs(save_dir, exist_ok=True)
-    title, noise, paths = describe(config, derived), derived.noise(config.noise).testing(), []
+    noise, paths = derived.noise(config.noise).testing(), []
+    if per_image is None:
+        per_image = evaluate(attack, scored.images, scored.indices, config.data.batch_size, noise,
+                             measures=[Baselines(attack, config, derived, mean_image)])
+    title = describe(config, derived)
+    scored_as, baselines = scored_title(title, per_image)
     if history:
-        paths.append(plot_history(history, title, os.path.join(save_dir, 'loss.png')))
+        paths.append(plot_history(history, title, os.path.join(save_dir, 'loss.png'), config.training.loss))
     else:
         print('loss.png skipped: this file holds no training history')
     sample = samples(scored, config.outputs.num_samples)
-    paths.append(plot_samples(attack, sample, noise, title, save_dir))
+    paths.append(plot_samples(attack, sample, noise, scored_as, save_dir, mean_image=mean_image))
     images, sent = sample_sent(attack, sample, noise)
     layout = layout_of(tuple(sent.shape[1:]))
     if layout.kind == 'vector':
@@ -262,22 +288,24 @@ def draw_all(attack, scored, config, derived, history, save_dir, psnr_values=Non
         paths.append(plot_feature_maps(images[0], layout.to_map(sent[:1])[0], title + read_as,
                                        os.path.join(save_dir, 'feature_maps.png')))
     paths.append(plot_decoder_layers(attack, sent[0], title, os.path.join(save_dir, 'decoder_layers.png')))
-    if psnr_values is None:
-        psnr_values = evaluate(attack, scored.images, scored.indices, config.data.batch_size, noise)['psnr']
-    paths.append(plot_psnr_histogram(psnr_values, title, scored, os.path.join(save_dir, 'psnr_hist.png')))
+    paths.append(plot_psnr_histogram(per_image['psnr'], scored_as, scored, os.path.join(save_dir, 'psnr_hist.png'),
+                                     baselines))
     print(f'figures: {", ".join(os.path.basename(p) for p in paths)} and samples/ in {save_dir}')
     return paths
 
 
-def run_attack(attack, scored, config, derived, extra=None, history=(), bound=None):
-    """Evaluate the run's --attack (config.attack) on the Scored images (eval{_attack}.json, per-image CSV) and draw
-    its sample grid from the reconstructions it scored; `history`: the training history of the decoder it uses;
-    `bound`: the images' Bound where another attack on them has one."""
+def run_attack(attack, scored, config, derived, extra=None, history=(), bound=None, mean_image=None):
+    """Evaluate the run's --attack (config.attack) on the Scored images (eval{_attack}.json, per-image CSV) beside
+    the baselines (`mean_image`: the mean training image, where known) and draw its sample grid from the
+    reconstructions it scored; `history`: the training history of the decoder it uses; `bound`: the images' Bound
+    where another attack on them has one."""
     plan, sample = config.attack, samples(scored, config.outputs.num_samples)
     kept = Kept(sample.positions)
-    evaluate_and_report(attack, scored, config, derived, extra, plan, history, bound, [kept])
-    plot_samples(attack, sample, derived.noise(config.noise).testing(), describe(config, derived, plan.kind),
-                 config.outputs.save_dir, plan, kept.reconstructions())
+    per_image, _ = evaluate_and_report(attack, scored, config, derived, extra, plan, history, bound, [kept],
+                                       mean_image)
+    title, _ = scored_title(describe(config, derived, plan.kind), per_image)
+    plot_samples(attack, sample, derived.noise(config.noise).testing(), title, config.outputs.save_dir, plan,
+                 kept.reconstructions(), mean_image)
 
 
 def measured(value):
@@ -292,15 +320,20 @@ def plot_sweep(rows, labels, swept, kind, title, path):
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2), layout='constrained')
     psnr_line = left.errorbar(x, [r['psnr'] for r in rows], yerr=[r['psnr_std'] for r in rows], fmt='o-', capsize=3,
                               label=f'{kind} attack PSNR (dB, ± std)')
-    left.set(xlabel=swept, ylabel='validation PSNR (dB)', title='reconstruction vs victim utility')
+    utility = swept not in ('split', 'decoder')  # a defence: what it costs the victim
+    left.set(xlabel=swept, ylabel='validation PSNR (dB)',
+             title='reconstruction vs victim utility' if utility else 'reconstruction quality')
     handles = [psnr_line]
+    if any(r.get('baseline_psnr') is not None for r in rows):
+        handles += left.plot(x, [measured(r.get('baseline_psnr')) for r in rows], 'x--', color='tab:gray',
+                             label='strongest baseline (mean image or untrained decoder, dB)')
     if any(r.get('decoder_psnr') is not None for r in rows):  # the swept attack refines the decoder's output
         handles += left.plot(x, [measured(r.get('decoder_psnr')) for r in rows], 'o-', color='tab:green',
                              label='decoder alone (PSNR, dB)')
     if any(r['psnr_ceiling'] is not None for r in rows):
         handles += left.plot(x, [measured(r['psnr_ceiling']) for r in rows], 'v:', color='k',
                              label='unbiased-attacker ceiling (dFIL; an attacker with a prior can beat it)')
-    if swept not in ('split', 'decoder'):  # a defence: what it costs the victim
+    if utility:
         agreement = left.twinx()
         agreement.plot(x, [measured(r['top1_agreement']) for r in rows], 's--', color='tab:red',
                        label='victim top-1 agreement')
@@ -332,6 +365,7 @@ def plot_training_time(histories, labels, title, path):
     return save_figure(fig, path)
 
 
+LABEL_OFFSETS = ((5, 4), (5, -10), (-14, 4), (-14, -10))  # points of a text label beside its marker
 FAMILIES = {'': ('k', '*', 'no defence'), 'fixed': ('tab:blue', 'o', 'fixed defences'),
             'trained': ('tab:red', 's', 'trained defences')}
 
@@ -351,6 +385,7 @@ def plot_privacy_utility(rows, labels, title, path):
     charged = [(r, label) for r, label in zip(rows, labels) if r['top1_agreement'] is not None]  # utility measured
     series = ([(FAMILIES[f], [(r, label) for r, label in charged if r['family'] == f]) for f in FAMILIES]
               if by_family else [((None, 'o', label), [(r, label)]) for r, label in charged])
+    frontiers = False
     for (colour, marker, name), members in series:
         if not members:
             continue
@@ -359,24 +394,33 @@ def plot_privacy_utility(rows, labels, title, path):
                       capsize=3, label=name)
         if by_family and len(points) > 1:
             left.plot(*zip(*frontier(points)), '--', color=colour, linewidth=1)
-        for (agreement, psnr_value), (_, label) in zip(points, members):
-            left.annotate(label, (agreement, psnr_value), textcoords='offset points', xytext=(5, 4), fontsize=7)
+            frontiers = True
+        for i, ((agreement, psnr_value), (_, label)) in enumerate(zip(points, members)):
+            left.annotate(label, (agreement, psnr_value), textcoords='offset points', xytext=LABEL_OFFSETS[i % 4],
+                          fontsize=7)  # neighbours' labels on different sides, so close points stay readable
+    baselines = [(r['top1_agreement'], r['baseline_psnr']) for r, _ in charged if r.get('baseline_psnr') is not None]
+    if baselines:
+        left.plot(*zip(*baselines), 'x', color='tab:gray', label='strongest baseline of each point')
     undefended = [row['psnr'] for row in rows if by_family and row['family'] == '']
     if len(undefended) == 1:  # what each defence costs the attacker is the drop below this line
         left.axhline(undefended[0], color='k', linestyle=':', linewidth=1)
     left.set(xlabel='victim top-1 agreement with the original, undefended victim', ylabel='attack PSNR (dB, ± std)',
-             xlim=(-0.05, 1.1), title='privacy vs utility' + (" (dashed: each family's frontier)" if by_family else ''))
+             xlim=(-0.05, 1.1), title='privacy vs utility' + (" (dashed: each family's frontier)" if frontiers else ''))
     left.legend(fontsize=8)
     x = range(len(rows))
     psnr_bars = right.bar([i - 0.2 for i in x], [r['psnr'] for r in rows], width=0.4, label='PSNR (dB)',
                           color='tab:blue')
+    handles = [psnr_bars]
+    if any(r.get('baseline_psnr') is not None for r in rows):
+        handles += right.plot([i - 0.2 for i in x], [measured(r.get('baseline_psnr')) for r in rows], '_',
+                              color='k', markersize=14, label='strongest baseline (dB)')
     right.set(ylabel='attack PSNR (dB)', title='reconstruction quality')
     ssim_axis = right.twinx()
     ssim_bars = ssim_axis.bar([i + 0.2 for i in x], [r['ssim'] for r in rows], width=0.4, label='SSIM',
                               color='tab:orange')
     ssim_axis.set(ylabel='SSIM', ylim=(0, 1))
     right.set_xticks(list(x), labels, rotation=30, ha='right', fontsize=8)
-    right.legend(handles=[psnr_bars, ssim_bars], loc='upper right', fontsize=8)
+    right.legend(handles=[*handles, ssim_bars], loc='upper right', fontsize=8)
     fig.suptitle(title, fontsize=9)
     return save_figure(fig, path)
 

@@ -40,6 +40,22 @@ def run_script(cwd, *args, check=True):
     return checked(result, check)
 
 
+def interrupt_training(cwd, signum, when, *args):
+    """Starts `main.py --train *args` in a subprocess and sends `signum` as soon as its progress shows `when`
+    (e.g. 'epoch 2/2'); returns its exit status, stdout and stderr."""
+    env = {**os.environ, 'RECON_CACHE_DIR': str(cwd / 'cache'), 'OMP_NUM_THREADS': str(THREADS)}
+    process = subprocess.Popen([sys.executable, '-u', os.path.join(ROOT, 'main.py'), '--train', *args], cwd=cwd,
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = ''
+    while when not in seen:
+        char = process.stderr.read(1)
+        assert char, f'training ended before {when}'
+        seen += char
+    process.send_signal(signum)
+    out, err = process.communicate(timeout=120)
+    return process.returncode, out, seen + err
+
+
 def checked(result, check):
     if check and result.returncode != 0:
         raise AssertionError(f'exit {result.returncode}\n{result.stdout}\n{result.stderr}')

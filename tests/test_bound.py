@@ -36,7 +36,8 @@ def test_on_a_linear_half_dfil_is_the_frobenius_norm_and_hutchinson_converges_to
         weight.pow(2).sum().item() / (d * SIGMA ** 2), rel=1e-12)
     errors = []
     for probes in (16, 256):
-        estimate, error = hutchinson_trace(half, image.repeat(8, 1, 1, 1), probes, generators_for(range(8)))
+        estimate, error = hutchinson_trace(half, image.repeat(8, 1, 1, 1), probes,
+                                           generators_for('bound probes', range(8)))
         assert (estimate - exact).abs().max() <= 4 * error.max()  # within its reported error, on every image
         errors.append(error.mean().item())
     assert errors[1] < errors[0] / 3  # the error falls as 1 / sqrt(probes)
@@ -46,7 +47,7 @@ def test_exact_and_hutchinson_agree_on_a_resnet_cut_at_16_pixels():
     victim = cut('resnet18', 'layer1')
     half = victim.encode
     images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    estimate, error = hutchinson_trace(half, images, 64, generators_for(range(2)))
+    estimate, error = hutchinson_trace(half, images, 64, generators_for('bound probes', range(2)))
     for image, mean, se in zip(images, estimate, error):
         exact = exact_trace(half, image)
         assert abs(mean - exact) <= 4 * se
@@ -108,7 +109,7 @@ def test_noise_calibrated_to_a_bound_gives_that_mean_ceiling(tmp_path):
     attack, _ = build_attack(tiny_config(tmp_path), CPU)
     images = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     variance, record = calibrated_variance(attack, images, 20.0, 8)
-    trace, _ = hutchinson_trace(device_half(attack), images, 8, generators_for(range(6)))
+    trace, _ = hutchinson_trace(device_half(attack), images, 8, generators_for('bound probes', range(6)))
     ceilings = leakage(trace, images[0].numel(), variance)['psnr_ceiling']
     assert ceilings.mean().item() == pytest.approx(20.0, abs=1e-3)
     assert record['sigma'] == pytest.approx(math.sqrt(variance))

@@ -160,6 +160,8 @@ def test_running_the_main_command_twice_keeps_the_first_run(workdir):
     (('--train', '--noise_for_bound', '15', '--defence', 'dropout'), 'the bound covers Gaussian noise alone'),
     (('--train', '--noise_for_bound', 'nan'), '--noise_for_bound: a PSNR ceiling in dB, got nan'),
     (('--sweep', 'noise_for_bound', '--defence', 'topk'), 'the bound covers Gaussian noise alone, not --defence topk'),
+    (('--train', '--nosie_var', '0.1'), '--nosie_var: did you mean --noise_var'),
+    (('--train', '--defence', 'nopeek'), 'nopeek is a trained defence: --train_defence nopeek fine-tunes the victim'),
 ])
 def test_bad_flags_exit_2_with_one_line(workdir, main_here, args, message):
     result = main_here(workdir, *args)

@@ -17,6 +17,7 @@ from recon_attack.defences import keep_count, select_channels
 from recon_attack.evaluate import evaluate
 from recon_attack.metrics import summarise
 from recon_attack.models import IMAGENET_MEAN, IMAGENET_STD
+from recon_attack.noise import generator, held_out_draws
 from recon_attack.records import from_record, to_flags
 from recon_attack.train import train
 
@@ -59,7 +60,7 @@ def test_dropped_channels_reach_the_server_as_exact_zeros(tmp_path):
     attack.keep_only(kept, (128, 4, 4))
     images = torch.rand(4, 3, 32, 32)
     noise = Noise('features', 0.5, 1.0)
-    sent = attack.send(images, noise, attack.noise_generator(0))
+    sent = attack.send(images, noise, held_out_draws(range(4), CPU))
     dropped = [c for c in range(128) if c not in kept]
     assert torch.count_nonzero(sent[:, dropped]) == 0
     assert torch.count_nonzero(sent[:, kept]) == sent[:, kept].numel()
@@ -129,8 +130,8 @@ def test_input_noise_is_charged_against_the_clean_image(torch_home, monkeypatch,
     net = whole_network(torch_home)
     attack, images = genuine_victim(torch_home, monkeypatch, tmp_path)
     x = images.float() / 255
-    # each image's test noise from a generator seeded by its position among the scored images
-    noisy = torch.stack([image + math.sqrt(0.02) * torch.randn(image.shape, generator=torch.Generator().manual_seed(i))
+    # each image's test noise from its own stream, seeded by its position among the scored images
+    noisy = torch.stack([image + math.sqrt(0.02) * torch.randn(image.shape, generator=generator('test noise', i))
                          for i, image in enumerate(x)])
     expected = by_hand(net(imagenet_normalised(x)), net(imagenet_normalised(noisy)))
     measured = evaluate(attack, images, torch.arange(32), 16, Noise('input', 0.0, 0.02), utility=True)

@@ -3,15 +3,13 @@ import argparse
 import json
 import os
 import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, THREADS, run_cli, write_photos
+from conftest import interrupt_training, run_cli, write_photos
 from recon_attack import cli, train as train_module
 from recon_attack.checkpoint import load_checkpoint
 from recon_attack.data import load_images
@@ -163,27 +161,12 @@ def test_a_failed_write_leaves_the_previous_file_whole(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ['model.pth']  # no temporary file left behind
 
 
-def interrupt_in_epoch_two(cwd, signum, *args):
-    """Starts training and sends `signum` as soon as the second epoch's progress bar appears."""
-    env = {**os.environ, 'RECON_CACHE_DIR': str(cwd / 'cache'), 'OMP_NUM_THREADS': str(THREADS)}
-    process = subprocess.Popen([sys.executable, '-u', os.path.join(ROOT, 'main.py'), '--train', *args], cwd=cwd,
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    seen = ''
-    while 'epoch 2/2' not in seen:
-        char = process.stderr.read(1)
-        assert char, 'training ended before its second epoch'
-        seen += char
-    process.send_signal(signum)
-    out, err = process.communicate(timeout=120)
-    return process.returncode, out, seen + err
-
-
 @pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM])
 def test_interrupt_saves_and_resume_matches_an_uninterrupted_run(tmp_path, signum):
     args = ('--image_size', '32', '--batch_size', '16', '--num_batches', '44', '--num_epochs', '2',
             '--decoder_depth', 'light', '--num_samples', '2', '--num_workers', '0', '--log_interval', '1',
             '--augment', '--ema', '0.9', '--scheduler', 'cosine')  # per-batch schedule, crops, average: exactly
-    code, out, err = interrupt_in_epoch_two(tmp_path, signum, *args, '--save_dir', 'cut')
+    code, out, err = interrupt_training(tmp_path, signum, 'epoch 2/2', *args, '--save_dir', 'cut')
     assert code == 130, out + err
     assert 'training stopped in epoch 2 after step' in err
     assert 'to go on: python main.py --resume --model_path cut/interrupted.ckpt' in err

@@ -180,7 +180,7 @@ def test_the_fisher_defence_lowers_the_jacobian_energy_it_penalises(tmp_path):
 
     def jacobian_energy(victim):
         with torch.no_grad():
-            trace, _ = hutchinson_trace(victim.encode, images, 8, generators_for(range(6)))
+            trace, _ = hutchinson_trace(victim.encode, images, 8, generators_for('bound probes', range(6)))
             return (trace / victim.encode(images).pow(2).flatten(1).sum(1)).mean().item()
 
     after = {}
