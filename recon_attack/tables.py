@@ -139,7 +139,8 @@ def over_seeds(results):
 def seed_cells(row):
     """The Markdown cells of SEEDS_HEADER for a row of `over_seeds`."""
     cells = result_cells(row).split(' | ')
-    return ' | '.join([str(row['n_seeds']), *cells[:2], f'{row["psnr"]:.2f} ± {row["psnr_seed_std"]:.2f}',
+    spread = f' ± {row["psnr_seed_std"]:.2f}' if row['n_seeds'] > 1 else ' (one seed: no spread)'
+    return ' | '.join([str(row['n_seeds']), *cells[:2], f'{row["psnr"]:.2f}{spread}',
                        f'{row["psnr_std"]:.2f}', *cells[3:]])
 
 
@@ -153,13 +154,15 @@ def paired_difference(baseline, other):
                                dtype=torch.float64)
     found = {'seeds': len(seeds), 'difference': differences.mean().item() if len(seeds) else None,
              'low': None, 'high': None, 'p': None}
-    measured = f'{found["difference"]:+.2f} dB over {len(seeds)} shared seeds: ' if seeds else ''
+    if not seeds:
+        return {**found, 'verdict': 'no shared seeds: no verdict'}
+    measured = f'{found["difference"]:+.2f} dB over {len(seeds)} shared seed{"s" if len(seeds) > 1 else ""}'
     if len(seeds) < MIN_SEEDS:
-        return {**found, 'verdict': f'{measured}{len(seeds)} shared seeds, fewer than {MIN_SEEDS}: no verdict'}
+        return {**found, 'verdict': f'{measured}, fewer than {MIN_SEEDS}: no verdict'}
     spread = differences.std().item()
     if spread <= 1e-9 * max(1.0, differences.abs().max().item()):
-        return {**found, 'verdict': measured + 'the seeds vary nothing here (every seed gives the same difference): '
-                                              'no verdict'}
+        return {**found, 'verdict': f'{measured}: the seeds vary nothing here (every seed gives the same '
+                                    'difference): no verdict'}
     error = spread / math.sqrt(len(seeds))
     half = stats.t.ppf((1 + CONFIDENCE) / 2, len(seeds) - 1) * error
     mean = found['difference']

@@ -73,10 +73,10 @@ def test_no_verdict_where_the_seeds_vary_nothing_or_are_too_few():
     assert verdict(baseline, shifted) == ('-0.00 dB over 3 shared seeds: the seeds vary nothing here (every seed '
                                           'gives the same difference): no verdict')
     two = [over_seeds([evaluation(s, p + s) for s in range(2)]) for p in (10.0, 12.0)]
-    assert verdict(*two) == '+2.00 dB over 2 shared seeds: 2 shared seeds, fewer than 3: no verdict'
-    assert verdict(baseline, over_seeds([evaluation(0, 20.0)])) == ('+5.49 dB over 1 shared seeds: 1 shared seeds, '
-                                                                    'fewer than 3: no verdict')
-    assert verdict(baseline, over_seeds([evaluation(5, 20.0)])) == '0 shared seeds, fewer than 3: no verdict'
+    assert verdict(*two) == '+2.00 dB over 2 shared seeds, fewer than 3: no verdict'
+    one = over_seeds([evaluation(0, 20.0)])
+    assert verdict(baseline, one) == '+5.49 dB over 1 shared seed, fewer than 3: no verdict'
+    assert verdict(baseline, over_seeds([evaluation(5, 20.0)])) == 'no shared seeds: no verdict'
 
 
 def test_verdicts_are_holm_corrected_across_a_table():

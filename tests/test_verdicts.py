@@ -305,3 +305,10 @@ def test_a_figure_title_flags_by_the_number_of_images_it_scores():
     assert title == 't\nbaselines on these images: mean training image 12.00 dB'  # 20 images, far above: no flag
     title, _ = visualize.scored_title('t', per_image(4, 12.5))
     assert 'WARNING: scored on 4 images, fewer than 16' in title and 'WARNING: within the spread of the mean' in title
+
+
+def test_a_setting_run_at_one_seed_shows_no_spread_over_seeds():
+    from recon_attack.tables import over_seeds, seed_cells
+    from test_measurement import evaluation
+    assert '12.00 (one seed: no spread)' in seed_cells(over_seeds([evaluation(0, 12.0)]))
+    assert '12.50 ± 0.71' in seed_cells(over_seeds([evaluation(0, 12.0), evaluation(1, 13.0)]))
