@@ -17,7 +17,7 @@ from .config import (AttackPlan, Config, DataConfig, DecoderSpec, DefenceConfig,
                      TrainConfig, VictimConfig)
 from .data import as_uint8, fingerprint, given_splits
 from .defences import check_flags
-from .evaluate import Baselines, evaluate, mean_training_image, split_baselines, utility_charged
+from .evaluate import Baselines, evaluate, split_baselines, utility_charged
 from .metrics import load_lpips, summarise
 from .models.cuts import check_cut, cut_at, default_split
 from .models.decoders import check, resolve
@@ -92,7 +92,7 @@ def evaluate_attack(trained, images, *, plan=AttackPlan()):
         raise UsageError('images: every one of them is an image the decoder trained on; evaluate on others')
     noise, batch_size = derived.noise(config.noise).testing(), config.data.batch_size
     bound = Bound(attack, noise, config.noise.probes)
-    baselines = Baselines(attack, config, derived, mean_training_image(splits))
+    baselines = Baselines(attack, config, derived, trained.mean_image)
     per_image = evaluate(attack, images, kept, batch_size, noise, utility=utility_charged(config, derived), plan=plan,
                          perceptual=load_lpips(attack.device),
                          measures=[baselines, *([bound] if bound.missing is None else [])])

@@ -37,8 +37,7 @@ from .visualize import draw_all, run_attack
 
 # Flags that define the attack's model: they must agree with a checkpoint that is being loaded.
 MODEL_KEYS = ('arch', 'split', 'pretrained', 'victim', 'normalize', 'decoder', 'interpolation', 'decoder_depth',
-              'decoder_width',
-              'decoder_blocks', 'decoder_norm', 'image_size', 'noise_for_bound') + defences.FIXED_KEYS
+              'decoder_width', 'decoder_blocks', 'decoder_norm', 'image_size', 'noise_for_bound') + defences.FIXED_KEYS
 MODES = ('train', 'resume', 'eval', 'visualize', 'sweep', 'train_defence', 'report', 'list_splits')
 # Modes that write a new record: into a fresh folder beside a --save_dir that holds one (unless --overwrite).
 NEW_RECORDS = ('train', 'attack', 'train_defence', 'report', 'eval')
@@ -565,8 +564,8 @@ def run(argv):
     if config.victim.random:
         print(f'victim: {victim_name(config.victim)} {victim_label(config.victim)} (--use_pretrained or --weights for '
               'trained weights)')
-    if noise_line(config.noise):
-        print(noise_line(config.noise))
+    if where_noise := noise_line(config.noise):
+        print(where_noise)
     try:
         dispatch(command, device)
     except torch.cuda.OutOfMemoryError:

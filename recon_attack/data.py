@@ -116,9 +116,9 @@ class Splits:
         for i in self.train_idx.tolist():
             origins.setdefault(self.origin(i), []).append(i)
         target, most = min(len(self.val_idx), len(self.train_idx) // 2), len(self.train_idx) // 2
-        chosen = []
-        for k in torch.randperm(len(origins), generator=torch.Generator().manual_seed(seed)).tolist():
-            group = list(origins.values())[k]
+        groups, chosen = list(origins.values()), []
+        for k in torch.randperm(len(groups), generator=torch.Generator().manual_seed(seed)).tolist():
+            group = groups[k]
             if len(chosen) < target and len(chosen) + len(group) <= most:
                 chosen += group
         if not chosen or len(chosen) == len(self.train_idx):

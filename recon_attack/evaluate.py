@@ -83,14 +83,12 @@ def mean_training_image(splits, batch_size=256):
     return to_unit(total / len(splits.train_idx)).float()
 
 
-def mean_image_baseline(splits, scored=None, batch_size=256):
-    """Per-image metrics of the trivial attack that always answers the mean training image, on the held-out images
-    (or `scored`, uint8 images)."""
-    mean = mean_training_image(splits, batch_size)
-    images, indices = (splits.images, splits.val_idx) if scored is None else (scored, torch.arange(len(scored)))
+def mean_image_baseline(mean, splits, batch_size=256):
+    """Per-image metrics of the trivial attack that always answers `mean` (the mean training image) on the held-out
+    images of `splits`."""
     results = {m: [] for m in METRICS}
-    for start in range(0, len(indices), batch_size):
-        target = to_unit(images[indices[start:start + batch_size]])
+    for start in range(0, len(splits.val_idx), batch_size):
+        target = to_unit(splits.images[splits.val_idx[start:start + batch_size]])
         for name, values in score(mean.expand_as(target), target).items():
             results[name].append(values)
     return {m: torch.cat(v) for m, v in results.items()}

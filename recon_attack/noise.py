@@ -3,7 +3,7 @@ stream: a stream's seeds are hashed from its name and the position of the draw (
 streams ever share a seed (the first training batch of an epoch never sees a held-out image's test noise), and an
 image's draws do not depend on the batch it is in.
 
-The streams (docs/measurement.md, "Random streams"):
+The streams (docs/sweeps-and-reports.md, "Random streams"):
 - 'test noise' / 'test masks' (image position): what the device adds to each scored image, the same for every
   attack, seed and figure;
 - 'training noise' / 'training masks' (attacker seed, epoch, process): the attacker's training images;

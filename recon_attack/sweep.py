@@ -428,7 +428,7 @@ def run_value(sweep, run, device):
             validation, bound = trained.splits.validation(), Bound(trained.attack, noise, trainee.noise.probes)
             for plan in evaluated_plans(trainee.attack):  # the decoder's eval.json beside a refinement's
                 evaluate_and_report(trained.attack, validation, trainee, trained.derived, extra, plan,
-                                    trained.history, bound, mean_image=mean_training_image(trained.splits))
+                                    trained.history, bound, mean_image=trained.mean_image)
             if trainee is run:
                 return finished_result(run)
     splits = value_splits(sweep, run)

@@ -273,20 +273,23 @@ class BestWeights:
 
 
 class Trainer(NamedTuple):
-    """What training updates besides the decoder: saved in training checkpoints to go on exactly."""
+    """What a run's checkpoints carry besides the decoder: what training updates (saved in training checkpoints to go
+    on exactly) and the mean training image, the baseline of every evaluation of the decoder."""
     optimizer: torch.optim.Optimizer
     scheduler: object  # an LRScheduler or None
     average: AveragedModel = None  # --ema
     best: BestWeights = None  # --stop_patience
+    mean_image: torch.Tensor = None  # the mean training image, computed once a run: saved beside every decoder
 
 
 def checkpoint(attack, splits, record, history, epoch, trainer, resumable=True):
     """'decoder' holds the weights the attack uses (the average with --ema) beside the run's `record`
-    (records.to_record); a `resumable` one (ckpt_N.ckpt) also holds what goes on training."""
+    (records.to_record) and the mean training image (`trainer.mean_image`, the baseline of every later evaluation);
+    a `resumable` one (ckpt_N.ckpt) also holds what goes on training."""
     average = trainer.average
     state = {'format': CHECKPOINT_FORMAT, 'config': record, 'epoch': epoch, 'history': history,
              'decoder': attacking_decoder(attack, average).state_dict(), 'data': splits.record(),
-             'mean_image': mean_training_image(splits)}  # the baseline of every later evaluation
+             'mean_image': trainer.mean_image}
     if resumable:
         state['optimizer'] = trainer.optimizer.state_dict()
         state['scheduler'] = trainer.scheduler.state_dict() if trainer.scheduler is not None else None
@@ -373,13 +376,15 @@ def epochs_within(minutes, epoch_seconds):
 
 class TrainedAttack(NamedTuple):
     """What training returns: the attack with the decoder it attacks with, its images, its per-epoch history, the
-    baselines on its held-out images, what the run derived (a config.Derived) and its configuration."""
+    baselines on its held-out images, what the run derived (a config.Derived), its configuration and the mean
+    training image."""
     attack: object
     splits: object
     history: list
     baselines: dict
     derived: Derived
     config: object
+    mean_image: torch.Tensor
 
 
 def train(config, device, resume=None, derived=Derived(), splits=None):
@@ -403,8 +408,9 @@ def train(config, device, resume=None, derived=Derived(), splits=None):
     budget = Budget(derived.epochs(training))
     optimizer = make_optimizer(training, attack.decoder.parameters(), device)
     trainer = Trainer(optimizer, make_scheduler(training, optimizer, len(splits.train_idx), batch_size, budget),
-                      make_average(training, attack.decoder), BestWeights() if training.stop_patience else None)
-    baselines = {'mean_image': summarise(mean_image_baseline(splits)),
+                      make_average(training, attack.decoder), BestWeights() if training.stop_patience else None,
+                      mean_training_image(splits))
+    baselines = {'mean_image': summarise(mean_image_baseline(trainer.mean_image, splits)),
                  'untrained_decoder': validate(attack, splits, batch_size, noise.testing())}
     history, start_epoch, partial = [], 0, None
     if resume is not None:
@@ -467,7 +473,7 @@ def train(config, device, resume=None, derived=Derived(), splits=None):
     save_if_main(save_torch, checkpoint(attack, splits, to_record(config, derived), history, len(history), trainer,
                                         resumable=False), os.path.join(save_dir, 'model.pth'))
     return TrainedAttack(attack.using(attacking_decoder(attack, trainer.average)), splits, history, baselines, derived,
-                         config)
+                         config, trainer.mean_image)
 
 
 def use_best_weights(attack, trainer, epochs):
@@ -485,7 +491,7 @@ def train_and_evaluate(config, device, resume=None, derived=Derived()):
     trained = train(config, device, resume, derived)
     if not is_main_process():
         return
-    attack, derived, mean_image = trained.attack, trained.derived, mean_training_image(trained.splits)
+    attack, derived, mean_image = trained.attack, trained.derived, trained.mean_image
     noise = derived.noise(config.noise)
     validation, bound = trained.splits.validation(), Bound(attack, noise.testing(), config.noise.probes)
     per_image, _ = evaluate_and_report(attack, validation, config, derived, {'epoch': len(trained.history)},
