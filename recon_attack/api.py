@@ -9,15 +9,14 @@ config.Config they set) and nothing read from a command line.
 docs/api.md says more, with an example that the tests run."""
 from dataclasses import replace
 from typing import NamedTuple
-
 import torch
 
-from .bound import Bound
+
 from .config import (AttackPlan, Config, DataConfig, DecoderSpec, DefenceConfig, NoiseConfig, Outputs, Runtime,
                      TrainConfig, VictimConfig)
 from .data import as_uint8, fingerprint, given_splits
 from .defences import check_flags
-from .evaluate import Baselines, evaluate, split_baselines, utility_charged
+from .evaluate import PRIOR_IMAGES, Baselines, evaluate, run_bound, split_baselines, utility_charged
 from .metrics import load_lpips, summarise
 from .models.cuts import check_cut, cut_at, default_split
 from .models.decoders import check, resolve
@@ -91,10 +90,11 @@ def evaluate_attack(trained, images, *, plan=AttackPlan()):
     if not len(kept):
         raise UsageError('images: every one of them is an image the decoder trained on; evaluate on others')
     noise, batch_size = derived.noise(config.noise).testing(), config.data.batch_size
-    bound = Bound(attack, noise, config.noise.probes)
+    bound = run_bound(attack, derived.noise(config.noise), splits.calibration_images(PRIOR_IMAGES),
+                      config.training.seed)
     baselines = Baselines(attack, config, derived, trained.mean_image)
     per_image = evaluate(attack, images, kept, batch_size, noise, utility=utility_charged(config, derived), plan=plan,
                          perceptual=load_lpips(attack.device),
                          measures=[baselines, *([bound] if bound.missing is None else [])])
     summary, found = split_baselines(summarise(per_image))
-    return Evaluation(per_image, summary, found, bound.record())
+    return Evaluation(per_image, summary, found, bound.record(summarise(per_image)))

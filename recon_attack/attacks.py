@@ -8,7 +8,7 @@ import os
 import torch
 import torchvision
 
-from .bound import calibrated_variance
+from .bound import calibrated_variance, snr_variance
 from .config import Derived, VictimConfig
 from .defences import KEEP_CHANNELS, REFERENCE_PRETRAINED, active, recorded_defence
 from .models.decoders import build_decoder, resolve
@@ -21,7 +21,10 @@ from .utils import UsageError, progress, to_unit
 # Each attack (--attack) and what it does: how the attacker turns the sent tensor into an image.
 ATTACKS = {'decoder': 'the trained decoder',
            'optimize': 'white-box rMLE, no decoder needed (alone it is its own mode)',
-           'decoder+optimize': "rMLE started from the decoder's output"}
+           'decoder+optimize': "rMLE started from the decoder's output",
+           'all': 'every attack above that applies, on the same sent tensor, and each image\'s worst case over them '
+                  '(an oracle that knows the image) beside the reconstruction an attacker picks without it'}
+SINGLE_ATTACKS = ('decoder', 'optimize', 'decoder+optimize')  # what --attack all runs
 WHITE_BOX_ALONE = "white-box rMLE with the victim's weights, no decoder"  # the attacker of --attack optimize
 WHITE_BOX_REFINEMENT = "white-box rMLE refinement (the victim's weights) of a"  # decoder+optimize, then the decoder
 
@@ -209,10 +212,13 @@ def attacker_label(decoder, feature_weight=0.0):
 
 def attacker_name(kind, decoder, feature_weight=0.0):
     """The attacker of attack `kind`, as every output names it: the white-box optimisation alone, the decoder (and
-    what it knows), or the white-box refinement of that decoder's output (white-box, whatever the decoder knew)."""
+    what it knows), the white-box refinement of that decoder's output (white-box, whatever the decoder knew), or
+    the worst case over all of them."""
     if kind == 'optimize':
         return WHITE_BOX_ALONE
     label = attacker_label(decoder, feature_weight)
+    if kind == 'all':
+        return f'the worst case per image over the decoder, {WHITE_BOX_ALONE} and the refinement of a {label}'
     return label if kind == 'decoder' else f'{WHITE_BOX_REFINEMENT} {label}'
 
 
@@ -248,6 +254,8 @@ def build_attack(config, device, calibration_images=None, derived=Derived()):
         attack.keep_only(found['channel_indices'], shape)
     if config.noise.for_bound is not None and derived.bound_calibration is None:
         found['bound_calibration'] = calibrate_noise(attack, config.noise, calibration_images)
+    if config.noise.snr is not None and derived.snr_calibration is None:
+        found['snr_calibration'] = calibrate_snr(attack, config.noise, calibration_images)
     found.update(charge(attack, victim, config.victim, image_size))
     return attack, dataclasses.replace(derived, **found)
 
@@ -261,14 +269,26 @@ def encoded(attack, calibration_images):
 
 def calibrate_noise(attack, noise, calibration_images):
     """--noise_for_bound DB: the variance of the noise on the tensor, on while the attacker trains and when it is
-    measured, at which the mean unbiased-attacker PSNR ceiling on `calibration_images` (uint8, training images) is
-    DB; returns the record of the calibration, which every later evaluation of the run reads its noise from."""
+    measured, at which the unbiased-attacker PSNR ceiling on `calibration_images` (uint8, training images) is DB
+    (on average, or on a share --bound_quantile of them); returns the record of the calibration, which every later
+    evaluation of the run reads its noise from."""
     if calibration_images is None:
         raise ValueError('--noise_for_bound needs calibration images to set its noise')
-    variance, record = calibrated_variance(attack, attack.to_images(calibration_images), noise.for_bound, noise.probes)
+    variance, record = calibrated_variance(attack, attack.to_images(calibration_images), noise.for_bound, noise.probes,
+                                           noise.quantile)
     print(f'--noise_for_bound {noise.for_bound:g}: noise of variance {variance:.4g} (sigma {record["sigma"]:.4g}) on '
-          f'the tensor, where the mean unbiased-attacker PSNR ceiling on {record["images"]} training images is '
-          f'{noise.for_bound:g} dB')
+          f'the tensor: {noise.for_bound:g} dB is {record["meaning"]}')
+    return record
+
+
+def calibrate_snr(attack, noise, calibration_images):
+    """--noise_snr DB: the variance of the noise on the tensor DB below its centred power on `calibration_images`
+    (uint8, training images); returns the record, which every later evaluation of the run reads its noise from."""
+    if calibration_images is None:
+        raise ValueError('--noise_snr needs calibration images to set its noise')
+    variance, record = snr_variance(attack, attack.to_images(calibration_images), noise.snr)
+    print(f'--noise_snr {noise.snr:g}: noise of variance {variance:.4g} (sigma {record["sigma"]:.4g}) on the tensor, '
+          f'{record["meaning"]}')
     return record
 
 

@@ -15,11 +15,24 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from .noise import generators_for, random_like, rademacher
 
 DB = 10 / math.log(10)  # decibels per unit of natural logarithm
-BIASED = ('it bounds unbiased attackers only: an attacker with a prior (a trained decoder, the optimisation\'s '
-          'total-variation term) can beat it')
 NO_NOISE = 'no bound: the tensor carries no noise'
-CEILING_NOTE = ('unbiased ceiling: the PSNR no unbiased attacker can beat on those images (dFIL, Maeng et al. 2023), '
-                'where the sent tensor carries Gaussian noise ("no bound" where it carries none); ' + BIASED)
+SINGULAR = ('the Fisher information is singular (the tensor sends {sent} values for {pixels} pixel values): no '
+            'unbiased attacker with finite error exists, so no unbiased ceiling applies; only the prior-aware bound '
+            'does')
+CEILING_NOTE = ('bounds, where the sent tensor carries Gaussian noise ("no bound" where it carries none): the unbiased '
+                'ceiling (dFIL, Maeng et al. 2023) bounds the expected per-pixel MSE, over the noise, of unbiased '
+                'attackers only, and is "singular" where the tensor has fewer values than the image (no unbiased '
+                'attacker exists); every attack scored is biased (a prior, reconstructions clamped to [0, 1]), so '
+                'it may lie above it. The prior-aware bound (van Trees) holds for every attacker, in expected MSE '
+                'over the noise and the images, for images drawn from the training distribution smoothed by the '
+                'prior\'s Gaussian (see the eval json\'s bound record); both compared with the attack\'s mean MSE '
+                'over images (PSNR of the mean MSE)')
+
+
+def centred_power(tensors):
+    """The mean over a batch of sent tensors' elements of each element's variance across the images: the power of
+    what the tensor says about its image (a constant added to it, which carries nothing, does not count)."""
+    return tensors.flatten(1).double().var(0).mean()
 
 
 def device_half(attack):
@@ -77,14 +90,11 @@ def leakage(trace, pixels, variance):
     return {'dfil': dfil, 'mse_bound': 1 / dfil, 'psnr_ceiling': DB * torch.log(dfil)}
 
 
-def no_bound(attack, noise):
-    """Why the tensor sent with test `noise` (a config.Noise or None) has no bound (None where it has one)."""
-    if noise is None or noise.var == 0:
-        return NO_NOISE
-    if noise.at == 'features' and attack.on_tensor:
-        names = ', '.join(d.defence.name for d in attack.on_tensor)
-        return f'no bound: {names} acts on the noisy tensor, and the bound covers Gaussian noise alone'
-    return None
+def no_bound(noise):
+    """Why the tensor sent with test `noise` (a config.Noise or None) has no bound (None where it has one). Defences
+    that act on the noisy tensor (dropout, top-k, channel subsets) keep it: processing what was received cannot add
+    Fisher information about the image."""
+    return NO_NOISE if noise is None or noise.var == 0 else None
 
 
 class Bound:
@@ -92,11 +102,14 @@ class Bound:
     `probes` probes (seeded by the image's position among those scored) for noise on the tensor; for noise on the
     input, the device's half cannot add information to x + noise (data processing), so dFIL <= 1 / sigma^2 for
     every image. One Bound serves every attack on one set of scored images: each image's estimate is computed once.
-    `noise`: the test noise (a config.Noise or None); `missing`: why the tensor has no bound (None where it has one)."""
+    `noise`: the test noise (a config.Noise or None); `prior`: the attacker's prior (prior.prior_fisher's record) for
+    the prior-aware bound, None where it is not known; `missing`: why the tensor has no bound (None where it has
+    one); `singular`: why no unbiased attacker exists (None where one may)."""
 
-    def __init__(self, attack, noise, probes):
-        self.noise, self.probes, self.half = noise, probes, device_half(attack)
-        self.missing = no_bound(attack, noise)
+    def __init__(self, attack, noise, probes, prior=None):
+        self.noise, self.probes, self.half, self.prior = noise, probes, device_half(attack), prior
+        self.missing, self.singular, self.mask = no_bound(noise), None, attack.channel_mask
+        self.precision = attack.precision
         self.known = {}  # position -> (trace, standard error)
 
     def __call__(self, images, sent, positions, recon=None):
@@ -105,7 +118,16 @@ class Bound:
             trace, error = torch.full((len(images),), float(pixels), device=images.device), torch.zeros(len(images))
         else:
             trace, error = self.traces(images, positions)
+            values = self.values(images[:1])
+            if values < pixels:  # rank(J) <= values < pixels
+                self.singular = SINGULAR.format(sent=values, pixels=pixels)
         return {**leakage(trace, pixels, self.noise.var), 'psnr_ceiling_se': DB * error.to(trace) / trace}
+
+    @torch.no_grad()
+    def values(self, image):
+        """How many values the device sends for an image (a channel subset's zeros are not sent)."""
+        sent = self.half(image)[0].numel()
+        return sent if self.mask is None else round(sent * self.mask.mean().item())
 
     def traces(self, images, positions):
         """Hutchinson's estimate and its standard error for each image, computed for those not yet known."""
@@ -117,32 +139,84 @@ class Bound:
         trace, error = zip(*(self.known[p] for p in positions))
         return torch.stack(trace), torch.stack(error)
 
-    def record(self):
-        """What the eval json says of the bound (why there is none, where there is none)."""
+    def prior_aware(self, summary):
+        """The van Trees bound on the expected per-pixel MSE over the noise and the images: 1 / (E[dFIL] + J_P),
+        J_P the prior's per-pixel Fisher information (its estimate, and its guaranteed limit 1 / sigma^2); None where
+        the prior is not known."""
+        if self.prior is None:
+            return None
+        dfil = summary['dfil']['mean']
+        return {'what': 'van Trees: E[per-pixel MSE] >= 1 / (E[dFIL] + J_P) for every attacker, over the noise and '
+                        f'images drawn from the training distribution smoothed by N(0, {self.prior["sigma"]:g}^2)',
+                'psnr': DB * math.log(dfil + self.prior['per_pixel']), 'mse': 1 / (dfil + self.prior['per_pixel']),
+                'psnr_guaranteed': DB * math.log(dfil + self.prior['limit']), 'prior': self.prior,
+                'note': 'J_P estimated by denoising score matching, which errs low, so the bound at the estimate may '
+                        'be too high; at the limit J_P <= 1 / sigma^2 it is guaranteed'}
+
+    def record(self, summary):
+        """What the eval json says of the bounds (why there is none, where there is none)."""
         if self.missing:
             return self.missing
         how = ('data processing: the device\'s half adds no information to the noisy input' if self.noise.at == 'input'
-               else f'Hutchinson estimate of tr(J^T J), {self.probes} probes an image')
-        return {'what': 'dFIL (Maeng et al. 2023): per-pixel MSE >= 1 / dFIL, PSNR <= 10 log10(dFIL)',
-                'noise': {'at': self.noise.at, 'variance': self.noise.var}, 'estimate': how, 'note': BIASED}
+               else f'Hutchinson estimate of tr(J^T J), {self.probes} probes an image, in fp32 on the noise-free '
+                    f'device half (the scored tensor ran in {self.precision})')
+        return {'what': 'dFIL (Maeng et al. 2023): an unbiased attacker\'s expected per-pixel MSE over the noise >= '
+                        '1 / dFIL; PSNR <= 10 log10(dFIL)',
+                'noise': {'at': self.noise.at, 'variance': self.noise.var}, 'estimate': how,
+                'unbiased': self.singular or 'bounds unbiased attackers only; every attack scored is biased',
+                'prior_aware': self.prior_aware(summary)}
 
     def line(self, summary, per_image):
-        """The log's line on the bound beside an attack's PSNR on the same images."""
+        """The log's lines on the bounds beside an attack's mean per-pixel MSE on the same images."""
         if self.missing:
             return self.missing
-        margin = per_image['psnr'] - per_image['psnr_ceiling']
-        return (f'unbiased-attacker ceiling (dFIL): PSNR <= {summary["psnr_ceiling"]["mean"]:.2f} dB (per-pixel MSE '
-                f'>= {summary["mse_bound"]["mean"]:.4g}; standard error {summary["psnr_ceiling_se"]["mean"]:.2f} dB); '
-                f'this attack is {margin.mean().item():+.2f} dB from it, above it on '
-                f'{(margin > 0).float().mean().item():.0%} of the images: {BIASED}')
+        mse = summary['mse']['mean']
+        attack = f'this attack: mean per-pixel MSE {mse:.4g} (PSNR {-DB * math.log(mse):.2f} dB)'
+        unbiased = self.singular or (
+            f'unbiased-attacker bound (dFIL): mean expected per-pixel MSE >= {summary["mse_bound"]["mean"]:.4g} '
+            f'(mean per-image ceiling {summary["psnr_ceiling"]["mean"]:.2f} dB, standard error '
+            f'{summary["psnr_ceiling_se"]["mean"]:.2f} dB); it bounds unbiased attackers only')
+        bayes = self.prior_aware(summary)
+        prior = ('prior-aware bound left out: the attacker\'s prior is not known here' if bayes is None else
+                 f'prior-aware bound (van Trees, prior smoothed by sigma {self.prior["sigma"]:g}): expected per-pixel '
+                 f'MSE >= {bayes["mse"]:.4g}, PSNR <= {bayes["psnr"]:.2f} dB at the prior\'s estimated Fisher '
+                 f'information, <= {bayes["psnr_guaranteed"]:.2f} dB guaranteed')
+        return f'{unbiased}\n{prior}\n{attack}'
 
 
-def calibrated_variance(attack, images, target_db, probes):
-    """--noise_for_bound: the noise variance on the tensor at which the mean PSNR ceiling over `images` ([0, 1],
-    training images) is `target_db`, and the record of the calibration. Closed form, as the ceiling falls by
-    10 log10(sigma^2): sigma^2 = exp(mean_i ln(tr_i / d) - target / DB)."""
+def calibrated_variance(attack, images, target_db, probes, quantile=None):
+    """--noise_for_bound: the noise variance on the tensor at which the unbiased ceiling on `images` ([0, 1],
+    calibration images from the training set) is `target_db`: the mean of their per-image ceilings (dB), or with
+    `quantile` q, the ceiling a share q of them stay at or below. Closed form, as each ceiling falls by
+    10 log10(sigma^2): sigma^2 = exp(mean_i ln(tr_i / d) - target / DB), or the q-quantile of tr_i / d times
+    exp(-target / DB). Returns the variance and the record of the calibration."""
     probe_draws = generators_for('bound probes', range(len(images)), images.device)
     trace, _ = hutchinson_trace(device_half(attack), images, probes, probe_draws)
-    variance = math.exp(torch.log(trace.double() / images[0].numel()).mean().item() - target_db / DB)
+    per_pixel = trace.double() / images[0].numel()
+    level = per_pixel.log().mean() if quantile is None else torch.quantile(per_pixel, quantile).log()
+    variance = math.exp(level.item() - target_db / DB)
     return variance, {'target_db': target_db, 'variance': variance, 'sigma': math.sqrt(variance),
-                      'images': len(images), 'probes': probes}
+                      'images': len(images), 'probes': probes,
+                      'meaning': (f'the mean unbiased ceiling over {len(images)} calibration images' if quantile is None
+                                  else f'a share {quantile:g} of {len(images)} calibration images have an unbiased '
+                                       'ceiling at or below it')}
+
+
+def snr_variance(attack, images, snr_db):
+    """--noise_snr: the noise variance on the tensor at `snr_db` below its centred power on `images` ([0, 1],
+    calibration images from the training set), and the record of it. A defended victim measured this way meets
+    noise scaled to what it sends, so no shift or scale of its tensor changes what the noise hides."""
+    power = centred_power(device_half(attack)(images).detach()).item()
+    variance = power * 10 ** (-snr_db / 10)
+    return variance, {'snr_db': snr_db, 'power': power, 'variance': variance, 'sigma': math.sqrt(variance),
+                      'images': len(images), 'meaning': f'{snr_db:g} dB below the tensor\'s centred power on '
+                                                        f'{len(images)} calibration images'}
+
+
+def fisher_ceilings(half, images, power, probes):
+    """Per image ([0, 1]): the unbiased ceiling (dB) at noise of variance `power` on the tensor `half` sends; with
+    the tensor's own centred power it is the ceiling at 0 dB SNR (a defence cannot game it by shifting or scaling
+    its tensor), with another victim's, the ceiling at that fixed absolute noise."""
+    trace, _ = hutchinson_trace(half, images, probes, generators_for('bound probes', range(len(images)),
+                                                                      images.device))
+    return leakage(trace, images[0].numel(), power)['psnr_ceiling']

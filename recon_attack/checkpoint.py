@@ -70,15 +70,23 @@ def load_trained_attack(state, device, config=None, derived=None, path='the chec
 
 def mean_image(state, data):
     """The mean of the images a checkpoint's decoder trained on (the baseline of its evaluations): recorded in it, or
-    for a checkpoint from before it was, computed from the recorded training images of `data` (a config.DataConfig,
-    its data_dir where the run trained) where they are still there; None, said in one line, where they are not."""
+    for a checkpoint from before it was, computed from its recorded training images (training_splits); None, said
+    in one line, where they cannot be read."""
     if 'mean_image' in state:
         return state['mean_image']
+    splits = training_splits(state, data, 'mean-image baseline')
+    return None if splits is None else mean_training_image(splits)
+
+
+def training_splits(state, data, needed_by):
+    """The Splits a checkpoint's decoder trained on, from the recorded training images of `data` (a
+    config.DataConfig, its data_dir where the run trained) where they are still there; None, said in one line
+    naming what `needed_by` them is left out, where they are not."""
     source = None if state['data']['source'] == BUILTIN_SOURCE else state['data']['source']
     try:
-        return mean_training_image(load_splits(dataclasses.replace(data, data_dir=source), state['data']))
+        return load_splits(dataclasses.replace(data, data_dir=source), state['data'])
     except UsageError as e:
-        print(f'mean-image baseline left out: the images this decoder trained on cannot be read ({e})')
+        print(f'{needed_by} left out: the images this decoder trained on cannot be read ({e})')
         return None
 
 

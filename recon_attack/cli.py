@@ -18,8 +18,9 @@ import torchvision
 
 from . import defences
 from .attacks import ATTACKS, build_attack
-from .checkpoint import checkpoint_epochs, evaluation_images, load_checkpoint, load_trained_attack, mean_image
-from .evaluate import mean_training_image
+from .checkpoint import (checkpoint_epochs, evaluation_images, load_checkpoint, load_trained_attack, mean_image,
+                         training_splits)
+from .evaluate import PRIOR_IMAGES, mean_training_image, run_bound
 from .config import AttackPlan, Config, DecoderSpec, Derived
 from .data import load_splits
 from .defence_training import train_defence
@@ -37,7 +38,8 @@ from .visualize import draw_all, run_attack
 
 # Flags that define the attack's model: they must agree with a checkpoint that is being loaded.
 MODEL_KEYS = ('arch', 'split', 'pretrained', 'victim', 'normalize', 'decoder', 'interpolation', 'decoder_depth',
-              'decoder_width', 'decoder_blocks', 'decoder_norm', 'image_size', 'noise_for_bound') + defences.FIXED_KEYS
+              'decoder_width', 'decoder_blocks', 'decoder_norm', 'image_size', 'noise_for_bound', 'bound_quantile',
+              'noise_snr') + defences.FIXED_KEYS
 MODES = ('train', 'resume', 'eval', 'visualize', 'sweep', 'train_defence', 'report', 'list_splits')
 # Modes that write a new record: into a fresh folder beside a --save_dir that holds one (unless --overwrite).
 NEW_RECORDS = ('train', 'attack', 'train_defence', 'report', 'eval')
@@ -254,8 +256,22 @@ def build_parser():
     noise.add_argument('--noise_at', choices=('input', 'features'), default='input',
                        help='on the image before the victim, or on the intercepted tensor (a defence)')
     noise.add_argument('--noise_for_bound', type=float, metavar='DB',
-                       help='noise on the tensor, in training and evaluation, of the variance at which the mean '
-                            'unbiased-attacker PSNR ceiling (dFIL) on training images is DB dB')
+                       help='noise on the tensor, in training and evaluation, of the variance at which the '
+                            'unbiased-attacker PSNR ceiling (dFIL) on calibration training images is DB dB on average '
+                            '(the mean of their per-image ceilings: about half of all images lie above it), or, '
+                            'with --bound_quantile Q, at most DB dB on a share Q of them')
+    noise.add_argument('--bound_quantile', type=float, metavar='Q',
+                       help='with --noise_for_bound: calibrate so that a share Q in (0, 1) of the calibration '
+                            'images have a ceiling at or below DB, instead of the mean')
+    noise.add_argument('--noise_snr', type=float, metavar='DB',
+                       help='noise on the tensor, in training and evaluation, DB dB below its centred power (the '
+                            'mean variance of its elements across calibration training images): the noise model '
+                            'under which a trained defence such as fil is judged, which no shift or scale of the '
+                            'tensor can game')
+    noise.add_argument('--prior_sigma', type=float, default=0.1,
+                       help='the prior-aware (van Trees) bound holds for images from the training distribution '
+                            'smoothed by Gaussian noise of this std (natural images have no finite Fisher '
+                            'information of their own)')
     noise.add_argument('--fil_probes', type=int, default=16,
                        help='random probes per image of the dFIL estimate wherever the tensor carries noise')
 
@@ -354,9 +370,16 @@ def check_flags(parser, cfg):
                      f'{cfg["fil_probes"]}')
     if cfg['noise_for_bound'] is not None and not math.isfinite(cfg['noise_for_bound']):
         parser.error(f'argument --noise_for_bound: a PSNR ceiling in dB, got {cfg["noise_for_bound"]}')
-    if cfg['noise_for_bound'] is not None and cfg['defence'] != 'none':
-        parser.error(f'argument --noise_for_bound: the bound covers Gaussian noise alone, not --defence '
-                     f'{cfg["defence"]} acting on the noisy tensor')
+    if cfg['noise_snr'] is not None and not math.isfinite(cfg['noise_snr']):
+        parser.error(f'argument --noise_snr: a signal-to-noise ratio in dB, got {cfg["noise_snr"]}')
+    if cfg['noise_snr'] is not None and cfg['noise_for_bound'] is not None:
+        parser.error('argument --noise_snr: --noise_for_bound sets the noise too; choose one')
+    if cfg['bound_quantile'] is not None and not 0 < cfg['bound_quantile'] < 1:
+        parser.error(f'argument --bound_quantile: a share in (0, 1), got {cfg["bound_quantile"]:g}')
+    if cfg['bound_quantile'] is not None and cfg['noise_for_bound'] is None:
+        parser.error('argument --bound_quantile: it sets how --noise_for_bound calibrates; add --noise_for_bound DB')
+    if not cfg['prior_sigma'] > 0:
+        parser.error(f'argument --prior_sigma: a positive std, got {cfg["prior_sigma"]:g}')
     for key in positive + ('num_batches',):
         if cfg[key] is not None and cfg[key] < 1:
             parser.error(f'argument --{key}: must be at least 1, got {cfg[key]}')
@@ -483,12 +506,14 @@ def resolve_config(parser, args, argv):
         if cfg['data_dir'] and 'image_size' not in given:
             print(f'image size: {USER_IMAGE_SIZE} px, the default with --data_dir ({BUILTIN_IMAGE_SIZE} px with the '
                   'built-in photos); --image_size to change it')
-        overridden = sorted(given & defences.NOISE_KEYS) if cfg['noise_for_bound'] is not None else []
-        if overridden:
-            parser.error(f'argument --noise_for_bound sets the noise on the tensor itself: drop --{overridden[0]}')
         if not cfg['split']:
             check_arch(parser, cfg)
             cfg['split'] = default_split(from_flags(cfg).victim, cfg['image_size'])
+    calibrated = [k for k in ('noise_for_bound', 'noise_snr') if cfg[k] is not None]
+    overridden = sorted(given & defences.NOISE_KEYS) if calibrated else []
+    if overridden:
+        parser.error(f'argument --{calibrated[0]} sets the noise on the tensor itself (the run\'s own): drop '
+                     f'--{overridden[0]}')
     check_flags(parser, cfg)
     config, derived = from_record(cfg)
     check_config(parser, config)
@@ -585,7 +610,9 @@ def dispatch(command, device):
     elif mode == 'attack':
         splits = load_splits(config.data, weights=config.victim.weights, stopping=bool(config.training.stop_patience))
         attack, derived = build_attack(config, device, splits.calibration_images(config.data.batch_size))
-        run_attack(attack, splits.validation(), config, derived, mean_image=mean_training_image(splits))
+        bound = run_bound(attack, derived.noise(config.noise), splits.calibration_images(PRIOR_IMAGES),
+                          config.training.seed)
+        run_attack(attack, splits.validation(), config, derived, bound=bound, mean_image=mean_training_image(splits))
     elif mode == 'sweep':
         run_sweep(config, command.sweep, command.sweep_values, command.seeds, device)
     elif mode == 'train_defence':
@@ -599,9 +626,12 @@ def dispatch(command, device):
             if config.attack.kind != 'decoder':
                 print(f"the checkpoint's --attack {config.attack.kind} runs {config.attack.steps} Adam steps on every "
                       'image (minutes on a CPU); --attack decoder evaluates the decoder alone')
+            noise = derived.noise(config.noise)
+            splits = training_splits(state, config.data, 'prior-aware bound') if noise.testing() else None
+            bound = run_bound(attack, noise, splits and splits.calibration_images(PRIOR_IMAGES), config.training.seed)
             run_attack(attack, scored, config, derived,
                        {'model_path': os.path.abspath(command.model_path), 'epoch': state['epoch']}, state['history'],
-                       mean_image=mean)
+                       bound, mean_image=mean)
         else:
             print(f'drawing {command.model_path} ({checkpoint_epochs(state)}) on {scored.description}')
             draw_all(attack, scored, config, derived, state.get('history'), config.outputs.save_dir, mean_image=mean)

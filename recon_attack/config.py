@@ -5,7 +5,7 @@ What a run finds out as it goes (the shape of the sent tensor, the channels a de
 noise calibrated to a bound, the epochs that fit a time budget) is not configuration: it is returned as a `Derived`
 record and saved beside it (records.py), never written into it. A field's flag is its name unless its metadata says
 otherwise (`flag`); records.py reads and writes a configuration as those flags."""
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 
@@ -56,7 +56,8 @@ class DataConfig:
 @dataclass(frozen=True)
 class NoiseConfig:
     """Gaussian noise: on the image before the victim or on the tensor it sends (a defence), while the attacker
-    trains and when it is measured; or on the tensor at the variance of an unbiased-attacker ceiling."""
+    trains and when it is measured; or on the tensor at the variance of an unbiased-attacker ceiling, or at a
+    signal-to-noise ratio to the tensor's centred power."""
     at: str = flag('noise_at', 'input')
     train: bool = flag('train_noise', False)
     mean: float = flag('noise_mean', 0.0)
@@ -64,8 +65,11 @@ class NoiseConfig:
     test: bool = flag('test_noise', False)
     test_mean: float = flag('test_noise_mean', 0.0)
     test_var: float = flag('test_noise_var', 0.01)
-    for_bound: float = flag('noise_for_bound', None)  # dB: the mean ceiling the noise is calibrated to
+    for_bound: float = flag('noise_for_bound', None)  # dB: the ceiling the noise is calibrated to
+    quantile: float = flag('bound_quantile', None)  # None: the mean ceiling; q: the ceiling a share q stay below
+    snr: float = flag('noise_snr', None)  # dB: noise on the tensor this far below its centred power
     probes: int = flag('fil_probes', 16)  # of the bound's estimate
+    prior_sigma: float = 0.1  # the smoothing of the prior-aware bound's prior
 
     def training(self):
         return Noise(self.at, self.mean, self.var) if self.train else None
@@ -180,16 +184,18 @@ class Derived:
     defended_with: dict = None  # the flags a --train_defence file was trained with, shown as the run's own
     victim_digest: str = None  # sha256 of the file a --victim network was built from
     bound_calibration: dict = None  # --noise_for_bound: the variance found and how
+    snr_calibration: dict = None  # --noise_snr: the tensor's centred power and the variance it gives
     num_epochs: int = None  # --minutes: the epochs that fit
 
     def noise(self, noise):
-        """The noise of the run: the configured one, or the one calibrated to a bound (on the tensor, in training
-        and measurement alike)."""
-        if self.bound_calibration is None:
+        """The noise of the run: the configured one, or the one calibrated to a bound or to the tensor's power (on
+        the tensor, in training and measurement alike)."""
+        calibration = self.bound_calibration or self.snr_calibration
+        if calibration is None:
             return noise
-        variance = self.bound_calibration['variance']
-        return NoiseConfig(at='features', train=True, mean=0.0, var=variance, test=True, test_mean=0.0,
-                           test_var=variance, for_bound=noise.for_bound, probes=noise.probes)
+        variance = calibration['variance']
+        return replace(noise, at='features', train=True, mean=0.0, var=variance, test=True, test_mean=0.0,
+                       test_var=variance)
 
     def epochs(self, training):
         """The epochs the run trains for: those --minutes found, else --num_epochs."""

@@ -12,6 +12,7 @@ from .config import AttackPlan
 from .data import full_batches, load_splits
 from .defences import (DEFENCE_RECORD, DEFENCES, DEFENDED_FILE, TRAINING_FLAGS, SimulatedAttacker,
                        distance_correlation)
+from .bound import centred_power, fisher_ceilings
 from .evaluate import evaluate
 from .metrics import UTILITY
 from .models.cuts import cut
@@ -89,6 +90,30 @@ def held_out_utility(student, reference, splits, batch_size, device, bf16, attac
     return {name: values.mean().item() for name, values in measured.items()}
 
 
+FISHER_IMAGES = 256  # held-out images the Fisher ceilings are measured on (the first ones)
+
+
+@torch.no_grad()
+def held_out_fisher(student, reference, splits, device, probes, batch_size):
+    """The unbiased ceiling (dB, mean over held-out images, Hutchinson with `probes` probes) of the original and
+    the defended victim under two noise models: relative (noise at each one's own centred power on calibration
+    training images: 0 dB SNR, what --noise_snr scales) and absolute (noise at the original's variance, fixed)."""
+    calibration = to_unit(splits.calibration_images(FISHER_IMAGES).to(device))
+    power = {name: centred_power(victim.encode(calibration)).item()
+             for name, victim in (('original', reference), ('defended', student))}
+    held_out = splits.val_idx[:FISHER_IMAGES]
+
+    def ceiling(victim, variance):
+        return torch.cat([fisher_ceilings(victim.encode, to_unit(splits.images[held_out[i:i + batch_size]].to(device)),
+                                          variance, probes) for i in range(0, len(held_out), batch_size)]).mean().item()
+    original = ceiling(reference, power['original'])
+    return {'original_db': original, 'relative_db': ceiling(student, power['defended']),
+            'absolute_db': ceiling(student, power['original']), 'centred_power': power, 'images': len(held_out),
+            'probes': probes, 'what': 'mean unbiased ceiling (dFIL) on held-out images at 0 dB SNR: relative_db at '
+                                      'noise of the defended tensor\'s own centred power, absolute_db at the '
+                                      'original\'s (a fixed variance); lower is less Fisher information'}
+
+
 def defended_record(victim, defence_config, defence, net, student, splits):
     """What --weights loads: the fine-tuned network, any bottleneck, and what was done (the defence and defence
     training's settings, the images it was fine-tuned on, and the original victim (a config.VictimConfig), the
@@ -123,7 +148,7 @@ def train_defence(config, device):
         calibration = student.encode(to_unit(splits.calibration_images(256).to(device)))
     student = defence.prepare(student, strength, calibration)
     shape = feature_shape(student, config.data.image_size)
-    term = defence.privacy_term(strength, student, shape, training.seed, config.data.image_size)
+    term = defence.privacy_term(strength, student, reference, shape, training.seed, config.data.image_size)
     optimizer = torch.optim.Adam(parameter_groups(student, net, settings.lr))
     before = held_out_utility(student, reference, splits, batch_size, device, bf16)
     generator, history, started = torch.Generator().manual_seed(training.seed), [], time.perf_counter()
@@ -141,12 +166,14 @@ def train_defence(config, device):
                 break
     simulated = term if isinstance(term, SimulatedAttacker) else None
     after = held_out_utility(student, reference, splits, batch_size, device, bf16, simulated)
+    fisher = held_out_fisher(student, reference, splits, device, config.noise.probes, batch_size)
     os.makedirs(save_dir, exist_ok=True)
     path = os.path.join(save_dir, DEFENDED_FILE)
     save_torch(defended_record(config.victim, settings, defence, net, student, splits), path)
     label = defence.describe(strength)
     record = {'defence': label, 'sent_shape': list(shape), 'minutes': history[-1]['seconds'] / 60,
-              'held_out': {'before': before, 'after': after, 'data': splits.description}, 'history': history,
+              'held_out': {'before': before, 'after': after, 'data': splits.description}, 'fisher': fisher,
+              'history': history,
               'config': to_record(config), 'weights': path, 'provenance': provenance(device),
               'precision': SplitAttack(student, None, device, bf16).precision}
     if plateau.patience:
@@ -160,6 +187,9 @@ def train_defence(config, device):
     print(f'{label}: {len(history)} epochs in {record["minutes"]:.1f} min; held-out top-1 agreement with the '
           f'original {after["top1_agreement"]:.3f}, KL {after["kl"]:.4f} nats, distance correlation '
           f'{before["distance_correlation"]:.3f} -> {after["distance_correlation"]:.3f}')
+    print(f'unbiased ceiling on {fisher["images"]} held-out images at 0 dB SNR: original {fisher["original_db"]:.2f} '
+          f'dB; defended {fisher["relative_db"]:.2f} dB (noise at its own centred power), {fisher["absolute_db"]:.2f} '
+          'dB (at the original\'s noise variance)')
     victim = f'--victim {config.victim.model}' if config.victim.model else f'--arch {config.victim.arch}'
     print(f'defended victim: {path}; attack it with --train {victim} --split {config.victim.split} --weights {path}')
     return record

@@ -109,8 +109,17 @@ class FeatureNoise(Defence):
         return {**noise_flags(strength), 'noise_at': 'features', 'noise_mean': 0.0, 'test_noise_mean': 0.0}
 
     def describe(self, strength, defence, noise):
-        bound = f', set for a {noise.for_bound:g} dB unbiased-attacker ceiling' if noise.for_bound is not None else ''
-        return f'noise on the tensor (mean {noise.test_mean:g}, var {strength:.4g}{bound})'
+        return f'noise on the tensor (mean {noise.test_mean:g}, var {strength:.4g}{calibration(noise)})'
+
+
+def calibration(noise):
+    """How the noise's variance was set, where a run calibrated it (a config.NoiseConfig)."""
+    if noise.for_bound is not None:
+        share = f' on a share {noise.quantile:g} of images' if noise.quantile is not None else ' on average'
+        return f', set for a {noise.for_bound:g} dB unbiased-attacker ceiling{share}'
+    if noise.snr is not None:
+        return f', {noise.snr:g} dB below the tensor\'s centred power'
+    return ''
 
 
 class KeepChannels(Defence):
@@ -281,9 +290,10 @@ class Trained(Defence):
         """The victim to fine-tune, with any modules the defence adds at the cut."""
         return victim
 
-    def privacy_term(self, strength, victim, shape, seed, image_size):
+    def privacy_term(self, strength, victim, reference, shape, seed, image_size):
         """A function (images, sent) -> the privacy loss to add, weighted by `strength`; None for distillation alone.
-        `victim`: the one being fine-tuned; `shape`: its sent tensor's; `seed`: defence training's."""
+        `victim`: the one being fine-tuned; `reference`: the original, frozen; `shape`: its sent tensor's; `seed`:
+        defence training's."""
         return None
 
 
@@ -292,7 +302,7 @@ class NoPeek(Trained):
     2020)"""
     name, flag = 'nopeek', 'nopeek_weight'
 
-    def privacy_term(self, strength, victim, shape, seed, image_size):
+    def privacy_term(self, strength, victim, reference, shape, seed, image_size):
         return lambda images, sent: strength * distance_correlation(images, sent)
 
 
@@ -301,24 +311,31 @@ class Adversarial(Trained):
     device's half is trained to raise (the ResSFL / adversarial-representation recipe)"""
     name, flag = 'adversarial', 'adversarial_weight'
 
-    def privacy_term(self, strength, victim, shape, seed, image_size):
+    def privacy_term(self, strength, victim, reference, shape, seed, image_size):
         return SimulatedAttacker(seed, image_size, shape, next(victim.parameters()).device, strength)
 
 
 class FisherPenalty(Trained):
-    """fil: weight of the Jacobian penalty tr(J^T J) / ||z||^2 of the device's half (one random probe a step), which
-    lowers the Fisher information its sent tensor z carries about the image under noise (dFIL, Maeng et al. 2023);
-    relative to z's energy, so that scaling z up or down does not change it"""
-    name, flag = 'fil', 'fil_weight'
+    """fil: weight of the Fisher information the sent tensor carries about the image (dFIL, Maeng et al. 2023; one
+    random probe a step), as a fraction of the original victim's on the same images and probe, under the worse of two
+    noise models: a fixed variance, and noise scaled to the tensor's centred power (--noise_snr)
 
-    def privacy_term(self, strength, victim, shape, seed, image_size):
+    Centred, so no constant added to the tensor lowers it; the worse of the two, so no scale of the tensor does
+    (scaling up raises the first, scaling down the second)."""
+    name, flag, default = 'fil', 'fil_weight', 0.1
+
+    def privacy_term(self, strength, victim, reference, shape, seed, image_size):
         device = next(victim.parameters()).device
         generator = torch.Generator(device=device).manual_seed(seed)
 
         def penalty(images, sent):
             probes = rademacher(images.shape, generator=generator, device=images.device, dtype=images.dtype)
-            energy = sent.pow(2).flatten(1).sum(1).clamp_min(1e-12)
-            return strength * (jacobian_norms(victim.encode, images, probes) / energy).mean()
+            with torch.no_grad():
+                original_trace = jacobian_norms(reference.encode, images, probes).sum()
+                original_power = reference.encode(images).flatten(1).var(0).mean()
+            fixed_noise = jacobian_norms(victim.encode, images, probes).sum() / original_trace
+            power = sent.flatten(1).var(0).mean().clamp_min(1e-12)
+            return strength * fixed_noise * (original_power / power).clamp_min(1)  # x P0 / P where the power fell
         return penalty
 
 

@@ -7,15 +7,17 @@ import os
 import torch
 
 from .attacks import attacker_name, received, recover
-from .bound import Bound
+from .bound import Bound, no_bound
 from .config import AttackPlan
 from .defences import active
 from .models.decoders import build_decoder
+from .prior import prior_fisher
 from .metrics import (METRICS, format_summary, format_utility, load_lpips, msssim_note, score, summarise,
                       victim_agreement)
 from .records import to_record
 from .stopping import training_record
 from .utils import progress, provenance, save_csv, save_json, to_unit
+from .worst_case import ALL, NOTE as WORST_CASE_NOTE, attacks_in, run_all, shares, split_attacks
 
 
 @torch.no_grad()
@@ -24,8 +26,9 @@ def evaluate(attack, images, indices, batch_size, noise=None, desc='evaluating',
     """Per-image metrics (CPU tensors) of the attack's reconstructions of images[indices] (none with plan None);
     with `utility`, also the victim's agreement between what the device sends and the undefended tensor; LPIPS
     with `perceptual`; each of `measures(images, sent, positions, recon)`: more per-image figures (a dict) from
-    each batch. `noise`: the device's test noise (a config.Noise); `first`: the position of images[indices[0]]
-    among the images scored (a slice of them under torchrun)."""
+    each batch (`recon`: for --attack all, {row label: images}, worst_case.run_all). `noise`: the device's test
+    noise (a config.Noise); `first`: the position of images[indices[0]] among the images scored (a slice of them
+    under torchrun)."""
     if attack.decoder is not None:
         attack.decoder.eval()
     results = {}
@@ -33,8 +36,11 @@ def evaluate(attack, images, indices, batch_size, noise=None, desc='evaluating',
         target = attack.to_images(images[indices[start:start + batch_size]])
         positions = range(first + start, first + start + len(target))
         encoded, sent = received(attack, target, positions, noise)
-        recon = None if plan is None else recover(attack, sent, plan, target.shape)
-        measured = {} if recon is None else score(recon, target, perceptual)
+        if plan is not None and plan.kind == ALL:  # recon: each attack's images, the worst case's, the pick's
+            measured, recon = run_all(attack, sent, plan, target, perceptual)
+        else:
+            recon = None if plan is None else recover(attack, sent, plan, target.shape)
+            measured = {} if recon is None else score(recon, target, perceptual)
         if utility:  # against the undefended tensor: what was encoded, unless the input itself was noised
             undefended = attack.encode(target) if noise is not None and noise.at == 'input' else encoded
             measured.update(victim_agreement(attack.undefended_logits(target, undefended), attack.classify(sent)))
@@ -46,7 +52,7 @@ def evaluate(attack, images, indices, batch_size, noise=None, desc='evaluating',
 
 
 def attack_slug(kind):
-    """The attack's name in file names: '' for the decoder (eval.json), '_optimize', '_decoder_optimize'."""
+    """The attack's name in file names: '' for the decoder (eval.json), '_optimize', '_decoder_optimize', '_all'."""
     return '' if kind == 'decoder' else '_' + kind.replace('+', '_')
 
 
@@ -62,12 +68,15 @@ def evaluated_plans(plan):
 
 
 def write_evaluation(per_image, names, extra, save_dir, kind):
-    """The evaluation_file of attack `kind` (means, stds, the baselines' apart, their flags, settings) and the
-    per-image CSV beside it (eval{_attack}_per_image.csv, the baselines' columns too); returns the summary."""
+    """The evaluation_file of attack `kind` (means, stds, the baselines' and, for --attack all, each attack's apart,
+    the flags, settings) and the per-image CSV beside it (eval{_attack}_per_image.csv, every column); returns the
+    summary."""
     summary = summarise(per_image)
     path = os.path.join(save_dir, evaluation_file(kind))
     own, baselines = split_baselines(summary)
-    save_json({**extra, 'n_images': len(names), 'metrics': own, 'baselines': baselines,
+    own, attacks = split_attacks(own)
+    save_json({**extra, 'n_images': len(names), 'metrics': own, **({'attacks': attacks} if attacks else {}),
+               'baselines': baselines,
                'flags': result_flags(own['psnr']['mean'], baselines, len(names))}, path)
     rows = [{'image': n, **{m: f'{per_image[m][i].item():.6g}' for m in per_image}} for i, n in enumerate(names)]
     save_csv(rows, path.removesuffix('.json') + '_per_image.csv')
@@ -117,6 +126,20 @@ class Baselines:
             guesses['mean_image'] = self.mean.expand_as(images)
         scores = {name: score(guess, images) for name, guess in guesses.items()}
         return {f'{name}_{metric}': values[metric] for name, values in scores.items() for metric in ('psnr', 'ssim')}
+
+
+PRIOR_IMAGES = 4096  # training images the attacker's prior is fitted on (the first ones)
+
+
+def run_bound(attack, noise, training_images, seed):
+    """The Bound of a run's scored images under its noise (a config.NoiseConfig, as the run derived it), with the
+    attacker's prior fitted on `training_images` (uint8, the first PRIOR_IMAGES of them are used; None where they
+    are not known) where the tensor carries noise."""
+    test = noise.testing()
+    prior = None
+    if no_bound(test) is None and training_images is not None:
+        prior = prior_fisher(training_images[:PRIOR_IMAGES], noise.prior_sigma, seed, attack.device)
+    return Bound(attack, test, noise.probes, prior)
 
 
 BASELINES = {'mean_image': 'mean training image', 'untrained_decoder': 'untrained decoder'}
@@ -180,7 +203,7 @@ def evaluate_and_report(attack, scored, config, derived, extra=None, plan=Attack
     another attack on them already has one; `measures`: more per-batch hooks, as `evaluate` takes. Returns
     (per-image figures, summary), the baselines' among them."""
     noise = derived.noise(config.noise).testing()
-    bound = bound or Bound(attack, noise, config.noise.probes)
+    bound = bound or Bound(attack, noise, config.noise.probes)  # the prior-aware bound needs run_bound's
     charged = utility_charged(config, derived)
     baselines = Baselines(attack, config, derived, mean_image)
     per_image = evaluate(attack, scored.images, scored.indices, config.data.batch_size, noise, utility=charged,
@@ -188,15 +211,24 @@ def evaluate_and_report(attack, scored, config, derived, extra=None, plan=Attack
                          measures=[*measures, baselines, *([bound] if bound.missing is None else [])])
     attacker = attacker_name(plan.kind, config.decoder, config.training.feature_weight)
     trained_for = () if plan.kind == 'optimize' else history
-    settings = {**(extra or {}), 'attack': dataclasses.asdict(plan), 'attacker': attacker,
-                'precision': attack.precision, 'provenance': provenance(attack.device), 'bound': bound.record(),
+    run = attacks_in(plan.kind, attack.decoder is not None)
+    settings = {**(extra or {}), 'attack': dataclasses.asdict(plan), 'attacks_run': run, 'attacker': attacker,
+                'precision': attack.precision, 'provenance': provenance(attack.device),
+                'bound': bound.record(summarise(per_image)),
                 'training': training_record(trained_for, config.training, derived.epochs(config.training)),
                 'data': scored.description, 'held_out': scored.fingerprint,
                 'msssim': msssim_note(config.data.image_size), 'utility': utility_note(config, derived),
                 'config': to_record(config, derived)}
+    if plan.kind == ALL:
+        settings.update(worst_case_note=WORST_CASE_NOTE, shares=shares(per_image, run))
     summary = write_evaluation(per_image, scored.names, settings, config.outputs.save_dir, plan.kind)
     own, found = split_baselines(summary)
+    own, each = split_attacks(own)
+    for kind, figures in each.items():
+        print(f'  {kind}: {format_summary(figures)}')
     print(f'{plan.kind} attack ({attacker}) on {len(scored.names)} images: {format_summary(own)}')
+    if plan.kind == ALL:
+        print(WORST_CASE_NOTE)
     print(baseline_line(found))
     for flag in result_flags(own['psnr']['mean'], found, len(scored.names)).values():
         print(f'warning: {flag}')

@@ -2,6 +2,7 @@
 (sweep.csv, sweep.md) and figures (sweep.png, sweep_samples.png); and --seeds, a setting repeated at several
 attacker seeds. Each value's run is the sweep's configuration with one field replaced. Finished values are read
 back from disk."""
+import math
 import os
 from dataclasses import dataclass, replace
 from typing import NamedTuple
@@ -9,14 +10,15 @@ from typing import NamedTuple
 import torch
 
 from .attacks import ATTACKS, attacker_label, attacker_name, build_attack, recover
-from .bound import CEILING_NOTE, Bound
+from .bound import CEILING_NOTE
 from .checkpoint import load_checkpoint, load_trained_attack
 from .config import Config, Derived
 from .data import load_splits
 from .defence_training import train_defence
 from .defences import (DEFENCE_RECORD, DEFENCES, DEFENDED_FILE, KEEP_CHANNELS, NO_DEFENCE, NOISE_KEYS,
                        check_sweep_value, family, noise_flags, parse_sweep_value, training_flags)
-from .evaluate import evaluate_and_report, evaluated_plans, evaluation_file, mean_training_image, utility_note
+from .evaluate import (PRIOR_IMAGES, evaluate_and_report, evaluated_plans, evaluation_file, mean_training_image,
+                       run_bound, utility_note)
 from .metrics import msssim_note
 from .models.cuts import SPLITS, check_cut, cut_at, probe, victim_name
 from .models.decoders import DECODERS, INTERPOLATIONS, resolve
@@ -104,11 +106,10 @@ def parse_defences(config, raw):
     return list(raw)
 
 
-def bound_alone(config, value):
-    """A ceiling in dB may be any number, but the bound covers Gaussian noise alone."""
-    if config.defence.defence != 'none':
-        raise UsageError(f'--sweep noise_for_bound: the bound covers Gaussian noise alone, not --defence '
-                         f'{config.defence.defence} acting on the noisy tensor')
+def finite(config, value):
+    """A ceiling in dB may be any finite number."""
+    if not math.isfinite(value):
+        raise UsageError(f'--sweep_values for --sweep noise_for_bound: a PSNR ceiling in dB, got {value}')
 
 
 def with_decoder(config, value):
@@ -143,7 +144,7 @@ AXES = {
                           lambda config, value: with_flags(config, keep_channels=value)),
     'noise_var': Axis(('0', '0.01', '0.05', '0.1', '0.5'), numbers(defence_strength('noise')),
                       lambda config, value: with_flags(config, **noise_flags(value))),  # where --noise_at puts it
-    'noise_for_bound': Axis(('10', '15', '20', '25', '30'), numbers(bound_alone),  # calibrated on each run's images
+    'noise_for_bound': Axis(('10', '15', '20', '25', '30'), numbers(finite),  # calibrated on each run's images
                             lambda config, value: replace(config, noise=replace(config.noise, for_bound=value))),
     'attack': Axis(tuple(ATTACKS), choices(lambda config: ATTACKS, lambda config: 'an attack'),
                    lambda config, value: replace(config, attack=replace(config.attack, kind=value))),
@@ -424,8 +425,10 @@ def run_value(sweep, run, device):
         trainee = sweep.decoder_run(run)
         if trainee is run or finished_result(trainee) is None:
             trained = train(trainee, device)
-            noise = trained.derived.noise(trainee.noise).testing()
-            validation, bound = trained.splits.validation(), Bound(trained.attack, noise, trainee.noise.probes)
+            noise = trained.derived.noise(trainee.noise)
+            validation = trained.splits.validation()
+            bound = run_bound(trained.attack, noise, trained.splits.calibration_images(PRIOR_IMAGES),
+                              trainee.training.seed)
             for plan in evaluated_plans(trainee.attack):  # the decoder's eval.json beside a refinement's
                 evaluate_and_report(trained.attack, validation, trainee, trained.derived, extra, plan,
                                     trained.history, bound, mean_image=trained.mean_image)
@@ -434,7 +437,8 @@ def run_value(sweep, run, device):
     splits = value_splits(sweep, run)
     attack, derived = value_attack(sweep, run, device, splits)
     history = () if run.attack.kind == 'optimize' else trained_decoder(sweep, run)[1]['history']
-    evaluate_and_report(attack, splits.validation(), run, derived, extra, run.attack, history,
+    bound = run_bound(attack, derived.noise(run.noise), splits.calibration_images(PRIOR_IMAGES), run.training.seed)
+    evaluate_and_report(attack, splits.validation(), run, derived, extra, run.attack, history, bound,
                         mean_image=mean_training_image(splits))
     return finished_result(run)
 

@@ -63,13 +63,15 @@ def result_columns(result):
             'baseline': baseline, 'baseline_psnr': baseline_psnr,
             'flags': None if baseline is None else ', '.join(result.get('flags', {})),
             'psnr_ceiling': means.get('psnr_ceiling'), 'unbounded': isinstance(result.get('bound'), str),
+            'singular': singular(result.get('bound')), 'prior_bound': prior_bound(result.get('bound')),
             'ssim': means['ssim'],
             'ms_ssim': means['ms_ssim'], 'lpips': means.get(PERCEPTUAL), 'mse': means['mse'],
             **{name: means.get(name) for name in UTILITY}, 'n_images': result['n_images']}
 
 
 RESULT_HEADER = ('epochs | training (min) | PSNR (dB) | strongest baseline PSNR (dB) | flag | '
-                 'unbiased ceiling (dB, dFIL) | SSIM | MS-SSIM | LPIPS | top-1 agreement | top-5 agreement | KL (nats)')
+                 'unbiased ceiling (dB, dFIL) | prior-aware bound (dB, van Trees: estimate / guaranteed) | SSIM | '
+                 'MS-SSIM | LPIPS | top-1 agreement | top-5 agreement | KL (nats)')
 BASELINE_NOTE = ('baselines: the mean training image and an untrained decoder of the attacker\'s architecture, scored '
                  'on the same images from the same tensor (the stronger shown); flag "within baseline": the attack\'s '
                  'mean PSNR is within one per-image std of it, no leak shown beyond it; "few images": fewer than 16 '
@@ -83,7 +85,7 @@ def result_cells(row):
     """The Markdown cells of RESULT_HEADER for a row of `result_columns` ('—' for what was not measured)."""
     cells = {k: '—' if row[k] is None else form.format(row[k]) for k, form in RESULT_FORMATS.items()}
     return ' | '.join([cells['epochs'], cells['train_minutes'], f'{row["psnr"]:.2f} ± {row["psnr_std"]:.2f}',
-                       *baseline_cells(row), ceiling_cell(row),
+                       *baseline_cells(row), ceiling_cell(row), prior_cell(row),
                        *(cells[k] for k in ('ssim', 'ms_ssim', 'lpips', *UTILITY))])
 
 
@@ -104,15 +106,36 @@ def baseline_cells(row):
     return [f'{row["baseline_psnr"]:.2f} ({BASELINES[row["baseline"]]})', row['flags'] or 'none']
 
 
+def singular(bound):
+    """Whether an eval json's bound record says no unbiased attacker exists."""
+    return isinstance(bound, dict) and bound.get('unbiased', '').startswith('the Fisher information is singular')
+
+
+def prior_bound(bound):
+    """(estimate, guaranteed) PSNR of an eval json's prior-aware bound; None where it has none."""
+    prior = bound.get('prior_aware') if isinstance(bound, dict) else None
+    return None if prior is None else (prior['psnr'], prior['psnr_guaranteed'])
+
+
+def prior_cell(row):
+    if row['prior_bound'] is not None:
+        return '{:.2f} / {:.2f}'.format(*row['prior_bound'])
+    return 'no bound' if row['unbounded'] else '—'
+
+
 def ceiling_cell(row):
-    """The unbiased-attacker ceiling: a number only where the sent tensor carries noise the bound covers."""
+    """The unbiased-attacker ceiling: a number only where the sent tensor carries noise the bound covers, and no
+    unbiased attacker is ruled out."""
+    if row['singular']:
+        return 'singular (no unbiased attacker)'
     if row['psnr_ceiling'] is not None:
         return f'{row["psnr_ceiling"]:.2f}'
     return 'no bound' if row['unbounded'] else '—'  # '—': an evaluation from before the bound was recorded
 
 
 SEEDS_HEADER = ('seeds | epochs | training (min) | PSNR (dB, mean ± spread over seeds) | per-image PSNR std | '
-                'strongest baseline PSNR (dB) | flag | unbiased ceiling (dB, dFIL) | SSIM | MS-SSIM | LPIPS | '
+                'strongest baseline PSNR (dB) | flag | unbiased ceiling (dB, dFIL) | '
+                'prior-aware bound (dB, van Trees: estimate / guaranteed) | SSIM | MS-SSIM | LPIPS | '
                 'top-1 agreement | top-5 agreement | KL (nats)')
 CONFIDENCE = 0.95  # of the paired interval over seeds; the family-wise level of a table's verdicts
 MIN_SEEDS = 3  # fewer paired seeds give an interval too wide, and a spread too uncertain, to decide anything
@@ -125,8 +148,11 @@ def over_seeds(results):
     rows = [result_columns(r) for r in results]
     psnr_by_seed = {r['config']['seed']: row['psnr'] for r, row in zip(results, rows)}
     means = {key: None if any(row[key] is None for row in rows) else sum(row[key] for row in rows) / len(rows)
-             for key in rows[0] if key not in ('baseline', 'flags', 'unbounded')}
+             for key in rows[0] if key not in ('baseline', 'flags', 'unbounded', 'singular', 'prior_bound')}
     means['unbounded'] = all(row['unbounded'] for row in rows)
+    means['singular'] = any(row['singular'] for row in rows)
+    bounds = [row['prior_bound'] for row in rows]
+    means['prior_bound'] = None if None in bounds else tuple(sum(b) / len(b) for b in zip(*bounds))
     means['baseline'] = rows[0]['baseline'] if all(row['baseline'] == rows[0]['baseline'] for row in rows) else None
     if means['baseline'] is None:
         means['baseline_psnr'] = None

@@ -8,7 +8,6 @@ import signal
 import threading
 import time
 from typing import NamedTuple
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -17,15 +16,13 @@ from pytorch_msssim import ssim
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
 from .attacks import attacker_label, build_attack, feature_error
-from .bound import Bound
 from .checkpoint import CHECKPOINT_FORMAT
 from .config import Derived
 from .data import full_batches, load_splits
 from .distributed import (gather_from_processes, is_main_process, main_first, mean_over_processes, rank_and_world,
                           same_on_all_processes, save_if_main)
-from .evaluate import evaluate, evaluate_and_report, mean_image_baseline, mean_training_image
+from .evaluate import PRIOR_IMAGES, evaluate, evaluate_and_report, mean_image_baseline, mean_training_image, run_bound
 from .metrics import format_summary, msssim_note, summarise
 from .noise import generator, training_draws
 from .records import to_record
@@ -493,7 +490,8 @@ def train_and_evaluate(config, device, resume=None, derived=Derived()):
         return
     attack, derived, mean_image = trained.attack, trained.derived, trained.mean_image
     noise = derived.noise(config.noise)
-    validation, bound = trained.splits.validation(), Bound(attack, noise.testing(), config.noise.probes)
+    validation = trained.splits.validation()
+    bound = run_bound(attack, noise, trained.splits.calibration_images(PRIOR_IMAGES), config.training.seed)
     per_image, _ = evaluate_and_report(attack, validation, config, derived, {'epoch': len(trained.history)},
                                        history=trained.history, bound=bound, mean_image=mean_image)
     draw_all(attack, validation, config, derived, trained.history, config.outputs.save_dir, per_image, mean_image)

@@ -22,6 +22,7 @@ from .models.cuts import victim_name  # noqa: E402
 from .models.layouts import layout_of  # noqa: E402
 from .models.victims import victim_label  # noqa: E402
 from .utils import to_unit  # noqa: E402
+from .worst_case import ALL, WORST_ROW, run_all  # noqa: E402
 
 FEATURE_CHANNELS = 16  # highest-variance channels shown in feature_maps.png
 CHANNELS_PER_STAGE = 4  # decoder activations shown per stage
@@ -123,17 +124,24 @@ def sample_sent(attack, sample, noise):
 
 class Kept:
     """One of `evaluate`'s measures: keeps the reconstructions of the images at `positions` among those scored, so
-    that a sample grid shows the very images the evaluation scored instead of running the attack again."""
+    that a sample grid shows the very images the evaluation scored instead of running the attack again (for
+    --attack all, every row of worst_case.run_all)."""
 
     def __init__(self, positions):
         self.positions, self.found = list(positions), {}
 
     def __call__(self, images, sent, positions, recon):
-        self.found.update((p, r.clone()) for p, r in zip(positions, recon) if p in self.positions)
+        rows = recon if isinstance(recon, dict) else {None: recon}
+        for i, p in enumerate(positions):
+            if p in self.positions:
+                self.found[p] = {label: batch[i].clone() for label, batch in rows.items()}
         return {}
 
     def reconstructions(self):
-        return torch.stack([self.found[p] for p in self.positions])
+        """The kept images: one batch, or for --attack all {row label: batch}."""
+        rows = {label: torch.stack([self.found[p][label] for p in self.positions]) for label in self.found[
+            self.positions[0]]}
+        return rows.get(None, rows)
 
 
 @torch.no_grad()
@@ -142,20 +150,23 @@ def plot_samples(attack, sample, noise, title, save_dir, plan=AttackPlan(), reco
     `noise` and defences included), so each image's PSNR is the one in eval_per_image.csv, over the mean training
     image (the baseline beside which a reconstruction is read) where it is known; each image also as its own PNG
     under save_dir/samples/. `reconstructions`: the evaluation's own (Kept), else the attack runs here."""
-    attack.decoder.eval()
+    if attack.decoder is not None:
+        attack.decoder.eval()
     target, sent = sample_sent(attack, sample, noise)
     if reconstructions is None:
-        reconstructions = recover(attack, sent, plan, target.shape)
+        reconstructions = (run_all(attack, sent, plan, target)[1] if plan.kind == ALL
+                           else recover(attack, sent, plan, target.shape))
     received_as = f' (noisy {noise.at}, var {noise.var:g})' if noise is not None else ''
-    rows = [('original', target), (f'{plan.kind} reconstruction{received_as}', reconstructions)]
+    each = reconstructions if isinstance(reconstructions, dict) else {plan.kind: reconstructions}
+    rows = [('original', target)] + [(f'{label} reconstruction{received_as}', batch) for label, batch in each.items()]
     baseline = [] if mean_image is None else [('mean training image\n(baseline)', mean_image.expand_as(target))]
     samples_dir = os.path.join(save_dir, 'samples')
     os.makedirs(samples_dir, exist_ok=True)
-    slug = attack_slug(plan.kind)
+    slug, shown = attack_slug(plan.kind), each.get(WORST_ROW, reconstructions)
     for c, name in enumerate(sample.names):
         stem = os.path.splitext(name.replace(os.sep, '_'))[0]
-        for (_, batch), suffix in zip(rows, ('original', f'reconstruction{slug}')):
-            save_image(batch[c].clamp(0, 1), os.path.join(samples_dir, f'{stem}_{suffix}.png'))
+        save_image(target[c], os.path.join(samples_dir, f'{stem}_original.png'))
+        save_image(shown[c].clamp(0, 1), os.path.join(samples_dir, f'{stem}_reconstruction{slug}.png'))
     title += '' if plan.kind == 'decoder' else (f'\n{plan.kind} attack: {plan.steps} Adam steps, lr {plan.lr:g}, TV '
                                                  f'weight {plan.tv_weight:g}')
     return plot_image_grid(rows + baseline, sample.names, title, os.path.join(save_dir, f'samples{slug}.png'))

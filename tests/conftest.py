@@ -92,6 +92,20 @@ def main_here():
     return lambda cwd, *args: run_cli(cwd, *args, check=False)
 
 
+def record_recover(monkeypatch, *modules):
+    """Every attack the `modules` run through their `recover`, recorded as (attack kind, sent tensor) in the list
+    returned, then run as usual."""
+    from recon_attack.attacks import recover
+    received = []
+
+    def spy(attack, sent, plan, shape):
+        received.append((plan.kind, sent.clone()))
+        return recover(attack, sent, plan, shape)
+    for module in modules:
+        monkeypatch.setattr(module, 'recover', spy)
+    return received
+
+
 def write_photos(folder, names, seed=0, size=(48, 40)):
     """Random-pixel PNGs of `size` (width, height) under `folder`, one per name."""
     folder.mkdir(parents=True, exist_ok=True)
