@@ -9,6 +9,7 @@ The streams (docs/sweeps-and-reports.md, "Random streams"):
 - 'training noise' / 'training masks' (attacker seed, epoch, process): the attacker's training images;
 - 'data order' (attacker seed, epoch) and 'augment' (attacker seed, epoch, step, process): the attacker's batches;
 - 'bound probes' (image position): the Hutchinson probes of the bound;
+- 'prior' (attacker seed): the prior-aware bound's denoiser (its patches and noise);
 - 'channel subset' (victim seed): --channel_select random, a property of the defence, not of the attacker;
 - the attacker's initial weights: torch.manual_seed(attacker seed)."""
 import hashlib
