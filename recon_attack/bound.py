@@ -32,7 +32,7 @@ CEILING_NOTE = ('bounds, where the sent tensor carries Gaussian noise ("no bound
 def centred_power(tensors):
     """The mean over a batch of sent tensors' elements of each element's variance across the images: the power of
     what the tensor says about its image (a constant added to it, which carries nothing, does not count)."""
-    return tensors.flatten(1).double().var(0).mean()
+    return tensors.flatten(1).var(0).mean()
 
 
 def device_half(attack):
@@ -108,7 +108,7 @@ class Bound:
 
     def __init__(self, attack, noise, probes, prior=None):
         self.noise, self.probes, self.half, self.prior = noise, probes, device_half(attack), prior
-        self.missing, self.singular, self.mask = no_bound(noise), None, attack.channel_mask
+        self.missing, self.singular, self.mask, self.checked = no_bound(noise), None, attack.channel_mask, False
         self.precision = attack.precision
         self.known = {}  # position -> (trace, standard error)
 
@@ -118,9 +118,9 @@ class Bound:
             trace, error = torch.full((len(images),), float(pixels), device=images.device), torch.zeros(len(images))
         else:
             trace, error = self.traces(images, positions)
-            values = self.values(images[:1])
-            if values < pixels:  # rank(J) <= values < pixels
-                self.singular = SINGULAR.format(sent=values, pixels=pixels)
+            if not self.checked:  # rank(J) <= values sent: fewer than the pixel values and J^T J is singular
+                values, self.checked = self.values(images[:1]), True
+                self.singular = SINGULAR.format(sent=values, pixels=pixels) if values < pixels else None
         return {**leakage(trace, pixels, self.noise.var), 'psnr_ceiling_se': DB * error.to(trace) / trace}
 
     @torch.no_grad()
@@ -206,17 +206,18 @@ def snr_variance(attack, images, snr_db):
     """--noise_snr: the noise variance on the tensor at `snr_db` below its centred power on `images` ([0, 1],
     calibration images from the training set), and the record of it. A defended victim measured this way meets
     noise scaled to what it sends, so no shift or scale of its tensor changes what the noise hides."""
-    power = centred_power(device_half(attack)(images).detach()).item()
+    power = centred_power(device_half(attack)(images).detach().double()).item()
     variance = power * 10 ** (-snr_db / 10)
     return variance, {'snr_db': snr_db, 'power': power, 'variance': variance, 'sigma': math.sqrt(variance),
                       'images': len(images), 'meaning': f'{snr_db:g} dB below the tensor\'s centred power on '
                                                         f'{len(images)} calibration images'}
 
 
-def fisher_ceilings(half, images, power, probes):
-    """Per image ([0, 1]): the unbiased ceiling (dB) at noise of variance `power` on the tensor `half` sends; with
-    the tensor's own centred power it is the ceiling at 0 dB SNR (a defence cannot game it by shifting or scaling
-    its tensor), with another victim's, the ceiling at that fixed absolute noise."""
-    trace, _ = hutchinson_trace(half, images, probes, generators_for('bound probes', range(len(images)),
-                                                                      images.device))
+def fisher_ceilings(half, images, power, probes, first=0):
+    """Per image ([0, 1]; `first`: the position of images[0] among those measured, which seeds its probes): the
+    unbiased ceiling (dB) at noise of variance `power` on the tensor `half` sends; with the tensor's own centred power
+    it is the ceiling at 0 dB SNR (a defence cannot game it by shifting or scaling its tensor), with another
+    victim's, the ceiling at that fixed absolute noise."""
+    positions = range(first, first + len(images))
+    trace, _ = hutchinson_trace(half, images, probes, generators_for('bound probes', positions, images.device))
     return leakage(trace, images[0].numel(), power)['psnr_ceiling']

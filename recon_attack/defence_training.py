@@ -99,13 +99,14 @@ def held_out_fisher(student, reference, splits, device, probes, batch_size):
     the defended victim under two noise models: relative (noise at each one's own centred power on calibration
     training images: 0 dB SNR, what --noise_snr scales) and absolute (noise at the original's variance, fixed)."""
     calibration = to_unit(splits.calibration_images(FISHER_IMAGES).to(device))
-    power = {name: centred_power(victim.encode(calibration)).item()
+    power = {name: centred_power(victim.encode(calibration).double()).item()
              for name, victim in (('original', reference), ('defended', student))}
     held_out = splits.val_idx[:FISHER_IMAGES]
 
     def ceiling(victim, variance):
         return torch.cat([fisher_ceilings(victim.encode, to_unit(splits.images[held_out[i:i + batch_size]].to(device)),
-                                          variance, probes) for i in range(0, len(held_out), batch_size)]).mean().item()
+                                          variance, probes, first=i)
+                          for i in range(0, len(held_out), batch_size)]).mean().item()
     original = ceiling(reference, power['original'])
     return {'original_db': original, 'relative_db': ceiling(student, power['defended']),
             'absolute_db': ceiling(student, power['original']), 'centred_power': power, 'images': len(held_out),

@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .bound import jacobian_norms
+from .bound import centred_power, jacobian_norms
 from .models.decoders import build_decoder
 from .models.layouts import DESCRIPTIONS
 from .models.victims import SplitVictim, bottleneck, with_bottleneck
@@ -332,9 +332,9 @@ class FisherPenalty(Trained):
             probes = rademacher(images.shape, generator=generator, device=images.device, dtype=images.dtype)
             with torch.no_grad():
                 original_trace = jacobian_norms(reference.encode, images, probes).sum()
-                original_power = reference.encode(images).flatten(1).var(0).mean()
+                original_power = centred_power(reference.encode(images))
             fixed_noise = jacobian_norms(victim.encode, images, probes).sum() / original_trace
-            power = sent.flatten(1).var(0).mean().clamp_min(1e-12)
+            power = centred_power(sent).clamp_min(1e-12)
             return strength * fixed_noise * (original_power / power).clamp_min(1)  # x P0 / P where the power fell
         return penalty
 
